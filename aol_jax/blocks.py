@@ -1,0 +1,109 @@
+"""Parameter-free 1-Lipschitz building blocks (channels last)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class GroupSort(nnx.Module):
+  """Sorts the channels within consecutive groups of ``group_size``, largest first.
+
+  A permutation of its input at every point, hence 1-Lipschitz and gradient-norm preserving
+  (Anil et al., 2019). ``GroupSort(2)`` is :class:`MaxMin`.
+  """
+
+  def __init__(self, group_size: int):
+    if group_size < 1:
+      raise ValueError(f"group_size must be >= 1, got {group_size}.")
+    self.group_size = group_size
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    if c % self.group_size:
+      raise ValueError(f"{type(self).__name__} needs the channel count ({c}) to be a multiple "
+                       f"of the group size ({self.group_size}).")
+    grouped = x.reshape(*x.shape[:-1], c // self.group_size, self.group_size)
+    return -jnp.sort(-grouped, axis=-1).reshape(x.shape)
+
+
+class MaxMin(GroupSort):
+  """Channel pairs (0, 1), (2, 3), ... become (max, min) in place."""
+
+  def __init__(self):
+    super().__init__(2)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    if c % 2:
+      raise ValueError(f"MaxMin needs an even number of channels, got {c}.")
+    a, b = x[..., 0::2], x[..., 1::2]
+    return jnp.stack([jnp.maximum(a, b), jnp.minimum(a, b)], axis=-1).reshape(x.shape)
+
+
+class ConcatenationPooling(nnx.Module):
+  """Space-to-depth: non-overlapping ``window`` patches become channels (orthogonal).
+
+  Input ``(batch, *spatial, c)`` with each spatial size divisible by its window; output
+  ``(batch, *(spatial // window), c * prod(window))``, the patch offsets major and the input
+  channel minor.
+  """
+
+  def __init__(self, window: int | Sequence[int], num_spatial: int = 2):
+    self.window = (window,) * num_spatial if isinstance(window, int) else tuple(window)
+    if any(w < 1 for w in self.window):
+      raise ValueError(f"window must be positive, got {window!r}.")
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    nd = len(self.window)
+    if x.ndim != nd + 2:
+      raise ValueError(f"ConcatenationPooling over {nd} spatial dims expects (batch, "
+                       f"*spatial, channels), got shape {x.shape}.")
+    spatial = x.shape[1:-1]
+    if any(s % w for s, w in zip(spatial, self.window)):
+      raise ValueError(f"Spatial size {spatial} is not divisible by the pooling window "
+                       f"{self.window}.")
+    split = [x.shape[0]]
+    for s, w in zip(spatial, self.window):
+      split += [s // w, w]
+    x = x.reshape(*split, x.shape[-1])
+    # (b, s0, w0, s1, w1, ..., c) -> (b, s0, s1, ..., w0, w1, ..., c)
+    order = [0] + [1 + 2 * i for i in range(nd)] + [2 + 2 * i for i in range(nd)] + [2 * nd + 1]
+    x = x.transpose(order)
+    return x.reshape(*x.shape[:nd + 1], -1)
+
+
+class FirstChannels(nnx.Module):
+  """Keeps the first ``n`` channels: a coordinate projection, norm <= 1."""
+
+  def __init__(self, n: int):
+    if n < 1:
+      raise ValueError(f"FirstChannels needs n >= 1, got {n}.")
+    self.n = n
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if x.shape[-1] < self.n:
+      raise ValueError(f"FirstChannels({self.n}) got only {x.shape[-1]} channels.")
+    return x[..., :self.n]
+
+
+class ZeroChannelPad(nnx.Module):
+  """Appends ``n`` zero channels: an isometric embedding."""
+
+  def __init__(self, n: int):
+    if n < 0:
+      raise ValueError(f"ZeroChannelPad needs n >= 0, got {n}.")
+    self.n = n
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, self.n)])
+
+
+class Flatten(nnx.Module):
+  """``(batch, ...) -> (batch, -1)``: a reshape, norm preserving."""
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x.reshape(x.shape[0], -1)

@@ -1,0 +1,146 @@
+"""AOL dense and conv layers as Flax NNX modules.
+
+The modules own the raw parameter ``P`` and rescale it on every call with the pure functions
+of :mod:`aol_jax.rescaling`, so gradients flow through the rescaling. Signatures follow
+``nnx.Linear`` / ``nnx.Conv`` so an AOL layer drops in where one of those stood.
+:func:`aol_jax.freeze` swaps the raw parameter for the precomputed rescaled kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from aol_jax import padding as padding_lib
+from aol_jax import rescaling
+from aol_jax.initializers import aol_init
+
+
+class RescaledKernel(nnx.Variable):
+  """A kernel that already carries the AOL rescaling (set by :func:`aol_jax.freeze`).
+
+  It is not an ``nnx.Param``, so an optimiser over ``nnx.Param`` leaves it alone.
+  """
+
+
+def _tuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
+  out = (value,) * n if isinstance(value, int) else tuple(value)
+  if len(out) != n or any(not isinstance(v, int) or v < 1 for v in out):
+    raise ValueError(f"{name} must be a positive int or {n} positive ints, got {value!r}.")
+  return out
+
+
+def _kernel_value(layer) -> jax.Array:
+  """The kernel the layer applies: rescaled now, or precomputed by freeze."""
+  if isinstance(layer.kernel, RescaledKernel):
+    return layer.kernel[...]
+  return layer.rescale(layer.kernel[...])
+
+
+class AOLDense(nnx.Module):
+  """``y = x @ (diag(d) P) + b``, 1-Lipschitz in l2 for every ``P`` (AOL, Theorem 1).
+
+  Args mirror ``nnx.Linear``. ``eps`` is the AOL stabiliser inside the factor
+  ``(sum_j |P P^T|_ij + eps) ** -1/2``.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+               dtype=None, param_dtype=jnp.float32, precision=None,
+               kernel_init=None, bias_init=nnx.initializers.zeros_init(), eps: float = 1e-6,
+               rngs: nnx.Rngs):
+    if in_features < 1 or out_features < 1:
+      raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, "
+                       f"{out_features}.")
+    kernel_init = aol_init() if kernel_init is None else kernel_init
+    self.in_features, self.out_features = in_features, out_features
+    self.use_bias, self.dtype, self.precision, self.eps = use_bias, dtype, precision, eps
+    self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
+    self.bias = (nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
+                 if use_bias else None)
+
+  def rescale(self, kernel: jax.Array) -> jax.Array:
+    return rescaling.rescale_dense(kernel, eps=self.eps)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if x.shape[-1] != self.in_features:
+      raise ValueError(f"AOLDense expects {self.in_features} input features on the last axis, "
+                       f"got input of shape {x.shape}.")
+    kernel = _kernel_value(self)
+    bias = None if self.bias is None else self.bias[...]
+    x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, kernel, bias), dtype=self.dtype)
+    y = jnp.matmul(x, kernel, precision=self.precision)
+    return y if bias is None else y + bias
+
+
+class AOLConv(nnx.Module):
+  """An AOL-rescaled convolution over 1, 2 or 3 spatial dims, 1-Lipschitz in l2.
+
+  The bound (AOL, Theorem 2) holds for zero padding ('SAME', 'VALID', explicit ints) and
+  'CIRCULAR', for any input size, stride and dilation; strides > 1 keep the bound but
+  loosen it. Other padding modes raise ``ValueError``. As in ``nnx.Conv``, an int
+  ``kernel_size`` means a 1D conv; inputs are ``(*batch, *spatial, in_features)``.
+  """
+
+  def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int],
+               strides: int | Sequence[int] = 1, *, padding: padding_lib.PaddingLike = "SAME",
+               kernel_dilation: int | Sequence[int] = 1, feature_group_count: int = 1,
+               use_bias: bool = True, dtype=None, param_dtype=jnp.float32, precision=None,
+               kernel_init=None, bias_init=nnx.initializers.zeros_init(), eps: float = 1e-6,
+               gram_method: rescaling.GramMethod | None = None, rngs: nnx.Rngs):
+    ksize = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
+    nd = len(ksize)
+    if not 1 <= nd <= 3:
+      raise ValueError(f"AOLConv supports 1, 2 or 3 spatial dims, got kernel_size={kernel_size!r}.")
+    self.kernel_size = _tuple(ksize, nd, "kernel_size")
+    self.strides = _tuple(strides, nd, "strides")
+    self.kernel_dilation = _tuple(kernel_dilation, nd, "kernel_dilation")
+    self.padding = padding_lib.normalize_padding(padding, nd)
+    g = feature_group_count
+    if g < 1 or in_features % g or out_features % g:
+      raise ValueError(f"feature_group_count={g} must divide in_features={in_features} and "
+                       f"out_features={out_features}.")
+    if in_features < 1 or out_features < 1:
+      raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, "
+                       f"{out_features}.")
+    if gram_method is not None and gram_method not in rescaling.GRAM_METHODS:
+      raise ValueError(f"gram_method must be one of {rescaling.GRAM_METHODS}, got {gram_method!r}.")
+    kernel_init = aol_init(g) if kernel_init is None else kernel_init
+    self.in_features, self.out_features, self.feature_group_count = in_features, out_features, g
+    self.use_bias, self.dtype, self.precision, self.eps = use_bias, dtype, precision, eps
+    self.gram_method = gram_method
+    shape = (*self.kernel_size, in_features // g, out_features)
+    self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
+    self.bias = (nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
+                 if use_bias else None)
+
+  def rescale(self, kernel: jax.Array) -> jax.Array:
+    return rescaling.rescale_conv(kernel, eps=self.eps,
+                                  feature_group_count=self.feature_group_count,
+                                  method=self.gram_method)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    nd = len(self.kernel_size)
+    if x.ndim < nd + 1 or x.shape[-1] != self.in_features:
+      raise ValueError(f"AOLConv expects inputs (*batch, {nd} spatial dims, "
+                       f"{self.in_features} channels), got shape {x.shape}.")
+    batch_shape = x.shape[:-(nd + 1)]
+    x = x.reshape((-1,) + x.shape[-(nd + 1):])
+    kernel = _kernel_value(self)
+    bias = None if self.bias is None else self.bias[...]
+    x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, kernel, bias), dtype=self.dtype)
+    pad = self.padding
+    if pad == "CIRCULAR":
+      x = padding_lib.circular_pad(x, self.kernel_size, self.kernel_dilation)
+      pad = "VALID"
+    spatial = "DHW"[3 - nd:]
+    y = jax.lax.conv_general_dilated(
+        x, kernel, window_strides=self.strides, padding=pad,
+        rhs_dilation=self.kernel_dilation,
+        dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
+        feature_group_count=self.feature_group_count, precision=self.precision)
+    if bias is not None:
+      y = y + bias
+    return y.reshape(batch_shape + y.shape[1:])
