@@ -4,10 +4,10 @@ PYTHON ?= python3
 .PHONY: run test install-experiments install-test
 
 install-experiments:
-	$(PYTHON) -m pip install -q -e '.[experiments]'
+	$(PYTHON) -m pip install -q -c constraints.txt -e '.[experiments]'
 
 install-test:
-	$(PYTHON) -m pip install -q -e '.[test]'
+	$(PYTHON) -m pip install -q -c constraints.txt -e '.[test]'
 
 # The main job: train on scikit-learn's digits (offline, about a minute on a CPU), then certify.
 run: install-experiments
