@@ -1,0 +1,168 @@
+"""Orbax checkpoints of a :class:`TrainState` that are verified before they are trusted.
+
+Each checkpoint is a step directory holding two orbax items: ``state`` (the arrays) and
+``meta`` (JSON: the caller's metadata plus a SHA-256 over every array's bytes, dtype, shape
+and tree path, computed at save time). Orbax writes a step into a temporary directory and
+renames it only once complete, so a crash mid-save leaves no half-written step under a
+step's name. On restore, the newest step is loaded and re-hashed; a step that fails to
+load, lacks its metadata, or whose hash disagrees (a truncated or garbled file, a
+half-copied directory) is reported, moved aside to ``<directory>/corrupt/``, and the next
+older step is tried. A partially restored state is never returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+_CHECKSUM = "_sha256"
+_TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+def tree_checksum(tree: Any) -> str:
+  """SHA-256 over the tree's leaves in order: each leaf's path, dtype, shape and bytes.
+
+  Leaves may be jax arrays replicated across processes: each process hashes its first
+  addressable copy, so every process computes the same value.
+  """
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if isinstance(leaf, jax.Array):
+      if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        leaf = jax.random.key_data(leaf)
+      if not leaf.is_fully_replicated:
+        raise ValueError(f"tree_checksum needs replicated arrays; {jax.tree_util.keystr(path)} "
+                         f"has sharding {leaf.sharding}.")
+      leaf = leaf.addressable_data(0)
+    value = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(f"{jax.tree_util.keystr(path)}|{value.dtype.str}|{value.shape}|".encode())
+    digest.update(value.tobytes())
+  return digest.hexdigest()
+
+
+def _abstract(tree: Any) -> Any:
+  """Shape/dtype/sharding stand-ins for the arrays of ``tree`` (abstract leaves kept)."""
+  def leaf(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return x
+    if isinstance(x, jax.Array):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return x
+  return jax.tree.map(leaf, tree)
+
+
+class Checkpointer:
+  """Keep the newest ``max_to_keep`` verified checkpoints of a train state in ``directory``.
+
+  Saves run in the background (orbax async checkpointing); :meth:`wait` blocks until the
+  last one is on disk, and :meth:`close` waits and releases the manager. In a multi-process
+  job every process must make the same calls.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
+               async_save: bool = True):
+    self.directory = os.path.abspath(os.fspath(directory))
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=("state", "meta"))
+
+  def all_steps(self) -> list[int]:
+    """The finalised steps on disk, oldest first."""
+    self._manager.reload()
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state: Any, *, metadata: dict | None = None,
+           force: bool = False) -> bool:
+    """Start saving ``state`` as ``step`` with JSON-able ``metadata``; returns whether it did.
+
+    The arrays are hashed now (a device-to-host copy) so a later restore can verify them.
+    A step that is already on disk is not overwritten unless ``force``.
+    """
+    meta = dict(metadata or {})
+    if _CHECKSUM in meta:
+      raise ValueError(f"metadata key {_CHECKSUM!r} is reserved.")
+    meta[_CHECKSUM] = tree_checksum(state)
+    if step in self.all_steps():
+      if not force:
+        return False
+      self._manager.delete(step)
+    return self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def wait(self) -> None:
+    """Block until every started save is finalised on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def _report_leftovers(self) -> None:
+    if not os.path.isdir(self.directory):
+      return
+    for name in sorted(os.listdir(self.directory)):
+      if _TMP_MARKER in name:
+        print(f"Checkpointer: ignoring unfinished checkpoint {os.path.join(self.directory, name)} "
+              f"(a save that never completed).", flush=True)
+
+  def _quarantine(self, step: int, reason: str) -> None:
+    path = os.path.join(self.directory, str(step))
+    print(f"Checkpointer: checkpoint {path} is corrupt or incomplete ({reason}); skipping it "
+          f"and trying an older one.", flush=True)
+    if jax.process_index() == 0 and os.path.isdir(path):
+      target = os.path.join(self.directory, "corrupt", str(step))
+      if os.path.exists(target):
+        shutil.rmtree(target)
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.rename(path, target)
+      print(f"Checkpointer: moved it to {target}.", flush=True)
+    self._manager.reload()
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Load and verify ``step``; raises ``ValueError`` if it does not verify."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(abstract_state)), meta=ocp.args.JsonRestore()))
+    meta = dict(restored["meta"] or {})
+    expected = meta.pop(_CHECKSUM, None)
+    if expected is None:
+      raise ValueError("its metadata has no checksum")
+    state = restored["state"]
+    actual = tree_checksum(state)
+    if actual != expected:
+      raise ValueError(f"checksum mismatch: saved {expected[:12]}..., loaded {actual[:12]}...")
+    return state, meta
+
+  def restore_latest(self, abstract_state: Any) -> tuple[Any, int, dict] | None:
+    """The newest checkpoint that verifies, as ``(state, step, metadata)``; None if none does.
+
+    ``abstract_state`` gives the tree structure, shapes, dtypes and shardings to restore into:
+    a state like the one saved, or its ``jax.ShapeDtypeStruct`` stand-ins. Corrupt steps
+    are reported, moved to ``<directory>/corrupt/`` and skipped.
+    """
+    self.wait()
+    self._report_leftovers()
+    for step in reversed(self.all_steps()):
+      try:
+        state, meta = self.restore(step, abstract_state)
+      except Exception as e:  # orbax / tensorstore raise many types for damaged files
+        self._quarantine(step, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+        continue
+      return state, step, meta
+    return None

@@ -1,0 +1,159 @@
+"""The training state and the sharded, jitted train and eval steps.
+
+Data parallelism on a one-axis mesh (:mod:`aol_jax.training.mesh`): the state is replicated
+(``P()``), each batch is split over ``'data'`` (``P('data')``), and ``jax.jit`` inserts the
+all-reduce of the gradients. The step donates the state it receives, so the caller must use
+the state it returns and drop the old one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
+
+from aol_jax.losses import offset_cross_entropy
+from aol_jax.training import augment as augment_lib
+from aol_jax.training.mesh import DATA_AXIS, check_batch_size, data_sharding, replicated_sharding
+
+
+class TrainState(NamedTuple):
+  """Everything a resumed run needs, as one pytree of arrays.
+
+  Attributes:
+    params: the ``nnx.Param`` state of the model (``nnx.split(model, nnx.Param, ...)``).
+    rest: every other variable of the model (empty for the AOL networks).
+    opt_state: the optax state for ``params``.
+    step: number of steps taken, int32 scalar.
+    key: raw PRNG key data (``jax.random.key_data``); step ``s`` augments with
+      ``fold_in(key, s)``, so a resumed run draws exactly what an uninterrupted one would.
+  """
+  params: nnx.State
+  rest: nnx.State
+  opt_state: optax.OptState
+  step: jax.Array
+  key: jax.Array
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or the gradient became NaN or infinite."""
+
+
+def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, *,
+                       key: jax.Array, mesh: Mesh | None = None
+                       ) -> tuple[nnx.GraphDef, TrainState]:
+  """Split ``model`` into its graph definition and a fresh :class:`TrainState`.
+
+  Args:
+    model: the network; its parameters become ``state.params``.
+    optimizer: e.g. :func:`aol_jax.training.make_optimizer`.
+    key: a PRNG key (typed or raw) for the augmentation.
+    mesh: if given, the state is placed replicated on it (what the train step expects).
+
+  Returns:
+    ``(graphdef, state)``; ``nnx.merge(graphdef, state.params, state.rest)`` rebuilds the model.
+  """
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  state = TrainState(params=params, rest=rest, opt_state=optimizer.init(params),
+                     step=jnp.zeros((), jnp.int32), key=jnp.asarray(key, jnp.uint32))
+  if mesh is not None:
+    state = jax.device_put(state, replicated_sharding(mesh))
+  return graphdef, state
+
+
+def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
+  """The model with the parameters of ``state`` (for evaluation, certification, freeze)."""
+  return nnx.merge(graphdef, state.params, state.rest)
+
+
+def to_inputs(images: jax.Array) -> jax.Array:
+  """Integer images (e.g. uint8 CIFAR) become ``x / 255`` in float32, the paper's only
+  preprocessing; float images are taken to be in ``[0, 1]`` already."""
+  if jnp.issubdtype(images.dtype, jnp.integer):
+    return images.astype(jnp.float32) / 255.0
+  return images
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                    mesh: Mesh, *,
+                    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = offset_cross_entropy,
+                    augment: bool | augment_lib.AugmentConfig = True
+                    ) -> Callable[[TrainState, jax.Array, jax.Array],
+                                  tuple[TrainState, dict[str, jax.Array]]]:
+  """The jitted step ``(state, images, labels) -> (state, metrics)``.
+
+  ``images`` ``(N, H, W, C)`` (uint8 or float in ``[0, 1]``, see :func:`to_inputs`) and
+  ``labels`` ``(N,)`` are global arrays sharded on ``'data'`` (see
+  :func:`aol_jax.training.global_batch`); ``N`` must be a multiple of the device count.
+  The state is donated. With ``augment`` (True: the paper's :class:`AugmentConfig`) the
+  images are augmented on device with ``fold_in(state.key, state.step)``.
+
+  Metrics, all scalars over the global batch: ``loss`` (of the augmented batch, before the
+  update), ``accuracy``, ``grad_norm`` (global l2 norm of the loss gradient) and ``finite``
+  (loss and gradient are finite). The update is applied regardless; the caller should stop
+  on ``finite == False`` (:func:`check_finite`) and fall back to its last checkpoint.
+  """
+  config = augment_lib.AugmentConfig() if augment is True else augment or None
+
+  def step(state: TrainState, images: jax.Array, labels: jax.Array
+           ) -> tuple[TrainState, dict[str, jax.Array]]:
+    check_batch_size(mesh, images.shape[0])
+    x = to_inputs(images)
+    if config is not None:
+      key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+      x = augment_lib.augment(key, x, config=config)
+
+    def loss_and_logits(params, x, labels):
+      logits = nnx.merge(graphdef, params, state.rest)(x)
+      return loss_fn(logits, labels), logits
+
+    # The model runs with the mesh axes in Auto mode: its reshapes (pooling, flatten) have no
+    # explicit sharding rule, and the compiler's propagation handles them.
+    loss_and_logits = jax.sharding.auto_axes(loss_and_logits, out_sharding=(P(), P(DATA_AXIS)))
+    (loss, logits), grads = jax.value_and_grad(loss_and_logits, has_aux=True)(
+        state.params, x, labels)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    metrics = dict(loss=loss, accuracy=jnp.mean(jnp.argmax(logits, -1) == labels),
+                   grad_norm=grad_norm, finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+    return state._replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+  replicated, batch = replicated_sharding(mesh), data_sharding(mesh)
+  jitted = jax.jit(step, in_shardings=(replicated, batch, batch),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
+
+  def train_step(state, images, labels):
+    with jax.set_mesh(mesh):
+      return jitted(state, images, labels)
+
+  return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh
+                   ) -> Callable[[TrainState, jax.Array], jax.Array]:
+  """The jitted ``(state, images) -> logits``, no augmentation; logits sharded on ``'data'``."""
+
+  def step(state: TrainState, images: jax.Array) -> jax.Array:
+    check_batch_size(mesh, images.shape[0])
+    return merge_model(graphdef, state)(to_inputs(images))
+
+  return jax.jit(step, in_shardings=(replicated_sharding(mesh), data_sharding(mesh)),
+                 out_shardings=data_sharding(mesh))
+
+
+def check_finite(metrics: dict[str, Any], *, step: int | None = None) -> None:
+  """Raise :class:`NonFiniteLossError` naming the step if ``metrics['finite']`` is False."""
+  if not bool(metrics["finite"]):
+    where = "" if step is None else f" at step {step}"
+    raise NonFiniteLossError(
+        f"Non-finite training loss{where} (loss={float(metrics['loss'])}, "
+        f"grad_norm={float(metrics['grad_norm'])}). Stopping; the last checkpoint written "
+        f"before this step is intact. Lower the learning rate or check the inputs.")
