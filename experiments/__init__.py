@@ -1,0 +1,1 @@
+"""Experiments built on :mod:`aol_jax`; the library never imports from here."""

@@ -1,0 +1,250 @@
+"""The experiment's data: CIFAR-10/100 through tfds, scikit-learn's digits, and batches
+drawn on device.
+
+CIFAR comes through tfds' own builders, prepared once in the ``array_record`` format and
+then read with tfds' random-access data source (no TensorFlow needed to read). Preparing
+needs the original archive: tfds downloads it when the machine is online, and takes it
+from its manual-download directory (``--manual_dir``) otherwise; either way tfds checks
+its checksum. Every process loads only its own share of the training set, and keeps it in
+device memory when it fits; each step gathers the batch on device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import urllib.parse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from aol_jax import training
+
+DATASETS = ("cifar10", "cifar100", "digits")
+_HOST, _LOCAL = "host", "local"
+
+
+class DataMissingError(FileNotFoundError):
+  """A dataset is not prepared and cannot be prepared here; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """Images as stored (integers, NHWC) and integer labels.
+
+  Attributes:
+    train_images, train_labels: this process's share of the training set.
+    test_images, test_labels: the whole test set.
+    num_classes: number of classes.
+    max_value: the stored pixel value that means 1.0 (255 for CIFAR, 16 for digits).
+  """
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  num_classes: int
+  max_value: float
+
+  def test_inputs(self) -> np.ndarray:
+    """The test images as float32 in ``[0, 1]``."""
+    return self.test_images.astype(np.float32) / self.max_value
+
+
+def process_share(n: int, process_index: int, process_count: int) -> np.ndarray:
+  """Indices of the examples process ``process_index`` loads: every ``process_count``-th,
+  ``n // process_count`` of them, so that every process holds the same number."""
+  return process_index + process_count * np.arange(n // process_count)
+
+
+def default_data_dir() -> str:
+  """tfds' default data directory."""
+  return os.path.expanduser("~/tensorflow_datasets")
+
+
+def default_manual_dir(data_dir: str | None) -> str:
+  """tfds' default manual-download directory, ``<data_dir>/downloads/manual``."""
+  return os.path.join(data_dir or default_data_dir(), "downloads", "manual")
+
+
+def _reachable(url: str, timeout: float = 5.0) -> bool:
+  """Whether a TCP connection to the URL's host opens within ``timeout`` seconds.
+
+  Checked before letting tfds download: offline, tfds retries for minutes before failing.
+  """
+  parts = urllib.parse.urlsplit(url)
+  try:
+    socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout).close()
+  except OSError:
+    return False
+  return True
+
+
+def prepare_tfds(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
+                 download: bool = True):
+  """The tfds builder of ``name``, prepared as ``array_record`` in ``data_dir`` if it was not.
+
+  Offline, the original archive (e.g. ``cifar-10-binary.tar.gz``) must lie in
+  ``manual_dir``; tfds verifies its checksum against the one it ships.
+
+  Raises:
+    DataMissingError: the dataset is not prepared, the archive is not in ``manual_dir``, and
+      downloading is off or the download host is unreachable.
+  """
+  import tensorflow_datasets as tfds  # slow to import; digits-only runs never need it
+
+  data_dir = data_dir or default_data_dir()
+  manual_dir = manual_dir or default_manual_dir(data_dir)
+  builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+  if builder.is_prepared():
+    return builder
+  (url, info), = type(builder).url_infos.items()
+  archive = os.path.join(manual_dir, info.filename)
+  if not os.path.exists(archive) and not (download and _reachable(url)):
+    why = "downloading is off" if not download else f"{urllib.parse.urlsplit(url).hostname} is unreachable"
+    raise DataMissingError(
+        f"{name} is not prepared in {data_dir} and {why}. To provide it offline, download "
+        f"{url} on a machine with a network (sha256 {info.checksum}, {int(info.size)} bytes) "
+        f"and copy the file, unchanged and still named {info.filename}, to {archive} (or "
+        f"pass --manual_dir=<its directory>); the next run prepares the dataset from it. "
+        f"Preparing needs TensorFlow: pip install tensorflow-cpu.")
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=manual_dir, try_download_gcs=False))
+  return builder
+
+
+def _read_split(builder, split: str, indices: np.ndarray | None = None,
+                chunk: int = 5000) -> tuple[np.ndarray, np.ndarray]:
+  """Images and labels of ``split`` (all, or at ``indices``) from the array_record files."""
+  source = builder.as_data_source(split=split)
+  if indices is None:
+    indices = np.arange(len(source))
+  images, labels = [], []
+  for start in range(0, len(indices), chunk):
+    records = source.__getitems__([int(i) for i in indices[start:start + chunk]])
+    images += [r["image"] for r in records]
+    labels += [r["label"] for r in records]
+  return np.stack(images).astype(np.uint8), np.asarray(labels, np.int32)
+
+
+def load_cifar(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
+               download: bool = True, process_index: int = 0,
+               process_count: int = 1) -> Dataset:
+  """CIFAR-10 or CIFAR-100 (fine labels): this process's training share, the whole test set."""
+  builder = prepare_tfds(name, data_dir=data_dir, manual_dir=manual_dir, download=download)
+  n_train = builder.info.splits["train"].num_examples
+  train = _read_split(builder, "train", process_share(n_train, process_index, process_count))
+  test = _read_split(builder, "test")
+  return Dataset(*train, *test, num_classes=builder.info.features["label"].num_classes,
+                 max_value=255.0)
+
+
+def load_digits(*, process_index: int = 0, process_count: int = 1) -> Dataset:
+  """scikit-learn's 1797 handwritten digits, 8x8x1 with values 0..16, split 1437 / 360.
+
+  The split is fixed (stratified, ``random_state=0``) so that results are comparable.
+  """
+  from sklearn.datasets import load_digits as sk_load_digits
+  from sklearn.model_selection import train_test_split
+
+  digits = sk_load_digits()
+  images = digits.images.astype(np.uint8)[..., None]
+  labels = digits.target.astype(np.int32)
+  train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=360,
+                                         random_state=0, stratify=labels)
+  train_idx = train_idx[process_share(len(train_idx), process_index, process_count)]
+  return Dataset(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
+                 num_classes=10, max_value=16.0)
+
+
+def load(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
+         download: bool = True) -> Dataset:
+  """The dataset ``name`` (one of :data:`DATASETS`), this process's share of it."""
+  share = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  if name == "digits":
+    return load_digits(**share)
+  if name in ("cifar10", "cifar100"):
+    return load_cifar(name, data_dir=data_dir, manual_dir=manual_dir, download=download,
+                      **share)
+  raise ValueError(f"Unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+
+
+def fits_in_device_memory(nbytes: int, device: jax.Device, fraction: float = 0.25) -> bool:
+  """Whether ``nbytes`` take at most ``fraction`` of the device's memory (True on CPU, whose
+  "device memory" is the host's)."""
+  stats = device.memory_stats()
+  if not stats or "bytes_limit" not in stats:
+    return True
+  return nbytes <= fraction * stats["bytes_limit"]
+
+
+class TrainBatches:
+  """Batches of this process's training share, as global arrays sharded on ``'data'``.
+
+  With ``on_device`` (default: when the share takes at most a quarter of a device's
+  memory) the share is stored once on each of this process's devices and every device
+  gathers its slice of the batch from its own copy inside ``jax.jit``; otherwise the batch
+  is gathered on the host and transferred. Both give the same arrays: float32 images in
+  ``[0, 1]`` and int32 labels. The batch ``order[step]`` is drawn from
+  :meth:`epoch_order`, a function of the seed and epoch only, so a resumed run sees the
+  batches an uninterrupted one would, and a single-process run sees the same batches on
+  any number of devices.
+  """
+
+  def __init__(self, mesh: Mesh, images: np.ndarray, labels: np.ndarray, *, max_value: float,
+               global_batch_size: int, on_device: bool | None = None):
+    training.check_batch_size(mesh, global_batch_size)
+    self.mesh = mesh
+    self.local_batch_size = global_batch_size // jax.process_count()
+    self.steps_per_epoch = len(images) // self.local_batch_size
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"The batch size {global_batch_size} is larger than the training set "
+                       f"({len(images) * jax.process_count()} examples).")
+    self.max_value = max_value
+    self.images, self.labels = images, labels
+    if on_device is None:
+      on_device = fits_in_device_memory(images.nbytes + labels.nbytes, mesh.devices.flat[0])
+    self.on_device = on_device
+    if on_device:
+      self._init_on_device()
+
+  def _init_on_device(self) -> None:
+    # A (host, local) view of the mesh's devices: the share is split over 'host' (each
+    # process holds its own) and copied over 'local'; the batch is split over both, in the
+    # mesh's device order, so it lands exactly where the 'data' axis puts it.
+    devices = self.mesh.devices.reshape(jax.process_count(), -1)
+    if any(len({d.process_index for d in row}) != 1 for row in devices):
+      raise ValueError("The data mesh must list each process's devices contiguously.")
+    grid = Mesh(devices, (_HOST, _LOCAL))
+    share = NamedSharding(grid, P(_HOST))
+    self._index_sharding = NamedSharding(grid, P((_HOST, _LOCAL)))
+    self._images = jax.make_array_from_process_local_data(share, self.images)
+    self._labels = jax.make_array_from_process_local_data(share, self.labels)
+    max_value = self.max_value
+
+    def gather(images, labels, index):
+      return images[index].astype(jnp.float32) / max_value, labels[index]
+
+    spec = P((_HOST, _LOCAL))
+    self._gather = jax.jit(
+        jax.shard_map(gather, mesh=grid, in_specs=(P(_HOST), P(_HOST), spec),
+                      out_specs=(spec, spec)),
+        out_shardings=(training.data_sharding(self.mesh),) * 2)
+
+  def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
+    """``(steps_per_epoch, local_batch)`` indices into this process's share for ``epoch``."""
+    rng = np.random.default_rng([seed, epoch, jax.process_index()])
+    order = rng.permutation(len(self.images))
+    used = self.steps_per_epoch * self.local_batch_size
+    return order[:used].reshape(self.steps_per_epoch, self.local_batch_size)
+
+  def batch(self, indices: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """The global batch made of every process's ``indices`` (one row of an epoch order)."""
+    if self.on_device:
+      index = jax.make_array_from_process_local_data(self._index_sharding,
+                                                     np.asarray(indices, np.int32))
+      return self._gather(self._images, self._labels, index)
+    images = self.images[indices].astype(np.float32) / np.float32(self.max_value)
+    return training.global_batch(self.mesh, images, self.labels[indices])
