@@ -1,0 +1,305 @@
+"""``train_and_evaluate(config, workdir)``: train, checkpoint, resume, certify, plot.
+
+What a run leaves in ``workdir`` (only process 0 writes files other than checkpoints; each
+file is written to a temporary name and renamed, so none is ever half-written):
+
+* ``checkpoints/``: orbax checkpoints every ``checkpoint_every`` epochs and at the end, each
+  with the config and the per-epoch history; a rerun with the same ``workdir`` resumes
+  from the newest one that verifies, exactly as if it had never stopped;
+* ``metrics.jsonl``: one JSON line per epoch (train loss / accuracy / gradient norm,
+  learning rate, and every ``eval_every`` epochs the test accuracy and CRA at 36/255);
+* ``results.md``: the certification table of :func:`aol_jax.certify.certify_dataset`
+  on the whole test set after the last epoch, and ``results.json``, the same as data;
+* ``training_curves.png`` and ``certified_accuracy.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+from flax import nnx
+
+from aol_jax import training
+from aol_jax.certify import (STANDARD_RADII, CertificationResult, certification_markdown,
+                             certified_robust_accuracy, certify_dataset)
+from aol_jax.losses import offset_cross_entropy
+from aol_jax.models import MODELS
+from experiments.cifar import input_pipeline, plotting
+from experiments.cifar.configs import STATE_FIELDS, Config, ConfigError
+
+# Radii of the certified-accuracy plot (the standard ones are added).
+CURVE_RADII = tuple(np.linspace(0.0, 1.5, 61).tolist())
+
+
+def write_atomic(path: str, text: str) -> None:
+  """Write ``text`` to ``path`` via a temporary file and a rename."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def build_model(config: Config, num_classes: int, image_shape: tuple[int, ...]) -> nnx.Module:
+  """``MODELS[config.model]`` for images of ``image_shape`` (H, W, C), seeded by the config."""
+  height, width, channels = image_shape
+  if height != width:
+    raise ConfigError(f"The models need square images, got {height}x{width}.")
+  try:
+    return MODELS[config.model](num_classes, image_size=height, in_channels=channels,
+                                rngs=nnx.Rngs(config.seed), **config.model_kwargs)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"Cannot build {config.model} with {config.model_kwargs} for "
+                      f"{height}x{width}x{channels} images: {e}") from e
+
+
+def evaluate(eval_step, state: training.TrainState, mesh: jax.sharding.Mesh,
+             images: np.ndarray, labels: np.ndarray, *, batch_size: int,
+             lipschitz_constant: float) -> tuple[float, float]:
+  """Test accuracy and CRA at 36/255 (exact-arithmetic certificate, for monitoring only;
+  ``results.md`` comes from :func:`certify_dataset`, which adds the rounding allowance)."""
+  processes, me = jax.process_count(), jax.process_index()
+  local = batch_size // processes
+  logits = []
+  for start in range(0, len(images), batch_size):
+    x = images[start:start + batch_size]
+    x = np.concatenate([x, np.zeros((batch_size - len(x),) + x.shape[1:], x.dtype)])
+    out = eval_step(state, *training.global_batch(mesh, x[me * local:(me + 1) * local]))
+    if processes > 1:
+      from jax.experimental import multihost_utils
+      out = multihost_utils.process_allgather(out, tiled=True)
+    logits.append(np.asarray(out))
+  logits = np.concatenate(logits)[:len(images)]
+  clean, cra = certified_robust_accuracy(logits, labels, [36 / 255],
+                                         lipschitz_constant=lipschitz_constant, allowance=0.0)
+  return float(clean), float(cra[0])
+
+
+def _certify(model: nnx.Module, dataset: input_pipeline.Dataset, mesh, batch_size: int
+             ) -> tuple[CertificationResult, CertificationResult]:
+  """The standard-radii table and the plot's curve, from one pass of certify_dataset."""
+  radii = sorted(set(CURVE_RADII) | set(STANDARD_RADII))
+  full = certify_dataset(model, dataset.test_inputs(), dataset.test_labels, eps_list=radii,
+                         batch_size=batch_size, mesh=mesh)
+  keep = [radii.index(r) for r in STANDARD_RADII]
+  table = dataclasses.replace(
+      full, eps_list=tuple(STANDARD_RADII),
+      num_certified=tuple(full.num_certified[i] for i in keep),
+      max_allowance=tuple(full.max_allowance[i] for i in keep))
+  return table, full
+
+
+class _StopRequest:
+  """SIGINT / SIGTERM ask the run to stop after the current epoch, with a checkpoint."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame) -> None:
+    print(f"\nReceived signal {signum}: stopping after this epoch with a checkpoint "
+          f"(send it again to stop at once).", flush=True)
+    self.requested = True
+    self.restore()
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+  def agreed(self) -> bool:
+    """Whether any process was asked to stop (all processes must stop at the same epoch)."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+
+
+def _check_resumable(saved: dict, config: Config) -> None:
+  """Refuse a checkpoint whose state shapes differ; note any other changed field."""
+  current = dataclasses.asdict(config)
+  changed = sorted(k for k in current if k in saved and saved[k] != current[k])
+  fatal = [k for k in changed if k in STATE_FIELDS]
+  if fatal:
+    raise ConfigError(
+        f"The checkpoints in this workdir were made with a different "
+        f"{', '.join(fatal)} ({', '.join(f'{k}={saved[k]!r}' for k in fatal)}); use a new "
+        f"--workdir or the same settings.")
+  changed = [k for k in changed if k not in ("data_dir", "manual_dir", "download", "log_every")]
+  if changed:
+    print(f"Note: resuming with changed {', '.join(changed)}; the run is no longer identical "
+          f"to an uninterrupted one.", flush=True)
+
+
+def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
+  """Train ``config`` in ``workdir`` (resuming if it holds a checkpoint), then certify.
+
+  Returns:
+    ``{'history': [per-epoch records], 'clean_accuracy': float, 'cra': {radius: float}}``.
+
+  Raises:
+    ConfigError: unknown model, or a batch size the devices do not divide, or a workdir
+      holding another model's checkpoints.
+    input_pipeline.DataMissingError: the dataset is neither prepared nor preparable.
+    aol_jax.training.NonFiniteLossError: the loss became NaN or infinite; nothing after the
+      last good checkpoint is saved.
+  """
+  writer = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  mesh = training.make_data_mesh(config.num_devices)
+  try:
+    training.check_batch_size(mesh, config.batch_size)
+    training.check_batch_size(mesh, config.eval_batch_size)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if config.model not in MODELS:
+    raise ConfigError(f"Unknown model {config.model!r}; choose one of {', '.join(MODELS)}.")
+  if config.dataset not in input_pipeline.DATASETS:
+    raise ConfigError(f"Unknown dataset {config.dataset!r}; choose one of "
+                      f"{', '.join(input_pipeline.DATASETS)}.")
+  data = input_pipeline.load(config.dataset, data_dir=config.data_dir,
+                             manual_dir=config.manual_dir, download=config.download)
+  model = build_model(config, data.num_classes, data.train_images.shape[1:])
+  lipschitz = float(model.lipschitz_bound())
+  batches = input_pipeline.TrainBatches(mesh, data.train_images, data.train_labels,
+                                        max_value=data.max_value,
+                                        global_batch_size=config.batch_size)
+  steps_per_epoch = batches.steps_per_epoch
+  schedule = training.paper_schedule(config.learning_rate, steps_per_epoch, config.epochs)
+  optimizer = training.make_optimizer(schedule, momentum=config.momentum,
+                                      nesterov=config.nesterov, weight_decay=config.weight_decay)
+  graphdef, state = training.create_train_state(model, optimizer,
+                                                key=jax.random.key(config.seed), mesh=mesh)
+  loss_fn = functools.partial(offset_cross_entropy, offset=config.loss_offset,
+                              temperature=config.loss_temperature)
+  train_step = training.make_train_step(graphdef, optimizer, mesh, loss_fn=loss_fn,
+                                        augment=config.augment)
+  eval_step = training.make_eval_step(graphdef, mesh)
+  test_images = data.test_inputs()
+
+  checkpointer = training.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       max_to_keep=config.max_to_keep)
+  history: list[dict] = []
+  restored = checkpointer.restore_latest(state)
+  if restored is not None:
+    state, step, meta = restored
+    _check_resumable(meta.get("config", {}), config)
+    if step % steps_per_epoch:
+      raise ConfigError(f"Checkpoint step {step} is not at an epoch boundary of "
+                        f"{steps_per_epoch} steps: the batch size or dataset changed.")
+    history = [r for r in meta["history"] if r["epoch"] <= step // steps_per_epoch]
+    print(f"Resumed from {checkpointer.directory} at step {step} (epoch {step // steps_per_epoch}).",
+          flush=True)
+  step = int(state.step)
+  last_saved = step if restored is not None else None
+  print(f"{config.model} on {config.dataset}: {len(data.train_images) * jax.process_count()} "
+        f"training / {len(data.test_labels)} test images, {mesh.devices.size} "
+        f"{mesh.devices.flat[0].platform} device(s), batch {config.batch_size}, "
+        f"{steps_per_epoch} steps per epoch, data {'on device' if batches.on_device else 'on host'}.",
+        flush=True)
+
+  def save() -> None:
+    meta = {"config": dataclasses.asdict(config), "history": history}
+    checkpointer.save(step, state, metadata=meta)
+
+  stop = _StopRequest()
+  bar = tqdm.tqdm(total=config.epochs * steps_per_epoch, initial=step, unit="step",
+                  disable=not writer, dynamic_ncols=True)
+  try:
+    for epoch in range(step // steps_per_epoch, config.epochs):
+      bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
+      start_time = time.time()
+      metrics = []
+      for i, indices in enumerate(batches.epoch_order(config.seed, epoch)):
+        state, m = train_step(state, *batches.batch(indices))
+        metrics.append(m)
+        bar.update(1)
+        if (i + 1) % config.log_every == 0:
+          last = jax.device_get(m)
+          _check_finite(last, step + i + 1, last_saved, checkpointer.directory)
+          bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.3f}")
+      metrics = jax.device_get(metrics)
+      for i, m in enumerate(metrics):
+        _check_finite(m, step + i + 1, last_saved, checkpointer.directory)
+      step += steps_per_epoch
+      record = {"epoch": epoch + 1, "step": step,
+                "learning_rate": float(schedule(step - 1)),
+                **{f"train_{k}": float(np.mean([m[k] for m in metrics]))
+                   for k in ("loss", "accuracy", "grad_norm")}}
+      last_epoch = epoch + 1 == config.epochs
+      if (epoch + 1) % config.eval_every == 0 or last_epoch:
+        record["test_accuracy"], record["test_cra_36"] = evaluate(
+            eval_step, state, mesh, test_images, data.test_labels,
+            batch_size=config.eval_batch_size, lipschitz_constant=lipschitz)
+      record["seconds"] = round(time.time() - start_time, 3)
+      history.append(record)
+      bar.set_postfix(loss=f"{record['train_loss']:.4f}", acc=f"{record['train_accuracy']:.3f}")
+      if writer:
+        write_atomic(os.path.join(workdir, "metrics.jsonl"),
+                     "".join(json.dumps(r) + "\n" for r in history))
+      stopping = stop.agreed()
+      if (epoch + 1) % config.checkpoint_every == 0 or last_epoch or stopping:
+        save()
+        last_saved = step
+      if stopping:
+        checkpointer.close()
+        bar.close()
+        print(f"Stopped at epoch {epoch + 1}; rerun the same command to resume.", flush=True)
+        return {"history": history, "stopped": True}
+  finally:
+    bar.close()
+    stop.restore()
+  checkpointer.close()
+
+  table, curve = _certify(training.merge_model(graphdef, state), data, mesh,
+                          config.eval_batch_size)
+  if writer:
+    _write_results(workdir, config, table, history)
+    plotting.plot_training_curves(history, os.path.join(workdir, "training_curves.png"))
+    plotting.plot_certified_accuracy(curve.eps_list, curve.cra,
+                                     os.path.join(workdir, "certified_accuracy.png"),
+                                     title=f"{config.model} on {config.dataset}")
+  print(certification_markdown(table, name=config.model), flush=True)
+  return {"history": history, "clean_accuracy": table.clean_accuracy,
+          "cra": dict(zip(table.eps_list, table.cra))}
+
+
+def _check_finite(metrics: dict, step: int, last_saved: int | None, directory: str) -> None:
+  if not bool(metrics["finite"]):
+    kept = (f"The last good checkpoint, step {last_saved} in {directory}, is kept"
+            if last_saved is not None else "No checkpoint had been written yet")
+    raise training.NonFiniteLossError(
+        f"Non-finite training loss at step {step} (loss={float(metrics['loss'])}, "
+        f"grad_norm={float(metrics['grad_norm'])}); stopping without saving. {kept}. "
+        f"Lower the learning rate or check the data.")
+
+
+def _write_results(workdir: str, config: Config, table: CertificationResult,
+                   history: list[dict]) -> None:
+  """``results.md``: the certification table and how it was produced."""
+  last = history[-1] if history else {}
+  text = (
+      f"# {config.model} on {config.dataset}\n\n"
+      f"Certified robust accuracy (%) on the {table.num_examples} test images after epoch "
+      f"{last.get('epoch', '?')} (step {last.get('step', '?')}), from "
+      f"`aol_jax.certify_dataset` (l2, Lipschitz constant {table.lipschitz_constant:g}, "
+      f"float32 rounding allowance included).\n\n"
+      f"{certification_markdown(table, name=config.model)}\n\n"
+      f"Config:\n\n```json\n{json.dumps(dataclasses.asdict(config), indent=2)}\n```\n")
+  write_atomic(os.path.join(workdir, "results.md"), text)
+  data = {"model": config.model, "dataset": config.dataset, "epoch": last.get("epoch"),
+          "num_examples": table.num_examples, "clean_accuracy": table.clean_accuracy,
+          "cra": {f"{r:.6f}": a for r, a in zip(table.eps_list, table.cra)}}
+  write_atomic(os.path.join(workdir, "results.json"), json.dumps(data, indent=2) + "\n")
