@@ -7,7 +7,7 @@ including ``max(1 / std)`` when the model normalises its input.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,13 +41,36 @@ class AOLNetwork(nnx.Module):
     return 1.0 if self.input_std is None else max(1.0 / s for s in self.input_std)
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    return self._forward(x, track_norm=False)[0]
+
+  def logits_and_activation_norm(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The logits and, per example, ``M = max_k ||x_k||_2`` over every activation ``x_k``.
+
+    ``x_0`` is the raw input, then the normalised input, then each layer's output. ``M``
+    scales the float32 rounding allowance of :func:`aol_jax.certify.rounding_allowance`.
+    """
+    return self._forward(x, track_norm=True)
+
+  def _forward(self, x: jax.Array, *, track_norm: bool) -> tuple[jax.Array, jax.Array | None]:
+    batch = x.shape[0]
+    max_norm = None
+
+    def track(a: jax.Array) -> None:
+      nonlocal max_norm
+      if track_norm:
+        n = jnp.linalg.norm(a.reshape(batch, -1).astype(jnp.float32), axis=-1)
+        max_norm = n if max_norm is None else jnp.maximum(max_norm, n)
+
+    track(x)
     if self.input_mean is not None:
       x = x - jnp.asarray(self.input_mean, x.dtype)
     if self.input_std is not None:
       x = x / jnp.asarray(self.input_std, x.dtype)
     for layer in self.layers:
+      track(x)
       x = layer(x)
-    return x
+    track(x)
+    return x, max_norm
 
 
 def aol_convnet(num_classes: int = 10, *, width: int = 16, channels: int = 192,
@@ -82,15 +105,82 @@ def aol_convnet(num_classes: int = 10, *, width: int = 16, channels: int = 192,
 
 
 def aol_small(num_classes: int = 10, *, rngs: nnx.Rngs, **kwargs) -> AOLNetwork:
-  """AOL-Small (w = 16, about 18.7M parameters)."""
-  return aol_convnet(num_classes, width=16, rngs=rngs, **kwargs)
+  """AOL-Small (w = 16, about 18.7M parameters); ``kwargs`` override :func:`aol_convnet` sizes."""
+  return aol_convnet(num_classes, **{"width": 16, **kwargs}, rngs=rngs)
 
 
 def aol_medium(num_classes: int = 10, *, rngs: nnx.Rngs, **kwargs) -> AOLNetwork:
-  """AOL-Medium (w = 32, about 62.8M parameters)."""
-  return aol_convnet(num_classes, width=32, rngs=rngs, **kwargs)
+  """AOL-Medium (w = 32, about 62.8M parameters); ``kwargs`` override :func:`aol_convnet` sizes."""
+  return aol_convnet(num_classes, **{"width": 32, **kwargs}, rngs=rngs)
 
 
 def aol_large(num_classes: int = 10, *, rngs: nnx.Rngs, **kwargs) -> AOLNetwork:
-  """AOL-Large (w = 48, about 136.2M parameters)."""
-  return aol_convnet(num_classes, width=48, rngs=rngs, **kwargs)
+  """AOL-Large (w = 48, about 136.2M parameters); ``kwargs`` override :func:`aol_convnet` sizes."""
+  return aol_convnet(num_classes, **{"width": 48, **kwargs}, rngs=rngs)
+
+
+def aol_fc(num_classes: int = 10, *, width: int = 1024, depth: int = 10, image_size: int = 32,
+           in_channels: int = 3, rngs: nnx.Rngs, **normalisation) -> AOLNetwork:
+  """Fully connected AOL network, the "FC" family of the paper's Table 6 ablation.
+
+  The paper does not list its layers; this is our choice, kept parallel to the dense part
+  of AOL-Small: Flatten -> AOLDense(``image_size^2 * in_channels`` -> ``width``)
+  (orthogonal init) + MaxMin -> ``depth - 1`` x AOLDense(``width`` -> ``width``) (identity
+  init), MaxMin between them and not after the last -> FirstChannels(num_classes).
+  Defaults: 3072 -> 1024 then 9 x 1024 -> 1024, about 12.6M parameters.
+  """
+  if depth < 1 or width % 2 or num_classes > width:
+    raise ValueError(f"Need depth >= 1, an even width and num_classes <= width; got depth="
+                     f"{depth}, width={width}, num_classes={num_classes}.")
+  features = image_size * image_size * in_channels
+  layers: list[nnx.Module] = [Flatten(), AOLDense(features, width, rngs=rngs)]
+  for _ in range(depth - 1):
+    layers += [MaxMin(), AOLDense(width, width, rngs=rngs)]
+  layers.append(FirstChannels(num_classes))
+  return AOLNetwork(layers, **normalisation)
+
+
+def aol_std(num_classes: int = 10, *, channels: int = 32, num_stages: int = 3,
+            blocks_per_stage: int = 2, dense_width: int = 1024, dense_depth: int = 2,
+            image_size: int = 32, in_channels: int = 3, rngs: nnx.Rngs,
+            **normalisation) -> AOLNetwork:
+  """A standard AOL conv net that downsamples, the "std" family of the paper's Table 6.
+
+  The paper specifies only the downsampling (ConcatenationPooling plus a 1x1 conv); the
+  rest is our choice. 1x1 conv ``in_channels -> c`` + MaxMin, then per stage
+  ``blocks_per_stage`` x [3x3 conv ``c -> c`` + MaxMin] followed by ConcatenationPooling(2)
+  (``H x W x c -> H/2 x W/2 x 4c``) and a 1x1 conv ``4c -> 2c`` + MaxMin, so channels double
+  as the side halves; then Flatten, ``dense_depth`` AOLDense layers of ``dense_width`` with
+  MaxMin between them, and FirstChannels(num_classes). Defaults on 32x32x3: 32 -> 64 ->
+  128 -> 256 channels, 4x4x256 -> 1024 -> 1024, about 6.1M parameters.
+  """
+  if image_size % (2 ** num_stages):
+    raise ValueError(f"image_size {image_size} must be divisible by 2**num_stages = "
+                     f"{2 ** num_stages}.")
+  if dense_depth < 1 or channels % 2 or dense_width % 2 or num_classes > dense_width:
+    raise ValueError("Need dense_depth >= 1, even channels and dense_width, and num_classes "
+                     f"<= dense_width; got {dense_depth}, {channels}, {dense_width}, "
+                     f"{num_classes}.")
+  c = channels
+  layers: list[nnx.Module] = [AOLConv(in_channels, c, (1, 1), rngs=rngs), MaxMin()]
+  for _ in range(num_stages):
+    for _ in range(blocks_per_stage):
+      layers += [AOLConv(c, c, (3, 3), padding="SAME", rngs=rngs), MaxMin()]
+    layers += [ConcatenationPooling(2), AOLConv(4 * c, 2 * c, (1, 1), rngs=rngs), MaxMin()]
+    c *= 2
+  features = (image_size // 2 ** num_stages) ** 2 * c
+  layers += [Flatten(), AOLDense(features, dense_width, rngs=rngs)]
+  for _ in range(dense_depth - 1):
+    layers += [MaxMin(), AOLDense(dense_width, dense_width, rngs=rngs)]
+  layers.append(FirstChannels(num_classes))
+  return AOLNetwork(layers, **normalisation)
+
+
+MODELS: dict[str, Callable[..., AOLNetwork]] = {
+    "aol_small": aol_small,
+    "aol_medium": aol_medium,
+    "aol_large": aol_large,
+    "aol_fc": aol_fc,
+    "aol_std": aol_std,
+}
+"""Model name -> constructor ``(num_classes=10, *, rngs, **sizes)``."""
