@@ -152,7 +152,7 @@ def aol_std(num_classes: int = 10, *, channels: int = 32, num_stages: int = 3,
   (``H x W x c -> H/2 x W/2 x 4c``) and a 1x1 conv ``4c -> 2c`` + MaxMin, so channels double
   as the side halves; then Flatten, ``dense_depth`` AOLDense layers of ``dense_width`` with
   MaxMin between them, and FirstChannels(num_classes). Defaults on 32x32x3: 32 -> 64 ->
-  128 -> 256 channels, 4x4x256 -> 1024 -> 1024, about 6.1M parameters.
+  128 -> 256 channels, 4x4x256 -> 1024 -> 1024, about 5.8M parameters.
   """
   if image_size % (2 ** num_stages):
     raise ValueError(f"image_size {image_size} must be divisible by 2**num_stages = "
