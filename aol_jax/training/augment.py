@@ -17,16 +17,20 @@ AOL section 5 (reference: Keras ``RandomRotation(5/360)``, ``RandomTranslation(0
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-  """Strengths of each augmentation; zero / ``(1, 1)`` disables one. Defaults: the paper's."""
+  """Strengths of each augmentation; zero / ``(1, 1)`` disables one. Defaults: the paper's.
+
+  A pytree whose fields are all data, so under ``jax.jit`` one compilation serves every
+  strength.
+  """
   flip: bool = True  # random horizontal flip with probability 1/2
   translate: float = 0.1  # max shift, as a fraction of the height / width
   rotate_degrees: float = 5.0  # max rotation angle
@@ -104,12 +108,11 @@ def _augment_one(key: jax.Array, image: jax.Array, config: AugmentConfig) -> jax
   mean = jnp.mean(image, axis=(0, 1), keepdims=True)
   image = (image - mean) * uniform(keys[3], *config.contrast) + mean
   h, w = image.shape[:2]
-  angle = uniform(keys[4], -1.0, 1.0) * math.radians(config.rotate_degrees)
+  angle = uniform(keys[4], -1.0, 1.0) * jnp.radians(jnp.asarray(config.rotate_degrees, dtype))
   shift = (jax.random.uniform(keys[5], (2,), jnp.float32, -1.0, 1.0)
            * config.translate * jnp.asarray([h, w], jnp.float32)).astype(dtype)
   image = affine_warp(image, angle, shift)
-  if config.flip:
-    image = jnp.where(jax.random.bernoulli(keys[6]), image[:, ::-1], image)
+  image = jnp.where(jax.random.bernoulli(keys[6]) & config.flip, image[:, ::-1], image)
   return jnp.clip(image, 0.0, 1.0)
 
 

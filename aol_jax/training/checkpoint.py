@@ -74,8 +74,7 @@ class Checkpointer:
                                           item_names=("state", "meta"))
 
   def all_steps(self) -> list[int]:
-    """The finalised steps on disk, oldest first."""
-    self._manager.reload()
+    """The saved steps (including one still being written in the background), oldest first."""
     return sorted(self._manager.all_steps())
 
   def latest_step(self) -> int | None:
@@ -157,6 +156,7 @@ class Checkpointer:
     are reported, moved to ``<directory>/corrupt/`` and skipped.
     """
     self.wait()
+    self._manager.reload()  # pick up what other processes or runs left on disk
     self._report_leftovers()
     for step in reversed(self.all_steps()):
       try:

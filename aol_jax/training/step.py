@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -18,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from aol_jax.losses import offset_cross_entropy
-from aol_jax.training import augment as augment_lib
+from aol_jax.training.augment import AugmentConfig, augment as augment_images
 from aol_jax.training.mesh import DATA_AXIS, check_batch_size, data_sharding, replicated_sharding
 
 
@@ -84,7 +86,7 @@ def to_inputs(images: jax.Array) -> jax.Array:
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     mesh: Mesh, *,
                     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = offset_cross_entropy,
-                    augment: bool | augment_lib.AugmentConfig = True
+                    augment: bool | AugmentConfig = True
                     ) -> Callable[[TrainState, jax.Array, jax.Array],
                                   tuple[TrainState, dict[str, jax.Array]]]:
   """The jitted step ``(state, images, labels) -> (state, metrics)``.
@@ -100,15 +102,14 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   (loss and gradient are finite). The update is applied regardless; the caller should stop
   on ``finite == False`` (:func:`check_finite`) and fall back to its last checkpoint.
   """
-  config = augment_lib.AugmentConfig() if augment is True else augment or None
+  config = AugmentConfig() if augment is True else augment or None
 
   def step(state: TrainState, images: jax.Array, labels: jax.Array
            ) -> tuple[TrainState, dict[str, jax.Array]]:
-    check_batch_size(mesh, images.shape[0])
     x = to_inputs(images)
     if config is not None:
       key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-      x = augment_lib.augment(key, x, config=config)
+      x = augment_images(key, x, config=config)
 
     def loss_and_logits(params, x, labels):
       logits = nnx.merge(graphdef, params, state.rest)(x)
@@ -121,7 +122,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         state.params, x, labels)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     metrics = dict(loss=loss, accuracy=jnp.mean(jnp.argmax(logits, -1) == labels),
                    grad_norm=grad_norm, finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm))
     return state._replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
@@ -130,7 +131,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   jitted = jax.jit(step, in_shardings=(replicated, batch, batch),
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
-  def train_step(state, images, labels):
+  def train_step(state: TrainState, images: jax.Array, labels: jax.Array
+                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+    check_batch_size(mesh, images.shape[0])
     with jax.set_mesh(mesh):
       return jitted(state, images, labels)
 
@@ -141,12 +144,19 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh
                    ) -> Callable[[TrainState, jax.Array], jax.Array]:
   """The jitted ``(state, images) -> logits``, no augmentation; logits sharded on ``'data'``."""
 
-  def step(state: TrainState, images: jax.Array) -> jax.Array:
-    check_batch_size(mesh, images.shape[0])
+  @functools.partial(jax.sharding.auto_axes, out_sharding=P(DATA_AXIS))
+  def logits(state: TrainState, images: jax.Array) -> jax.Array:
     return merge_model(graphdef, state)(to_inputs(images))
 
-  return jax.jit(step, in_shardings=(replicated_sharding(mesh), data_sharding(mesh)),
-                 out_shardings=data_sharding(mesh))
+  jitted = jax.jit(logits, in_shardings=(replicated_sharding(mesh), data_sharding(mesh)),
+                   out_shardings=data_sharding(mesh))
+
+  def eval_step(state: TrainState, images: jax.Array) -> jax.Array:
+    check_batch_size(mesh, images.shape[0])
+    with jax.set_mesh(mesh):
+      return jitted(state, images)
+
+  return eval_step
 
 
 def check_finite(metrics: dict[str, Any], *, step: int | None = None) -> None:

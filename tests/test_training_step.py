@@ -1,0 +1,156 @@
+"""aol_jax.training.step and .mesh: the sharded train step on 1 and 8 simulated devices.
+
+The jitted steps are built once per module (fixtures) so each compiles once.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from aol_jax import training
+from aol_jax.losses import offset_cross_entropy
+from aol_jax.models import aol_convnet
+
+STEPS, BATCH, LR = 4, 16, 0.1
+
+
+def tiny_model(seed: int = 0) -> nnx.Module:
+  return aol_convnet(10, width=4, channels=8, conv_depth=1, dense_depth=2, pool=4,
+                     image_size=8, rngs=nnx.Rngs(seed))
+
+
+def batches(n: int = STEPS, batch: int = BATCH, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  return [(rng.integers(0, 256, (batch, 8, 8, 3), dtype=np.uint8),
+           rng.integers(0, 10, (batch,)).astype(np.int32)) for _ in range(n)]
+
+
+def flat(tree) -> np.ndarray:
+  return np.concatenate([np.ravel(np.asarray(p)) for p in jax.tree.leaves(tree)])
+
+
+class Setup:
+  """A mesh, a fresh-state factory and the jitted steps over it."""
+
+  def __init__(self, num_devices: int):
+    self.mesh = training.make_data_mesh(num_devices)
+    self.optimizer = training.make_optimizer(training.paper_schedule(LR, 2, 2))
+    self.graphdef, _ = self.fresh()
+    self.step = training.make_train_step(self.graphdef, self.optimizer, self.mesh)
+    self.plain_step = training.make_train_step(self.graphdef, self.optimizer, self.mesh,
+                                               augment=False)
+
+  def fresh(self):
+    return training.create_train_state(tiny_model(), self.optimizer, key=jax.random.key(42),
+                                       mesh=self.mesh)
+
+  def train(self, data, *, augment=True):
+    step = self.step if augment else self.plain_step
+    state = self.fresh()[1]
+    history = []
+    for images, labels in data:
+      state, metrics = step(state, *training.global_batch(self.mesh, images, labels))
+      history.append({k: float(v) for k, v in metrics.items()})
+    return state, history
+
+
+@pytest.fixture(scope="module")
+def eight():
+  return Setup(8)
+
+
+def test_one_and_eight_devices_agree(eight):
+  data = batches()
+  state1, hist1 = Setup(1).train(data)
+  state8, hist8 = eight.train(data)
+  for leaf in jax.tree.leaves(state8):
+    assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
+  # The reductions over the batch are split differently: agreement up to float32 rounding.
+  for key in ("loss", "accuracy", "grad_norm"):
+    np.testing.assert_allclose([h[key] for h in hist8], [h[key] for h in hist1],
+                               rtol=2e-6, atol=1e-7, err_msg=key)
+  assert all(h["finite"] for h in hist1 + hist8)
+  assert np.abs(flat(state1.params) - flat(eight.fresh()[1].params)).max() > 1e-3  # it trained
+  np.testing.assert_allclose(flat(state8.params), flat(state1.params), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(flat(state8.opt_state), flat(state1.opt_state), rtol=1e-5, atol=1e-6)
+  assert int(state8.step) == int(state1.step) == STEPS
+
+
+def test_step_matches_an_unsharded_reference(eight):
+  """One step without augmentation equals plain optax on the merged model, outside jit."""
+  images, labels = batches(1)[0]
+  state, hist = eight.train([(images, labels)], augment=False)
+  graphdef, params, rest = nnx.split(tiny_model(), nnx.Param, ...)
+
+  def loss_fn(p):
+    model = nnx.merge(graphdef, p, rest)
+    return offset_cross_entropy(model(jnp.asarray(images, jnp.float32) / 255.0), labels)
+
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)  # one device, no mesh
+  updates, _ = eight.optimizer.update(grads, eight.optimizer.init(params), params)
+  np.testing.assert_allclose(hist[0]["loss"], float(loss), rtol=1e-6)
+  np.testing.assert_allclose(hist[0]["grad_norm"], float(optax.tree.norm(grads)), rtol=1e-5)
+  np.testing.assert_allclose(flat(state.params), flat(optax.apply_updates(params, updates)),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_augmentation_is_applied(eight):
+  data = batches(1)
+  _, plain = eight.train(data, augment=False)
+  _, augmented = eight.train(data, augment=True)
+  assert abs(plain[0]["loss"] - augmented[0]["loss"]) > 1e-4
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error(eight):
+  images, labels = batches(1, batch=12)[0]
+  with pytest.raises(ValueError, match=r"global batch size 12 .* 8 devices.*multiple of 8"):
+    training.global_batch(eight.mesh, images, labels)
+  with pytest.raises(ValueError, match=r"global batch size 12 .* 8 devices"):
+    eight.step(eight.fresh()[1], jnp.asarray(images), jnp.asarray(labels))
+
+
+def test_global_batch_rejects_mismatched_arrays(eight):
+  with pytest.raises(ValueError, match="leading"):
+    training.global_batch(eight.mesh, np.zeros((16, 2)), np.zeros((8,)))
+
+
+def test_eval_step_and_merge_model_give_the_model_logits(eight):
+  images, labels = batches(1)[0]
+  state, _ = eight.train([(images, labels)])
+  eval_step = training.make_eval_step(eight.graphdef, eight.mesh)
+  logits = eval_step(state, training.global_batch(eight.mesh, images)[0])
+  assert logits.shape == (BATCH, 10)
+  assert logits.sharding.spec == jax.sharding.PartitionSpec("data")
+  expected = training.merge_model(eight.graphdef, state)(jnp.asarray(images, jnp.float32) / 255.0)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_loss_is_reported(eight):
+  images, labels = batches(1)[0]
+  bad = images.astype(np.float32) / 255.0
+  bad[3, 0, 0, 0] = np.nan
+  _, hist = eight.train([(bad, labels)], augment=False)
+  assert not hist[0]["finite"]
+  with pytest.raises(training.NonFiniteLossError, match="step 7"):
+    training.check_finite({k: jnp.asarray(v) for k, v in hist[0].items()}, step=7)
+  _, good = eight.train([(images, labels)], augment=False)
+  assert good[0]["finite"]
+  training.check_finite({k: jnp.asarray(v) for k, v in good[0].items()})
+
+
+def test_to_inputs_scales_integer_images_only():
+  x = np.array([[0, 51, 255]], np.uint8)
+  np.testing.assert_allclose(training.to_inputs(jnp.asarray(x)), x / 255.0, rtol=1e-7)
+  f = jnp.asarray([[0.5]], jnp.float32)
+  assert training.to_inputs(f) is f
+
+
+def test_make_data_mesh():
+  with pytest.raises(ValueError, match="9 devices"):
+    training.make_data_mesh(9)
+  mesh = training.make_data_mesh()
+  assert mesh.axis_names == ("data",) and mesh.devices.size == jax.device_count()
+  assert mesh.axis_types == (jax.sharding.AxisType.Explicit,)
