@@ -102,28 +102,32 @@ def test_corrupt_newest_is_skipped_for_the_older(tmp_path, capsys, damage):
   assert os.path.isdir(os.path.join(tmp_path, "corrupt", "3"))
   assert ckpt.save(3, make_state(3))
   ckpt.close()
-  assert training.Checkpointer(tmp_path).restore_latest(make_state(0))[1] == 3
+  with training.Checkpointer(tmp_path) as ckpt:
+    assert ckpt.restore_latest(make_state(0))[1] == 3
 
 
 def test_all_corrupt_gives_none(tmp_path, capsys):
-  save_three(tmp_path)
+  save_three(tmp_path).close()
   for step in (1, 2, 3):
     for f in data_files(os.path.join(tmp_path, str(step))):
       open(f, "wb").close()
-  assert training.Checkpointer(tmp_path).restore_latest(make_state(0)) is None
+  with training.Checkpointer(tmp_path) as ckpt:
+    assert ckpt.restore_latest(make_state(0)) is None
   out = capsys.readouterr().out
   assert all(os.path.join(str(tmp_path), str(s)) in out for s in (1, 2, 3))
 
 
 def test_leftover_temporary_directory_is_reported_and_ignored(tmp_path, capsys):
-  save_three(tmp_path)
+  save_three(tmp_path).close()
   leftover = os.path.join(tmp_path, "4.orbax-checkpoint-tmp-1234")
   os.makedirs(os.path.join(leftover, "state"))
   open(os.path.join(leftover, "state", "partial"), "wb").write(b"\x00" * 10)
-  state, step, _ = training.Checkpointer(tmp_path).restore_latest(make_state(0))
+  with training.Checkpointer(tmp_path) as ckpt:
+    state, step, _ = ckpt.restore_latest(make_state(0))
   assert step == 3
   assert_trees_equal(state, make_state(3))
   assert leftover in capsys.readouterr().out
+  assert not os.path.exists(leftover)
 
 
 _CRASHING_SAVER = textwrap.dedent("""
@@ -149,7 +153,8 @@ def test_sigkill_during_a_save_leaves_a_loadable_checkpoint(tmp_path):
   assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-3000:]
   abstract = {"w": jax.ShapeDtypeStruct((4, 1 << 20), jnp.float32),
               "step": jax.ShapeDtypeStruct((), jnp.int32)}
-  state, step, _ = training.Checkpointer(tmp_path).restore_latest(abstract)
+  with training.Checkpointer(tmp_path) as ckpt:
+    state, step, _ = ckpt.restore_latest(abstract)
   # Whether step 2 was finalised before the kill depends on timing; either way what loads is
   # a complete, verified checkpoint.
   assert step in (1, 2)
@@ -193,7 +198,8 @@ def test_resume_is_exact(tmp_path):
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                                          sharding=training.replicated_sharding(mesh)),
                           abstract)
-  state, step, meta = training.Checkpointer(tmp_path / "ckpt").restore_latest(abstract)
+  with training.Checkpointer(tmp_path / "ckpt") as ckpt:
+    state, step, meta = ckpt.restore_latest(abstract)
   assert step == 2 and meta == {"epoch": 1} and int(state.step) == 2
   for batch in data[2:]:
     state, metrics = step_fn(state, *batch)

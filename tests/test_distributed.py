@@ -26,7 +26,7 @@ def _data():
 
 
 def _one_step(mesh, images, labels):
-  """One sharded train step of a tiny AOL net from seed 0; returns (loss, flat parameters)."""
+  """One sharded train step of a tiny AOL net from seed 0: (loss, flat parameters, state)."""
   import jax
   from flax import nnx
   from aol_jax.models import aol_convnet
@@ -38,7 +38,7 @@ def _one_step(mesh, images, labels):
   step = training.make_train_step(graphdef, optimizer, mesh)
   state, metrics = step(state, *training.global_batch(mesh, images, labels))
   flat = np.concatenate([np.ravel(p.addressable_data(0)) for p in jax.tree.leaves(state.params)])
-  return float(metrics["loss"]), flat
+  return float(metrics["loss"]), flat, state
 
 
 def _worker(process_id: int, port: int, out: str) -> None:
@@ -54,14 +54,20 @@ def _worker(process_id: int, port: int, out: str) -> None:
   share = slice(process_id * BATCH // NUM_PROCESSES, (process_id + 1) * BATCH // NUM_PROCESSES)
   (x,) = training.global_batch(mesh, images[share].astype(np.float32))
   total = jax.jit(lambda a: a.sum(axis=0), out_shardings=training.replicated_sharding(mesh))(x)
-  loss, params = _one_step(mesh, images[share], labels[share])
+  loss, params, state = _one_step(mesh, images[share], labels[share])
+  # Both processes save to, and restore from, one shared directory.
+  with training.Checkpointer(os.path.join(os.path.dirname(out), "ckpt")) as ckpt:
+    ckpt.save(1, state, metadata={"note": "two processes"})
+    ckpt.wait()
+    restored, restored_step, meta = ckpt.restore_latest(state)
   with open(out, "w") as f:
     json.dump(dict(initialized=initialized, process_index=jax.process_index(),
                    process_count=jax.process_count(), device_count=jax.device_count(),
                    local_device_count=jax.local_device_count(),
                    global_shape=list(x.shape),
                    total=np.asarray(total.addressable_data(0)).tolist(),
-                   loss=loss, params=params.tolist()), f)
+                   loss=loss, params=params.tolist(), restored_step=restored_step, meta=meta,
+                   restored_same=training.tree_checksum(restored) == training.tree_checksum(state)), f)
 
 
 def _free_port() -> int:
@@ -116,8 +122,9 @@ def test_distributed_env_incomplete_is_an_error():
 
 @pytest.mark.slow
 def test_two_processes_form_one_job(tmp_path):
-  """Two local processes with 2 CPU devices each become one 4-device job; a sum over the
-  batch and a full train step agree with the same computation on 4 devices in one process."""
+  """Two local processes with 2 CPU devices each become one 4-device job: a sum over the
+  batch and a full train step agree with the same computation on 4 devices in one process,
+  and a checkpoint written by the job restores in it."""
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_FLAGS"))}
   env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
@@ -140,7 +147,7 @@ def test_two_processes_form_one_job(tmp_path):
 
   from aol_jax.training import make_data_mesh
   images, labels = _data()
-  expected_loss, expected_params = _one_step(make_data_mesh(4), images, labels)
+  expected_loss, expected_params, _ = _one_step(make_data_mesh(4), images, labels)
   for i, r in enumerate(results):
     assert r["initialized"] is True
     assert r["process_index"] == i
@@ -153,6 +160,8 @@ def test_two_processes_form_one_job(tmp_path):
     np.testing.assert_allclose(r["loss"], expected_loss, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(r["params"], np.float32), expected_params,
                                rtol=1e-6, atol=1e-7)
+    assert r["restored_step"] == 1 and r["meta"] == {"note": "two processes"}
+    assert r["restored_same"]
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Each checkpoint is a step directory holding two orbax items: ``state`` (the arra
 ``meta`` (JSON: the caller's metadata plus a SHA-256 over every array's bytes, dtype, shape
 and tree path, computed at save time). Orbax writes a step into a temporary directory and
 renames it only once complete, so a crash mid-save leaves no half-written step under a
-step's name. On restore, the newest step is loaded and re-hashed; a step that fails to
+step's name; such leftovers are named and removed when a :class:`Checkpointer` opens the
+directory. On restore, the newest step is loaded and re-hashed; a step that fails to
 load, lacks its metadata, or whose hash disagrees (a truncated or garbled file, a
 half-copied directory) is reported, moved aside to ``<directory>/corrupt/``, and the next
 older step is tried. A partially restored state is never returned.
@@ -20,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 _CHECKSUM = "_sha256"
 _TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -68,8 +70,10 @@ class Checkpointer:
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
                async_save: bool = True):
     self.directory = os.path.abspath(os.fspath(directory))
+    self._report_leftovers()
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=async_save)
+                                           enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "meta"))
 
@@ -114,12 +118,13 @@ class Checkpointer:
     self.close()
 
   def _report_leftovers(self) -> None:
-    if not os.path.isdir(self.directory):
+    """Name the temporary directories of saves that never completed (orbax removes them)."""
+    if jax.process_index() != 0 or not os.path.isdir(self.directory):
       return
     for name in sorted(os.listdir(self.directory)):
       if _TMP_MARKER in name:
-        print(f"Checkpointer: ignoring unfinished checkpoint {os.path.join(self.directory, name)} "
-              f"(a save that never completed).", flush=True)
+        print(f"Checkpointer: removing unfinished checkpoint {os.path.join(self.directory, name)} "
+              f"(a save interrupted before it completed; never loaded).", flush=True)
 
   def _quarantine(self, step: int, reason: str) -> None:
     path = os.path.join(self.directory, str(step))
@@ -132,6 +137,8 @@ class Checkpointer:
       os.makedirs(os.path.dirname(target), exist_ok=True)
       os.rename(path, target)
       print(f"Checkpointer: moved it to {target}.", flush=True)
+    if jax.process_count() > 1:  # every process must see the move before it lists steps again
+      multihost_utils.sync_global_devices(f"aol_jax_checkpoint_quarantine_{step}")
     self._manager.reload()
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
@@ -156,8 +163,7 @@ class Checkpointer:
     are reported, moved to ``<directory>/corrupt/`` and skipped.
     """
     self.wait()
-    self._manager.reload()  # pick up what other processes or runs left on disk
-    self._report_leftovers()
+    self._manager.reload()  # pick up what other runs left on disk
     for step in reversed(self.all_steps()):
       try:
         state, meta = self.restore(step, abstract_state)
