@@ -1,0 +1,71 @@
+"""Train-step time and peak memory of AOL-Small against the same network with plain layers.
+
+The AOL rescaling does not depend on the batch, so the plain network (``nnx.Conv`` /
+``nnx.Linear`` in the same structure, same shapes, no rescaling) is the physical limit.
+Targets: time ratio <= 1.10 and peak-memory ratio <= 1.10 at batch 256.
+
+  python -m benchmarks.aol_vs_plain --size paper
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from benchmarks import timing
+
+TARGET = 1.10
+
+
+def run(size_name: str, *, warmup: int, repeats: int) -> dict[str, Any]:
+  from benchmarks import gram_variants as gv
+  from benchmarks import nets
+  size = nets.SIZES[size_name]
+  x, y = nets.batch(size)
+  aol = nets.aol_net(size)
+  models = {"aol": aol, "aol_proto": gv.prototype_net(aol), "plain": nets.plain_net(aol)}
+  steps = {name: nets.train_step(m, x, y) for name, m in models.items()}
+  stats = timing.time_interleaved({n: (lambda s=s: s(x, y)) for n, s in steps.items()},
+                                  warmup=warmup, repeats=repeats)
+  memory = {n: nets.peak_bytes(s.compiled) for n, s in steps.items()}
+  flops = {n: nets.flops(s.compiled) for n, s in steps.items()}
+  return {"size": size_name, "net": vars(size), "stats": stats, "peak_bytes": memory,
+          "flops": flops, "flops_ratio": {n: flops[n] / flops["plain"] for n in models},
+          "cpu_time_ratio": {n: timing.ratio(stats, n, "plain", "cpu_median") for n in models},
+          "time_ratio": {n: timing.ratio(stats, n, "plain") for n in models},
+          "time_ratio_min": {n: stats[n]["min"] / stats["plain"]["min"] for n in models},
+          "memory_ratio": {n: memory[n] / memory["plain"] for n in models}}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  args = timing.parser(__doc__.splitlines()[0]).parse_args(argv)
+  timing.set_threads(args.threads)
+  defaults = {"tiny": (1, 1), "quick": (2, 7), "paper": (1, 5)}[args.size]
+  warmup = defaults[0] if args.warmup is None else args.warmup
+  repeats = defaults[1] if args.repeats is None else args.repeats
+  r = run(args.size, warmup=warmup, repeats=repeats)
+  s, n = r["stats"], r["net"]
+  labels = {"aol": "AOL (core, default Gram)", "aol_proto": "AOL (prototype Gram, gram_variants)",
+            "plain": "plain nnx.Conv / nnx.Linear"}
+  met = lambda v: "yes" if v <= TARGET else f"no (+{v - TARGET:.2f})"
+  rows = [[labels[m], s[m]["median"] * 1e3, r["peak_bytes"][m] / 2**20, r["flops"][m] / 1e9,
+           r["time_ratio"][m], r["time_ratio_min"][m], r["cpu_time_ratio"][m],
+           r["flops_ratio"][m], r["memory_ratio"][m],
+           met(r["time_ratio"][m]), met(r["memory_ratio"][m])] for m in labels]
+  table = timing.markdown_table(
+      ["network", "step (ms, median)", "peak memory (MiB)", "GFLOP / step",
+       "time / plain (median)", "time / plain (min)", "CPU time / plain", "FLOPs / plain",
+       "memory / plain",
+       f"time <= {TARGET}", f"memory <= {TARGET}"], rows)
+  notes = [f"batch {n['batch']}, {n['channels']} channels, {n['conv_depth']} 3x3 convs, "
+           f"{n['dense_depth']} dense layers of {64 * n['width']}; SGD Nesterov; "
+           f"warm-up {warmup}, {repeats} interleaved repeats. Peak memory: arguments + "
+           "outputs + temporaries - donated aliases, from the compiled step's "
+           "memory_analysis(); FLOPs from its cost_analysis(): the time ratio a step would "
+           "have if every op ran at the same speed."]
+  return timing.report(f"AOL vs plain train step ({args.size})", table, r,
+                       module=__spec__.name, argv=argv, json_path=args.json, notes=notes)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,146 @@
+"""Prototype Gram formulations, measured by ``benchmarks.gram`` against the core's.
+
+These are candidates for :mod:`aol_jax.rescaling`, kept here until they are adopted there;
+each returns exactly what the core function of the same role returns.
+
+* :func:`sym_gram`: ``A @ A.T`` with a hand-written backward pass. Autodiff of ``A @ A.T``
+  forms two products, ``dG @ A + dG.T @ A``; since both factors are the same array one
+  product, ``(dG + dG.T) @ A``, gives the same gradient: a third less work per step.
+* :func:`conv_gram_gemm`: the conv Gram from ONE matrix product over all pairs of kernel
+  taps, ``Kf @ Kf.T`` with ``Kf`` the ``(taps * in, out)`` kernel, whose ``(p, q)`` block is
+  ``K[p] K[q]^T``; ``G[s]`` sums the blocks with ``p - q = s``. It forms all ``taps^2``
+  products where the core's ``'taps'`` forms about half, but as one large GEMM instead of
+  ``(2k - 1)^2 / 2`` small ones with stacking copies.
+"""
+
+from __future__ import annotations
+
+import itertools
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aol_jax import rescaling
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@jax.custom_vjp
+def sym_gram(a: jax.Array) -> jax.Array:
+  """``a @ a.T`` (float32-exact), with backward ``(dG + dG.T) @ a``: one product, not two."""
+  return jnp.matmul(a, a.T, precision=_HIGHEST)
+
+
+def _sym_gram_fwd(a):
+  return sym_gram(a), a
+
+
+def _sym_gram_bwd(a, dg):
+  return (jnp.matmul(dg + dg.T, a, precision=_HIGHEST),)
+
+
+sym_gram.defvjp(_sym_gram_fwd, _sym_gram_bwd)
+
+
+def _offset_sum_matrix(ksize: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
+  """0/1 matrix ``(offsets, taps * taps)``: which tap pairs ``(p, q)`` have ``p - q = s``."""
+  taps = list(itertools.product(*[range(k) for k in ksize]))
+  offsets = list(itertools.product(*[range(-(k - 1), k) for k in ksize]))
+  index = {s: i for i, s in enumerate(offsets)}
+  m = np.zeros((len(offsets), len(taps) ** 2), np.float32)
+  for a, p in enumerate(taps):
+    for b, q in enumerate(taps):
+      m[index[tuple(pi - qi for pi, qi in zip(p, q))], a * len(taps) + b] = 1
+  return m, tuple(2 * k - 1 for k in ksize)
+
+
+def conv_gram_gemm(kernel: jax.Array, *, symmetric_vjp: bool = True) -> jax.Array:
+  """``conv_gram(kernel)`` (``feature_group_count=1``) from one ``(taps*in)^2 x out`` GEMM."""
+  nd = kernel.ndim - 2
+  ksize = kernel.shape[:nd]
+  c_in, c_out = kernel.shape[-2:]
+  kernel = kernel.astype(rescaling.compute_dtype(kernel.dtype))
+  t = int(np.prod(ksize))
+  flat = kernel.reshape(t * c_in, c_out)
+  pairs = sym_gram(flat) if symmetric_vjp else jnp.matmul(flat, flat.T, precision=_HIGHEST)
+  if t == 1:
+    return pairs.reshape(*(1,) * nd, c_in, c_in)
+  pairs = pairs.reshape(t, c_in, t, c_in).transpose(0, 2, 1, 3).reshape(t * t, c_in, c_in)
+  m, gsize = _offset_sum_matrix(ksize)
+  gram = jnp.einsum("sk,kij->sij", jnp.asarray(m, pairs.dtype), pairs, precision=_HIGHEST)
+  return gram.reshape(*gsize, c_in, c_in)
+
+
+def dense_factors_sym(kernel: jax.Array, *, eps: float = 1e-6) -> jax.Array:
+  """``rescaling.dense_factors`` with the Gram from :func:`sym_gram`."""
+  p = kernel.astype(rescaling.compute_dtype(kernel.dtype))
+  return jax.lax.rsqrt(jnp.abs(sym_gram(p)).sum(-1) + eps)
+
+
+def rescale_dense_sym(kernel: jax.Array, *, eps: float = 1e-6) -> jax.Array:
+  d = dense_factors_sym(kernel, eps=eps)
+  return (kernel.astype(d.dtype) * d[:, None]).astype(kernel.dtype)
+
+
+def rescale_conv_gemm(kernel: jax.Array, *, eps: float = 1e-6,
+                      symmetric_vjp: bool = True) -> jax.Array:
+  gram = conv_gram_gemm(kernel, symmetric_vjp=symmetric_vjp)
+  d = jax.lax.rsqrt(jnp.abs(gram).sum(axis=tuple(range(gram.ndim - 1))) + eps)
+  return (kernel.astype(d.dtype) * d[:, None]).astype(kernel.dtype)
+
+
+def conv_gram_fn(method: str):
+  """``kernel -> Gram`` for a core method name or a prototype name."""
+  if method in rescaling.GRAM_METHODS:
+    return partial(rescaling.conv_gram, method=method)
+  return {"gemm": partial(conv_gram_gemm, symmetric_vjp=False),
+          "gemm_symvjp": conv_gram_gemm}[method]
+
+
+def rescale_conv_fn(method: str):
+  """``kernel -> rescaled kernel`` for a core method name or a prototype name."""
+  if method in rescaling.GRAM_METHODS:
+    return partial(rescaling.rescale_conv, method=method)
+  return {"gemm": partial(rescale_conv_gemm, symmetric_vjp=False),
+          "gemm_symvjp": rescale_conv_gemm}[method]
+
+
+def rescale_dense_fn(method: str):
+  return {"matmul": rescaling.rescale_dense, "symvjp": rescale_dense_sym}[method]
+
+
+CONV_METHODS = ("conv", "taps", "gemm", "gemm_symvjp")
+DENSE_METHODS = ("matmul", "symvjp")
+
+
+def prototype_net(model, *, conv_method: str = "gemm_symvjp", dense_method: str = "symvjp"):
+  """``model`` with its AOL layers rescaled by the prototype formulations (same parameters)."""
+  from flax import nnx
+  from aol_jax.layers import AOLConv, AOLDense
+  from benchmarks import nets
+
+  conv_rescale = rescale_conv_fn(conv_method)
+  dense_rescale = rescale_dense_fn(dense_method)
+
+  class ProtoConv(AOLConv):
+    def rescale(self, kernel):
+      return conv_rescale(kernel, eps=self.eps)
+
+  class ProtoDense(AOLDense):
+    def rescale(self, kernel):
+      return dense_rescale(kernel, eps=self.eps)
+
+  def conv(layer):
+    new = ProtoConv(layer.in_features, layer.out_features, layer.kernel_size, padding="SAME",
+                    rngs=nnx.Rngs(0))
+    new.kernel = nnx.Param(jnp.copy(layer.kernel[...]))  # own buffer: steps donate
+    return new
+
+  def dense(layer):
+    new = ProtoDense(layer.in_features, layer.out_features, rngs=nnx.Rngs(0))
+    new.kernel = nnx.Param(jnp.copy(layer.kernel[...]))  # own buffer: steps donate
+    return new
+
+  return nets.replace_layers(model, conv, dense)
