@@ -128,17 +128,23 @@ def test_eval_step_and_merge_model_give_the_model_logits(eight):
   np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), rtol=1e-5, atol=1e-6)
 
 
-def test_non_finite_loss_is_reported(eight):
+def test_non_finite_loss_is_reported_and_leaves_the_state_unchanged(eight):
   images, labels = batches(1)[0]
-  bad = images.astype(np.float32) / 255.0
+  good = images.astype(np.float32) / 255.0
+  bad = good.copy()
   bad[3, 0, 0, 0] = np.nan
-  _, hist = eight.train([(bad, labels)], augment=False)
-  assert not hist[0]["finite"]
+  state = eight.fresh()[1]
+  before = [np.asarray(x) for x in jax.tree.leaves(state)]
+  state, metrics = eight.plain_step(state, *training.global_batch(eight.mesh, bad, labels))
+  assert not bool(metrics["finite"]) and not np.isfinite(float(metrics["loss"]))
+  for b, a in zip(before, jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), b)
   with pytest.raises(training.NonFiniteLossError, match="step 7"):
-    training.check_finite({k: jnp.asarray(v) for k, v in hist[0].items()}, step=7)
-  _, good = eight.train([(images, labels)], augment=False)
-  assert good[0]["finite"]
-  training.check_finite({k: jnp.asarray(v) for k, v in good[0].items()})
+    training.check_finite(metrics, step=7)
+  # The same batch without the NaN: a finite step that updates the state.
+  state, metrics = eight.plain_step(state, *training.global_batch(eight.mesh, good, labels))
+  assert bool(metrics["finite"]) and int(state.step) == 1
+  training.check_finite(metrics)
 
 
 def test_to_inputs_scales_integer_images_only():
@@ -148,9 +154,12 @@ def test_to_inputs_scales_integer_images_only():
   assert training.to_inputs(f) is f
 
 
-def test_make_data_mesh():
+def test_make_data_mesh(monkeypatch):
   with pytest.raises(ValueError, match="9 devices"):
     training.make_data_mesh(9)
   mesh = training.make_data_mesh()
   assert mesh.axis_names == ("data",) and mesh.devices.size == jax.device_count()
   assert mesh.axis_types == (jax.sharding.AxisType.Explicit,)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match="must span all 8 devices"):
+    training.make_data_mesh(4)

@@ -18,13 +18,17 @@ def make_data_mesh(num_devices: int | None = None) -> Mesh:
   """A mesh with one axis ``'data'`` over the first ``num_devices`` devices (default: all).
 
   The axis is ``AxisType.Explicit``, so shardings are part of the array types inside
-  ``jax.jit`` rather than left to the compiler to guess. In a multi-process job every
-  process must pass the same ``num_devices`` (normally ``None``: every device of the job).
+  ``jax.jit`` rather than left to the compiler to guess. In a multi-process job the mesh
+  spans every device of the job (``num_devices`` None or the global device count).
   """
   available = jax.device_count()
   n = available if num_devices is None else num_devices
   if not 1 <= n <= available:
     raise ValueError(f"Asked for a mesh of {num_devices} devices, but {available} are available.")
+  if jax.process_count() > 1 and n != available:
+    raise ValueError(f"In a job of {jax.process_count()} processes the data mesh must span all "
+                     f"{available} devices (every process feeds its share); got "
+                     f"num_devices={num_devices}. Leave it unset.")
   devices = jax.devices()[:n]
   return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Explicit,),
                        devices=devices)

@@ -47,20 +47,22 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, *,
-                       key: jax.Array, mesh: Mesh | None = None
+                       key: jax.Array | int, mesh: Mesh | None = None
                        ) -> tuple[nnx.GraphDef, TrainState]:
   """Split ``model`` into its graph definition and a fresh :class:`TrainState`.
 
   Args:
     model: the network; its parameters become ``state.params``.
     optimizer: e.g. :func:`aol_jax.training.make_optimizer`.
-    key: a PRNG key (typed or raw) for the augmentation.
+    key: a PRNG key (typed or raw) or an int seed, for the augmentation.
     mesh: if given, the state is placed replicated on it (what the train step expects).
 
   Returns:
     ``(graphdef, state)``; ``nnx.merge(graphdef, state.params, state.rest)`` rebuilds the model.
   """
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if isinstance(key, int):
+    key = jax.random.key(key)
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.key_data(key)
   state = TrainState(params=params, rest=rest, opt_state=optimizer.init(params),
@@ -99,8 +101,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
   Metrics, all scalars over the global batch: ``loss`` (of the augmented batch, before the
   update), ``accuracy``, ``grad_norm`` (global l2 norm of the loss gradient) and ``finite``
-  (loss and gradient are finite). The update is applied regardless; the caller should stop
-  on ``finite == False`` (:func:`check_finite`) and fall back to its last checkpoint.
+  (loss and gradient are finite). A non-finite step returns the state it was given,
+  unchanged, so the state never holds NaNs; the caller should stop on ``finite == False``
+  (:func:`check_finite`) with its last checkpoint intact.
   """
   config = AugmentConfig() if augment is True else augment or None
 
@@ -123,9 +126,12 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = state._replace(params=params, opt_state=opt_state, step=state.step + 1)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     metrics = dict(loss=loss, accuracy=jnp.mean(jnp.argmax(logits, -1) == labels),
-                   grad_norm=grad_norm, finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm))
-    return state._replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+                   grad_norm=grad_norm, finite=finite)
+    return new_state, metrics
 
   replicated, batch = replicated_sharding(mesh), data_sharding(mesh)
   jitted = jax.jit(step, in_shardings=(replicated, batch, batch),
