@@ -95,11 +95,11 @@ class Checkpointer:
     meta = dict(metadata or {})
     if _CHECKSUM in meta:
       raise ValueError(f"metadata key {_CHECKSUM!r} is reserved.")
-    meta[_CHECKSUM] = tree_checksum(state)
     if step in self.all_steps():
       if not force:
         return False
       self._manager.delete(step)
+    meta[_CHECKSUM] = tree_checksum(state)
     return self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 

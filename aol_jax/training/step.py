@@ -29,7 +29,8 @@ class TrainState(NamedTuple):
 
   Attributes:
     params: the ``nnx.Param`` state of the model (``nnx.split(model, nnx.Param, ...)``).
-    rest: every other variable of the model (empty for the AOL networks).
+    rest: every other variable of the model, passed to the model but not updated by the
+      step (the AOL networks have none; a frozen kernel of :func:`aol_jax.freeze` lands here).
     opt_state: the optax state for ``params``.
     step: number of steps taken, int32 scalar.
     key: raw PRNG key data (``jax.random.key_data``); step ``s`` augments with
