@@ -37,8 +37,11 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch)
   data_dir = str(tmp_path / "data")
   input_pipeline.prepare_tfds("cifar10", data_dir=data_dir, manual_dir=str(tmp_path / "manual"),
                               download=False)
-  run = lambda workdir, **kw: subprocess.run(_command(data_dir, workdir), cwd=ROOT, text=True,
-                                             capture_output=True, timeout=300, **kw)
+  # The three runs compile the same programs: share them through jax's persistent cache.
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  run = lambda workdir: subprocess.run(_command(data_dir, workdir), cwd=ROOT, env=env, text=True,
+                                       capture_output=True, timeout=300)
 
   reference = tmp_path / "reference"
   done = run(reference)
@@ -46,7 +49,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch)
 
   killed = tmp_path / "killed"
   first_checkpoint = killed / "checkpoints" / "5"  # end of epoch 1: 5 steps per epoch
-  with subprocess.Popen(_command(data_dir, killed), cwd=ROOT, stdout=subprocess.DEVNULL,
+  with subprocess.Popen(_command(data_dir, killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL) as proc:
     while not first_checkpoint.exists() and proc.poll() is None:
       time.sleep(0.02)

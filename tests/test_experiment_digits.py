@@ -1,8 +1,8 @@
 """The README's first command, ``make run``'s training on scikit-learn's digits, reaches the
 accuracy and certified robust accuracy stated in the README.
 
-Measured with this exact command (1 CPU device, seed 0): clean 94.7%, CRA 90.6 / 80.8 /
-71.4 / 12.2% at radius 36/255, 72/255, 108/255, 1 on the 360 test digits. The thresholds
+Measured with this exact command (1 CPU device, seed 0): clean 95.6%, CRA 91.4 / 83.6 /
+71.4 / 12.8% at radius 36/255, 72/255, 108/255, 1 on the 360 test digits. The thresholds
 sit about three points below, to allow for other CPUs' float rounding.
 """
 
@@ -14,7 +14,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-THRESHOLDS = {"clean": 0.92, 36 / 255: 0.87, 72 / 255: 0.77, 108 / 255: 0.68, 1.0: 0.09}
+THRESHOLDS = {"clean": 0.93, 36 / 255: 0.88, 72 / 255: 0.80, 108 / 255: 0.68, 1.0: 0.09}
 
 
 @pytest.mark.slow

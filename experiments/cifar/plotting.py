@@ -27,7 +27,7 @@ def plot_training_curves(history: Sequence[dict], path: str) -> None:
   ax_loss.plot(epochs, [r["train_loss"] for r in history], label="train loss")
   ax_loss.set(xlabel="epoch", ylabel="offset cross-entropy", title="Loss")
   ax_acc.plot(epochs, [100 * r["train_accuracy"] for r in history],
-              label="train accuracy (augmented)")
+              label="train accuracy")
   ax_acc.plot([r["epoch"] for r in evaluated], [100 * r["test_accuracy"] for r in evaluated],
               "o-", label="test accuracy")
   ax_acc.plot([r["epoch"] for r in evaluated], [100 * r["test_cra_36"] for r in evaluated],

@@ -216,7 +216,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
 
   stop = _StopRequest()
   bar = tqdm.tqdm(total=config.epochs * steps_per_epoch, initial=step, unit="step",
-                  disable=not writer, dynamic_ncols=True)
+                  disable=not writer, dynamic_ncols=True, mininterval=0.5)
   try:
     for epoch in range(step // steps_per_epoch, config.epochs):
       bar.set_description(f"epoch {epoch + 1}/{config.epochs}")

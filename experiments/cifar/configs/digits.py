@@ -20,7 +20,7 @@ def get_config() -> Config:
       manual_dir=None,  # unused
       download=False,  # unused
       model="aol_small",  # the paper's conv net family ...
-      model_kwargs={"pool": 2, "channels": 64, "conv_depth": 4, "dense_depth": 4},  # ... sized for 8x8
+      model_kwargs={"pool": 2, "channels": 32, "conv_depth": 2, "dense_depth": 4},  # ... sized for 8x8
       epochs=40,  # about a minute on a laptop CPU
       batch_size=64,  # 22 steps per epoch
       learning_rate=0.05,  # larger than the paper's for a short run
