@@ -5,13 +5,14 @@ AOL section 5 (reference: Keras ``RandomRotation(5/360)``, ``RandomTranslation(0
 
 * colour (RGB images only): hue shift ``U(-0.02, 0.02)`` of the hue circle, saturation
   factor ``U(0.3, 2)``, brightness ``+U(-0.1, 0.1)``, contrast factor ``U(0.5, 2)`` about the
-  per-channel mean; greyscale (1-channel) images get brightness and contrast only, since hue
-  and saturation do not exist for them;
+  per-channel mean, then a clip to ``[0, 1]`` (as the reference); greyscale (1-channel)
+  images get brightness and contrast only, since hue and saturation do not exist for them;
 * geometry: rotation by ``U(-5, 5)`` degrees about the centre and a translation by
   ``U(-10%, 10%)`` of the height and width, applied as one affine warp with bilinear
   interpolation and reflect fill (``d c b a | a b c d | d c b a``, Keras' ``'reflect'``);
-* a horizontal flip with probability 1/2;
-* finally a clip to ``[0, 1]``.
+* a horizontal flip with probability 1/2.
+
+Bilinear interpolation and reflect fill keep values in ``[0, 1]``, so the output does too.
 """
 
 from __future__ import annotations
@@ -107,13 +108,14 @@ def _augment_one(key: jax.Array, image: jax.Array, config: AugmentConfig) -> jax
   image = image + uniform(keys[2], -config.brightness, config.brightness)
   mean = jnp.mean(image, axis=(0, 1), keepdims=True)
   image = (image - mean) * uniform(keys[3], *config.contrast) + mean
+  image = jnp.clip(image, 0.0, 1.0)
   h, w = image.shape[:2]
   angle = uniform(keys[4], -1.0, 1.0) * jnp.radians(jnp.asarray(config.rotate_degrees, dtype))
   shift = (jax.random.uniform(keys[5], (2,), jnp.float32, -1.0, 1.0)
            * config.translate * jnp.asarray([h, w], jnp.float32)).astype(dtype)
   image = affine_warp(image, angle, shift)
   image = jnp.where(jax.random.bernoulli(keys[6]) & config.flip, image[:, ::-1], image)
-  return jnp.clip(image, 0.0, 1.0)
+  return jnp.clip(image, 0.0, 1.0)  # the warp is a convex combination: this only trims rounding
 
 
 def augment(key: jax.Array, images: jax.Array, *,

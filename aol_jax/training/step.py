@@ -94,6 +94,10 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
                                   tuple[TrainState, dict[str, jax.Array]]]:
   """The jitted step ``(state, images, labels) -> (state, metrics)``.
 
+  The returned function checks the batch size, enters ``jax.set_mesh(mesh)`` and calls the
+  ``jax.jit`` function (state replicated, batch sharded on ``'data'``, state donated),
+  which it also exposes as ``.jitted``.
+
   ``images`` ``(N, H, W, C)`` (uint8 or float in ``[0, 1]``, see :func:`to_inputs`) and
   ``labels`` ``(N,)`` are global arrays sharded on ``'data'`` (see
   :func:`aol_jax.training.global_batch`); ``N`` must be a multiple of the device count.
@@ -144,6 +148,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     with jax.set_mesh(mesh):
       return jitted(state, images, labels)
 
+  train_step.jitted = jitted  # the jax.jit object (for .lower(...)); call it under jax.set_mesh
   return train_step
 
 
