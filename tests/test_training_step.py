@@ -79,6 +79,21 @@ def test_one_and_eight_devices_agree(eight):
   assert int(state8.step) == int(state1.step) == STEPS
 
 
+def test_step_is_data_parallel(eight):
+  """Each device convolves only its share of the batch; the only collective is the
+  all-reduce (of the gradients and metrics): the batch is never gathered."""
+  import re
+  state = eight.fresh()[1]
+  images, labels = training.global_batch(eight.mesh, *batches(1)[0])
+  with jax.set_mesh(eight.mesh):
+    hlo = eight.step.jitted.lower(state, images, labels).compile().as_text()
+  collectives = set(re.findall(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|"
+                               r"collective-permute)\(", hlo))
+  assert collectives == {"all-reduce"}
+  conv_batches = {int(m) for m in re.findall(r"= f32\[(\d+),[\d,]*\]\{[^}]*\} convolution\(", hlo)}
+  assert BATCH // 8 in conv_batches and BATCH not in conv_batches
+
+
 def test_step_matches_an_unsharded_reference(eight):
   """One step without augmentation equals plain optax on the merged model, outside jit."""
   images, labels = batches(1)[0]
