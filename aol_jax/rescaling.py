@@ -11,7 +11,6 @@ the parameter dtype.
 
 from __future__ import annotations
 
-import itertools
 from typing import Literal
 
 import jax
@@ -67,30 +66,26 @@ def _conv_gram_selfconv(kernel: jax.Array) -> jax.Array:
 
 
 def _conv_gram_taps(kernel: jax.Array) -> jax.Array:
-  """The same Gram as one matrix product per tap offset, skipping the zero padding.
+  """The same Gram as one matrix product over all pairs of taps, skipping the zero padding.
 
-  G[s] = sum_p K[p + s]^T-like products: for each offset ``s`` the taps ``p`` with ``p + s``
-  inside the kernel are stacked along the contraction axis, so one matmul of shape
-  ``(in, n_s * out) @ (n_s * out, in)`` yields G[s]. Only offsets with ``s >= 0`` in
-  lexicographic order are computed; the rest follow from ``G[-s] = G[s]^T``.
+  ``M[t, u] = K[t] K[u]^T`` (``(in, in)`` per pair of taps ``t, u``) is one matmul; the pair
+  contributes to the offset ``s = t - u``, so ``G[s] = sum_{t - u = s} M[t, u]`` is a
+  segment sum with static segment ids. Cost ``taps^2 * in^2 * out`` multiply-adds versus the
+  self-convolution's ``taps * prod(2k - 1) * in^2 * out``, and one op to compile (not one
+  per offset).
   """
   nd = kernel.ndim - 2
   ksize = kernel.shape[:nd]
   c_in, c_out = kernel.shape[-2:]
-  offsets = list(itertools.product(*[range(-(k - 1), k) for k in ksize]))
-  half = {}
-  for s in offsets:
-    neg = tuple(-a for a in s)
-    if neg in half:
-      continue
-    taps = [p for p in itertools.product(*[range(k) for k in ksize])
-            if all(0 <= pi + si < ki for pi, si, ki in zip(p, s, ksize))]
-    a = jnp.stack([kernel[tuple(pi + si for pi, si in zip(p, s))] for p in taps])
-    b = jnp.stack([kernel[p] for p in taps])  # (n_s, in, out)
-    half[s] = jnp.einsum("tio,tjo->ij", a, b, precision=_HIGHEST)
-  blocks = [half[s] if s in half else half[tuple(-a for a in s)].T for s in offsets]
-  gram = jnp.stack(blocks).reshape(*[2 * k - 1 for k in ksize], c_in, c_in)
-  return gram
+  flat = kernel.reshape(-1, c_in, c_out)  # (taps, in, out), taps in row-major order
+  pairs = jnp.einsum("tio,ujo->tuij", flat, flat, precision=_HIGHEST)
+  pos = np.array(list(np.ndindex(*ksize))).reshape(-1, nd)
+  gram_shape = tuple(2 * k - 1 for k in ksize)
+  offsets = (pos[:, None] - pos[None, :] + np.array(ksize) - 1).reshape(-1, nd)
+  segment = np.ravel_multi_index(tuple(offsets.T), gram_shape)
+  gram = jax.ops.segment_sum(pairs.reshape(-1, c_in, c_in), segment,
+                             num_segments=int(np.prod(gram_shape)), indices_are_sorted=False)
+  return gram.reshape(*gram_shape, c_in, c_in)
 
 
 def conv_gram(kernel: ArrayLike, *, feature_group_count: int = 1,
@@ -131,12 +126,16 @@ def conv_gram(kernel: ArrayLike, *, feature_group_count: int = 1,
 
 
 def _factors_from_gram(gram: jax.Array, q: ArrayLike | None, eps: float) -> jax.Array:
-  """``d_i = (sum_j |G_ij| q_j / q_i + eps) ** -1/2`` with ``G`` summed over offsets."""
-  row = jnp.abs(gram)
+  """``d_i = (sum_{s, j} |G[s, i, j]| q_j / q_i + eps) ** -1/2``; ``G`` is ``(*offsets, in, in)``.
+
+  The sum runs over the offsets and the LAST axis ``j``; ``i`` (the second-to-last axis)
+  indexes the factor.
+  """
+  absg = jnp.abs(gram).sum(axis=tuple(range(gram.ndim - 2)))  # (in, in): sum_s |G[s, i, j]|
   if q is None:
-    sums = row.sum(axis=tuple(range(row.ndim - 1)))
+    sums = absg.sum(axis=-1)
   else:
-    sums = (row * q).sum(axis=tuple(range(row.ndim - 1))) / q
+    sums = jnp.matmul(absg, q, precision=_HIGHEST) / q
   return jax.lax.rsqrt(sums + eps)
 
 
