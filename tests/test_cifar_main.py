@@ -1,16 +1,21 @@
 """The entry point ``python -m experiments.cifar`` end to end on a generated CIFAR-10 archive,
 through the real tfds builder, and its error messages."""
 
+import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 
 import matplotlib.image
 import numpy as np
 import pytest
 
+from aol_jax import training
 from cifar_testdata import accept_archive, write_cifar10_archive
+from experiments.cifar import configs, train
 from experiments.cifar.__main__ import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,18 +66,38 @@ def test_end_to_end_writes_metrics_results_plots_and_checkpoints(tmp_path, archi
   assert not [n for n in os.listdir(work) if n.endswith(".tmp")]
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, archive, capsys):
-  main(_flags(tmp_path, "--epochs=2"))
-  work = tmp_path / "work"
-  assert _checkpoint_steps(work) == [5, 10]
-  lines = (work / "metrics.jsonl").read_text()
-  # Continue for two more epochs with an absurd learning rate: the parameters overflow.
-  with pytest.raises(SystemExit) as err:
-    main(_flags(tmp_path, "--epochs=4", "--learning_rate=1e30"))
-  message = str(err.value)
-  assert "Non-finite training loss at step 1" in message and "step 10" in message
-  assert _checkpoint_steps(work) == [5, 10]
-  assert (work / "metrics.jsonl").read_text() == lines
+def test_stop_request_checkpoints_and_a_non_finite_loss_keeps_that_checkpoint(
+    tmp_path, archive, monkeypatch):
+  config = configs.get_config("tiny", data_dir=str(tmp_path / "data"),
+                              manual_dir=str(tmp_path / "manual"), epochs=4,
+                              checkpoint_every=100)
+  work = str(tmp_path / "work")
+  # A SIGTERM / Ctrl-C (as the handler records it) stops after the epoch, with a checkpoint.
+  monkeypatch.setattr(train._StopRequest, "agreed", lambda self: True)
+  assert train.train_and_evaluate(config, work)["stopped"]
+  assert _checkpoint_steps(work) == [5]
+  assert not os.path.exists(os.path.join(work, "results.md"))
+  lines = open(os.path.join(work, "metrics.jsonl")).read()
+  monkeypatch.undo()
+  # Resume with an absurd learning rate: step 6's update overflows the parameters, so the
+  # loss of step 7 is NaN.
+  with pytest.raises(training.NonFiniteLossError) as err:
+    train.train_and_evaluate(dataclasses.replace(config, learning_rate=1e30), work)
+  assert "Non-finite training loss at step 7" in str(err.value)
+  assert "last good checkpoint, step 5" in str(err.value)
+  assert _checkpoint_steps(work) == [5]
+  assert open(os.path.join(work, "metrics.jsonl")).read() == lines
+
+
+def test_signal_handler_records_the_request_and_restores_the_previous_handler():
+  previous = signal.getsignal(signal.SIGTERM)
+  stop = train._StopRequest()
+  if threading.current_thread() is threading.main_thread():
+    assert signal.getsignal(signal.SIGTERM) == stop._handle
+  assert not stop.agreed()
+  stop._handle(signal.SIGTERM, None)
+  assert stop.requested and stop.agreed()
+  assert signal.getsignal(signal.SIGTERM) == previous
 
 
 @pytest.mark.parametrize("flags,expected", [

@@ -205,7 +205,8 @@ class TrainBatches:
     self.max_value = max_value
     self.images, self.labels = images, labels
     if on_device is None:
-      on_device = fits_in_device_memory(images.nbytes + labels.nbytes, mesh.devices.flat[0])
+      local = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+      on_device = fits_in_device_memory(images.nbytes + labels.nbytes, local)
     self.on_device = on_device
     if on_device:
       self._init_on_device()
