@@ -52,6 +52,8 @@ def test_save_restore_roundtrip_and_retention(tmp_path):
   ckpt.wait()
   assert ckpt.all_steps() == [2, 3]
   assert not ckpt.save(3, make_state(99))  # an existing step is not overwritten
+  with pytest.raises(ValueError, match="JSON"):
+    ckpt.save(4, make_state(4), metadata={"loss": float("nan")})
   state, step, meta = ckpt.restore_latest(jax.eval_shape(lambda: make_state(0)))
   assert step == 3 and meta == {"epoch": 3, "note": "x"}
   assert_trees_equal(state, make_state(3))
@@ -104,6 +106,16 @@ def test_corrupt_newest_is_skipped_for_the_older(tmp_path, capsys, damage):
   ckpt.close()
   with training.Checkpointer(tmp_path) as ckpt:
     assert ckpt.restore_latest(make_state(0))[1] == 3
+
+
+def test_a_different_state_is_an_error_not_corruption(tmp_path):
+  save_three(tmp_path).close()
+  other = {"w": jnp.zeros((64, 16)), "b": jnp.zeros((32,)), "step": jnp.asarray(0, jnp.int32)}
+  with training.Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(training.CheckpointMismatchError, match=r"different state.*'w'"):
+      ckpt.restore_latest(other)
+    assert ckpt.all_steps() == [1, 2, 3]  # nothing moved aside
+  assert not os.path.exists(os.path.join(tmp_path, "corrupt"))
 
 
 def test_all_corrupt_gives_none(tmp_path, capsys):

@@ -17,7 +17,7 @@ Typical use (one process or many; see :mod:`aol_jax.training.distributed`)::
 """
 
 from aol_jax.training.augment import AugmentConfig, augment
-from aol_jax.training.checkpoint import Checkpointer, tree_checksum
+from aol_jax.training.checkpoint import CheckpointMismatchError, Checkpointer, tree_checksum
 from aol_jax.training.distributed import distributed_env, maybe_initialize
 from aol_jax.training.mesh import (DATA_AXIS, check_batch_size, data_sharding, global_batch,
                                    make_data_mesh, replicated_sharding)
@@ -27,7 +27,7 @@ from aol_jax.training.step import (NonFiniteLossError, TrainState, check_finite,
                                    merge_model, to_inputs)
 
 __all__ = [
-    "AugmentConfig", "Checkpointer", "DATA_AXIS", "NonFiniteLossError", "TrainState",
+    "AugmentConfig", "CheckpointMismatchError", "Checkpointer", "DATA_AXIS", "NonFiniteLossError", "TrainState",
     "augment", "check_batch_size", "check_finite", "create_train_state", "data_sharding",
     "distributed_env", "global_batch", "make_data_mesh", "make_eval_step", "make_optimizer",
     "make_train_step", "maybe_initialize", "merge_model", "paper_schedule",

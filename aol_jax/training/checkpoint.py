@@ -14,6 +14,7 @@ older step is tried. A partially restored state is never returned.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from typing import Any
@@ -48,6 +49,24 @@ def tree_checksum(tree: Any) -> str:
   return digest.hexdigest()
 
 
+class CheckpointMismatchError(ValueError):
+  """A readable checkpoint that holds a different state (another model or optimiser)."""
+
+
+def _leaf_name(path: tuple) -> str:
+  """Orbax's name for a leaf: its path keys joined by dots (``params.layers.1.kernel.value``)."""
+  return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _describe(tree: Any, name_of=None) -> dict[str, tuple[tuple[int, ...], str]]:
+  """``{leaf name: (shape, dtype)}`` of an array tree or of orbax's metadata tree."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    name = leaf.name if name_of == "orbax" else _leaf_name(path)
+    out[name] = (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+  return out
+
+
 def _abstract(tree: Any) -> Any:
   """Shape/dtype/sharding stand-ins for the arrays of ``tree`` (abstract leaves kept)."""
   def leaf(x):
@@ -74,8 +93,10 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "meta"))
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
   def all_steps(self) -> list[int]:
     """The saved steps (including one still being written in the background), oldest first."""
@@ -95,6 +116,10 @@ class Checkpointer:
     meta = dict(metadata or {})
     if _CHECKSUM in meta:
       raise ValueError(f"metadata key {_CHECKSUM!r} is reserved.")
+    try:  # fail here, not in orbax's background thread
+      json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"Checkpoint metadata must be plain JSON (no NaN): {e}") from None
     if step in self.all_steps():
       if not force:
         return False
@@ -141,8 +166,30 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f"aol_jax_checkpoint_quarantine_{step}")
     self._manager.reload()
 
+  def check_matches(self, step: int, abstract_state: Any) -> None:
+    """Raise :class:`CheckpointMismatchError` if ``step`` holds other arrays (names, shapes,
+    dtypes) than ``abstract_state``; any other error means the step is unreadable."""
+    metadata = self._manager.item_metadata(step)["state"]
+    saved = {} if metadata is None else _describe(getattr(metadata, "tree", metadata), "orbax")
+    if not saved:
+      raise ValueError("no array metadata")  # unreadable, not a mismatch
+    wanted = _describe(abstract_state)
+    if saved != wanted:
+      diff = sorted(set(saved.items()) ^ set(wanted.items()))[:4]
+      raise CheckpointMismatchError(
+          f"Checkpoint {os.path.join(self.directory, str(step))} holds a different state than "
+          f"the one to restore ({len(saved)} vs {len(wanted)} arrays; first differences "
+          f"(name, (shape, dtype)): {diff}). It was written by another model or optimiser "
+          f"configuration: use a new directory, or restore with the original configuration.")
+
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """Load and verify ``step``; raises ``ValueError`` if it does not verify."""
+    """Load and verify ``step``.
+
+    Raises:
+      CheckpointMismatchError: the step holds a differently shaped state.
+      ValueError (or orbax's error): the step is unreadable or does not verify.
+    """
+    self.check_matches(step, abstract_state)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_abstract(abstract_state)), meta=ocp.args.JsonRestore()))
     meta = dict(restored["meta"] or {})
@@ -161,12 +208,18 @@ class Checkpointer:
     ``abstract_state`` gives the tree structure, shapes, dtypes and shardings to restore into:
     a state like the one saved, or its ``jax.ShapeDtypeStruct`` stand-ins. Corrupt steps
     are reported, moved to ``<directory>/corrupt/`` and skipped.
+
+    Raises:
+      CheckpointMismatchError: the newest readable step was saved from a differently shaped
+        state; nothing is moved or skipped, since that is a configuration error, not damage.
     """
     self.wait()
     self._manager.reload()  # pick up what other runs left on disk
     for step in reversed(self.all_steps()):
       try:
         state, meta = self.restore(step, abstract_state)
+      except CheckpointMismatchError:
+        raise
       except Exception as e:  # orbax / tensorstore raise many types for damaged files
         self._quarantine(step, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
         continue
