@@ -4,7 +4,8 @@ Both sides train the same architecture (AOL-Small at ``paper``: ConcatenationPoo
 1x1 conv 48->192 -> 12 x [3x3 conv 192, MaxMin] -> 1x1 conv -> FirstChannels(16) -> 14
 dense AOL 1024 -> FirstChannels(10)) with the offset cross-entropy and SGD (Nesterov 0.9)
 on the same batch size, and a single 3x3 conv layer of 192 channels on 8x8 inputs (input
-gradient included, as in a middle layer). orthogonium has no AOL dense layer, so the torch
+gradient included, as in a middle layer), and that layer's bare convolution split into
+forward, input gradient and kernel gradient. orthogonium has no AOL dense layer, so the torch
 side's dense AOL is written here (``AOLLinear``). Plain (unconstrained) rows of both
 libraries separate the conv engine's speed from the cost of the rescaling. Target:
 ours / theirs <= 1.0.
@@ -179,6 +180,32 @@ def run(size_name: str, *, warmup: int, repeats: int) -> dict[str, Any]:
   fns["torch plain"] = torch_step(torch, single_layer(c, plain=True), xs_t, None, mse_t)
   results["layer"] = timing.time_interleaved(fns, warmup=warmup, repeats=repeats)
 
+  # The bare 3x3 conv (no bias, no AOL), split into forward, + input grad, + kernel grad.
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, c, c)) / (3 * c ** 0.5)
+  kernel_t = torch.from_numpy(np.asarray(kernel).transpose(3, 2, 0, 1).copy())
+  conv = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  fwd = jax.jit(conv)
+  dgrad = jax.jit(jax.grad(lambda x, k: jnp.vdot(conv(x, k), x), argnums=0))
+  wgrad = jax.jit(jax.grad(lambda x, k: jnp.vdot(conv(x, k), x), argnums=1))
+  xg, kg = xs_t.clone().requires_grad_(), kernel_t.clone().requires_grad_()
+
+  def torch_conv(x, k, grad_of=None):
+    def fn():
+      if grad_of is None:
+        with torch.no_grad():
+          return torch.nn.functional.conv2d(x, k, padding=1)
+      grad_of.grad = None
+      (torch.nn.functional.conv2d(x, k, padding=1) * xs_t).sum().backward()
+    return fn
+
+  results["conv"] = timing.time_interleaved({
+      "jax forward": lambda: fwd(xs, kernel), "torch forward": torch_conv(xs_t, kernel_t),
+      "jax forward + input grad": lambda: dgrad(xs, kernel),
+      "torch forward + input grad": torch_conv(xg, kernel_t, xg),
+      "jax forward + kernel grad": lambda: wgrad(xs, kernel),
+      "torch forward + kernel grad": torch_conv(xs_t, kg, kg)}, warmup=warmup, repeats=repeats)
+
   # The full network.
   x, y = nets.batch(size)
   x_t = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
@@ -197,16 +224,20 @@ def run(size_name: str, *, warmup: int, repeats: int) -> dict[str, Any]:
 
 def _rows(results: dict[str, Any]) -> list[list[Any]]:
   rows = []
-  for part, label in (("layer", "3x3 layer"), ("network", "network")):
+  for part, label in (("layer", "3x3 layer"), ("network", "network"), ("conv", "bare 3x3 conv")):
     stats = results[part]
     for name in stats:
       if not name.startswith("jax"):
         continue
-      theirs = "torch plain" if "plain" in name else "torch AOL (orthogonium)"
+      if part == "conv":
+        theirs = name.replace("jax", "torch")
+      else:
+        theirs = "torch plain" if "plain" in name else "torch AOL (orthogonium)"
       r = timing.ratio(stats, name, theirs)
       rows.append([label, name, theirs, stats[name]["median"] * 1e3,
                    stats[theirs]["median"] * 1e3, r,
                    stats[name]["min"] / stats[theirs]["min"],
+                   timing.ratio(stats, name, theirs, "cpu_median"),
                    "yes" if r <= TARGET else f"no (+{r - TARGET:.2f})"])
   return rows
 
@@ -259,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   results = run(args.size, warmup=warmup, repeats=repeats)
   table = timing.markdown_table(
       ["what", "ours", "theirs", "ours (ms)", "theirs (ms)", "ours / theirs (median)",
-       "ours / theirs (min)", f"<= {TARGET}"], _rows(results))
+       "ours / theirs (min)", "CPU time ratio", f"<= {TARGET}"], _rows(results))
   n = results["net"]
   notes = [f"torch {results['torch']}, torch.set_num_threads({results['threads']}); XLA's CPU "
            f"pool sized by the process's {results['threads']} CPUs. Batch {n['batch']}, "

@@ -85,3 +85,10 @@ def test_vs_torch(capsys, tmp_path):
   from benchmarks import vs_torch
   results = _check(capsys, tmp_path, vs_torch.main, ["ours / theirs (median)"])
   assert "torch AOL (orthogonium)" in results["network"]
+  assert "torch forward + kernel grad" in results["conv"]
+
+
+def test_input_pipeline(capsys, tmp_path):
+  from benchmarks import input_pipeline
+  results = _check(capsys, tmp_path, input_pipeline.main, ["epoch / steps (median)"])
+  assert results["steps"] == input_pipeline.STEPS["tiny"]
