@@ -20,11 +20,14 @@ def explicit_matrix(f: Callable[[jax.Array], jax.Array], input_shape: Sequence[i
   """The Jacobian of ``f`` at zero as a float64 ``(out_size, in_size)`` matrix.
 
   For an affine ``f`` this is exactly its linear part: each column is ``f`` applied to a
-  unit vector by forward-mode differentiation, so no finite-difference error enters.
+  unit vector by forward-mode differentiation, so no finite-difference error enters (each
+  entry is a single coefficient of ``f``, whatever the summation order). ``f`` must be
+  jit-able: the whole Jacobian is one compiled program, which is several times cheaper
+  than dispatching the batched forward pass op by op.
   """
   x0 = jnp.zeros(tuple(input_shape), dtype)
   flat = lambda v: f(v.reshape(x0.shape)).reshape(-1)
-  jac = jax.jacfwd(flat)(x0.reshape(-1))
+  jac = jax.jit(jax.jacfwd(flat))(x0.reshape(-1))
   return np.asarray(jac, dtype=np.float64)
 
 
