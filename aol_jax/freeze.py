@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 from flax import nnx
 
 from aol_jax.layers import AOLConv, AOLDense, RescaledKernel
@@ -18,5 +19,6 @@ def freeze(model: nnx.Module) -> nnx.Module:
   frozen = nnx.clone(model)
   for _, layer in nnx.iter_modules(frozen):
     if isinstance(layer, (AOLDense, AOLConv)) and not isinstance(layer.kernel, RescaledKernel):
-      layer.kernel = RescaledKernel(layer.rescale(layer.kernel[...]))
+      # One compiled program per layer, not an op-by-op dispatch of the rescaling.
+      layer.kernel = RescaledKernel(jax.jit(layer.rescale)(layer.kernel[...]))
   return frozen

@@ -7,6 +7,7 @@ padded positions and the layer's norm can exceed 1: those modes are refused.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import jax
@@ -30,19 +31,23 @@ def normalize_padding(padding: PaddingLike, num_spatial: int) -> str | tuple[tup
           "norm can exceed 1. Use 'SAME', 'VALID', explicit zero padding or 'CIRCULAR'.")
     raise ValueError(f"Unknown padding {padding!r}. Accepted: 'SAME', 'VALID', 'CIRCULAR', an "
                      "int, a sequence of ints, or a sequence of (low, high) int pairs (zeros).")
-  if isinstance(padding, int):
-    pads = ((padding, padding),) * num_spatial
+  if isinstance(padding, numbers.Integral):
+    pads = ((int(padding), int(padding)),) * num_spatial
   else:
+    if not isinstance(padding, Sequence):
+      raise ValueError(f"Unknown padding {padding!r}. Accepted: 'SAME', 'VALID', 'CIRCULAR', an "
+                       "int, a sequence of ints, or a sequence of (low, high) int pairs (zeros).")
     padding = list(padding)
-    if all(isinstance(p, int) for p in padding):
-      pads = tuple((p, p) for p in padding)
-    else:
-      pads = tuple(tuple(p) for p in padding)
+    # Each entry is one int (same low and high) or a (low, high) pair, per spatial dim.
+    pads = tuple((p, p) if isinstance(p, numbers.Integral) else
+                 tuple(p) if isinstance(p, Sequence) and not isinstance(p, str) else (p,)
+                 for p in padding)
     if len(pads) != num_spatial or any(len(p) != 2 for p in pads):
       raise ValueError(f"Explicit padding {padding!r} must give one int or one (low, high) pair "
                        f"per spatial dimension ({num_spatial}).")
-  if any(not isinstance(v, int) or v < 0 for p in pads for v in p):
+  if any(not isinstance(v, numbers.Integral) or v < 0 for p in pads for v in p):
     raise ValueError(f"Explicit padding must be non-negative integers, got {padding!r}.")
+  pads = tuple((int(lo), int(hi)) for lo, hi in pads)
   return pads
 
 

@@ -1,0 +1,84 @@
+"""freeze: same outputs, kernels precomputed and no longer trainable, original untouched."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from aol_jax import blocks
+from aol_jax.freeze import freeze
+from aol_jax.layers import AOLConv, AOLDense, RescaledKernel
+
+
+class _Net(nnx.Module):
+
+  def __init__(self, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    normal = nnx.initializers.normal(1.0)
+    self.conv1 = AOLConv(3, 4, (3, 3), kernel_init=normal, param_dtype=param_dtype, rngs=rngs)
+    self.conv2 = AOLConv(4, 4, (2, 2), 2, padding="CIRCULAR", feature_group_count=2,
+                         kernel_init=normal, param_dtype=param_dtype, rngs=rngs)
+    self.act = blocks.MaxMin()
+    self.dense = nnx.List([AOLDense(36, 10, kernel_init=normal, param_dtype=param_dtype, rngs=rngs),
+                  AOLDense(10, 10, param_dtype=param_dtype, rngs=rngs)])
+
+  def __call__(self, x):
+    x = self.act(self.conv2(self.act(self.conv1(x))))
+    x = blocks.Flatten()(x)
+    return self.dense[1](self.act(self.dense[0](x)))
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
+def test_freeze_gives_the_same_outputs(param_dtype):
+  model = _Net(nnx.Rngs(0), param_dtype)
+  before = jax.tree.map(np.asarray, nnx.state(model))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 6, 3)), jnp.float32)
+  frozen = freeze(model)
+  y = nnx.jit(lambda m, v: m(v))(model, x)
+  y_frozen = nnx.jit(lambda m, v: m(v))(frozen, x)
+  # Same kernels in the same dtype; only where the rescaling runs changes, so float32 ulps.
+  np.testing.assert_allclose(y_frozen, y, rtol=1e-5, atol=1e-5)
+  for layer, frozen_layer in [(model.conv1, frozen.conv1), (model.dense[0], frozen.dense[0])]:
+    assert frozen_layer.kernel[...].dtype == param_dtype
+    np.testing.assert_allclose(frozen_layer.kernel[...].astype(jnp.float32),
+                               jax.jit(layer.rescale)(layer.kernel[...]).astype(jnp.float32),
+                               rtol=1e-6, atol=1e-7)
+  # The original is unchanged: still raw Params with the same values.
+  assert all(type(l.kernel) is nnx.Param for l in (model.conv1, model.conv2, *model.dense))
+  after = jax.tree.map(np.asarray, nnx.state(model))
+  jax.tree.map(np.testing.assert_array_equal, before, after)
+
+
+def test_frozen_kernels_are_not_params():
+  frozen = freeze(_Net(nnx.Rngs(0)))
+  for layer in (frozen.conv1, frozen.conv2, *frozen.dense):
+    assert isinstance(layer.kernel, RescaledKernel)
+    assert not isinstance(layer.kernel, nnx.Param)
+    assert isinstance(layer.bias, nnx.Param)
+  params = nnx.state(frozen, nnx.Param)
+  paths = ["/".join(map(str, p)) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  assert paths and not any("kernel" in p for p in paths)
+  # Gradients w.r.t. Params no longer reach the kernels.
+  x = jnp.ones((1, 6, 6, 3))
+  grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x)), argnums=nnx.DiffState(0, nnx.Param)))(frozen)
+  assert not any("kernel" in "/".join(map(str, p))
+                 for p, _ in jax.tree_util.tree_leaves_with_path(grads))
+
+
+def test_freeze_is_idempotent_and_frozen_layers_run_a_plain_conv():
+  model = _Net(nnx.Rngs(1))
+  once = freeze(model)
+  twice = freeze(once)
+  np.testing.assert_array_equal(once.conv1.kernel[...], twice.conv1.kernel[...])
+  # A frozen call contains no rescaling: the only ops on the kernel are the conv itself.
+  layer = freeze(AOLConv(2, 2, 3, rngs=nnx.Rngs(0)))
+  jaxpr = str(jax.make_jaxpr(lambda v: layer(v))(jnp.ones((1, 5, 2))))
+  assert "rsqrt" not in jaxpr and "conv_general_dilated" in jaxpr
+
+
+def test_freeze_of_a_single_layer():
+  layer = AOLDense(4, 3, kernel_init=nnx.initializers.normal(1.0), rngs=nnx.Rngs(0))
+  frozen = freeze(layer)
+  x = jnp.ones((2, 4))
+  np.testing.assert_allclose(frozen(x), layer(x), rtol=1e-6, atol=1e-6)
+  assert isinstance(frozen.kernel, RescaledKernel) and isinstance(layer.kernel, nnx.Param)
