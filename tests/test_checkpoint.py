@@ -213,10 +213,9 @@ def test_resume_is_exact(tmp_path):
   ckpt.close()
   del state
 
-  abstract = jax.eval_shape(lambda: fresh()[1])
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                                         sharding=training.replicated_sharding(mesh)),
-                          abstract)
+  replicated = training.replicated_sharding(mesh)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                          jax.eval_shape(lambda: fresh()[1]))
   with training.Checkpointer(tmp_path / "ckpt") as ckpt:
     state, step, meta = ckpt.restore_latest(abstract)
   assert step == 2 and meta == {"epoch": 1} and int(state.step) == 2

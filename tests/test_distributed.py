@@ -67,7 +67,8 @@ def _worker(process_id: int, port: int, out: str) -> None:
                    global_shape=list(x.shape),
                    total=np.asarray(total.addressable_data(0)).tolist(),
                    loss=loss, params=params.tolist(), restored_step=restored_step, meta=meta,
-                   restored_same=training.tree_checksum(restored) == training.tree_checksum(state)), f)
+                   restored_same=(training.tree_checksum(restored)
+                                  == training.tree_checksum(state))), f)
 
 
 def _free_port() -> int:

@@ -78,7 +78,8 @@ def test_decay_is_the_gradient_of_the_l2_penalty_on_kernels_only():
     total = decay_reference(current, grads, wd)
     trace = jax.tree.map(lambda g, t: g + momentum * t, total, trace)
     expected = jax.tree.map(lambda g, t: -lr * (g + momentum * t), total, trace)
-    for (path, u), e in zip(jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(expected)):
+    for (path, u), e in zip(jax.tree_util.tree_leaves_with_path(updates),
+                            jax.tree.leaves(expected)):
       np.testing.assert_allclose(u, e, rtol=1e-6, atol=1e-9, err_msg=jax.tree_util.keystr(path))
     current = jax.tree.map(lambda p, u: p + u, current, updates)
 

@@ -27,7 +27,8 @@ from aol_jax.training.step import (NonFiniteLossError, TrainState, check_finite,
                                    merge_model, to_inputs)
 
 __all__ = [
-    "AugmentConfig", "CheckpointMismatchError", "Checkpointer", "DATA_AXIS", "NonFiniteLossError", "TrainState",
+    "AugmentConfig", "CheckpointMismatchError", "Checkpointer", "DATA_AXIS",
+    "NonFiniteLossError", "TrainState",
     "augment", "check_batch_size", "check_finite", "create_train_state", "data_sharding",
     "distributed_env", "global_batch", "make_data_mesh", "make_eval_step", "make_optimizer",
     "make_train_step", "maybe_initialize", "merge_model", "paper_schedule",

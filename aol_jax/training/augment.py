@@ -52,7 +52,8 @@ def rgb_to_hsv(rgb: jax.Array) -> jax.Array:
   delta = v - jnp.min(rgb, axis=-1)
   s = jnp.where(v > 0, delta / jnp.where(v > 0, v, 1.0), 0.0)
   safe = jnp.where(delta > 0, delta, 1.0)
-  h = jnp.where(v == r, (g - b) / safe, jnp.where(v == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
+  h = jnp.where(v == r, (g - b) / safe,
+                jnp.where(v == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
   h = jnp.where(delta > 0, (h / 6.0) % 1.0, 0.0)
   return jnp.stack([h, s, v], axis=-1)
 

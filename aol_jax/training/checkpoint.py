@@ -221,7 +221,8 @@ class Checkpointer:
       except CheckpointMismatchError:
         raise
       except Exception as e:  # orbax / tensorstore raise many types for damaged files
-        self._quarantine(step, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        self._quarantine(step, f"{type(e).__name__}: {first_line}"[:300])
         continue
       return state, step, meta
     return None

@@ -18,8 +18,12 @@ def make_data_mesh(num_devices: int | None = None) -> Mesh:
   """A mesh with one axis ``'data'`` over the first ``num_devices`` devices (default: all).
 
   The axis is ``AxisType.Explicit``, so shardings are part of the array types inside
-  ``jax.jit`` rather than left to the compiler to guess. In a multi-process job the mesh
-  spans every device of the job (``num_devices`` None or the global device count).
+  ``jax.jit`` rather than left to the compiler to guess. The AOL models' reshapes
+  (``ConcatenationPooling``) have no explicit sharding rule, so the train and eval steps
+  run the model under ``jax.sharding.auto_axes``; code that calls a model on these arrays
+  itself must do the same (or use an ``Auto`` view of the devices, as ``certify_dataset``
+  does). In a multi-process job the mesh spans every device of the job (``num_devices``
+  None or the global device count).
   """
   available = jax.device_count()
   n = available if num_devices is None else num_devices
@@ -71,7 +75,8 @@ def global_batch(mesh: Mesh, *local_arrays: np.ndarray | jax.Array) -> tuple[jax
     raise ValueError("global_batch needs at least one array.")
   sizes = {int(np.shape(a)[0]) for a in local_arrays}
   if len(sizes) != 1:
-    raise ValueError(f"The arrays of a batch must share their leading (batch) size, got {sorted(sizes)}.")
+    raise ValueError(f"The arrays of a batch must share their leading (batch) size, got "
+                     f"{sorted(sizes)}.")
   local = sizes.pop()
   # Processes whose devices are in the mesh each hold an equal share.
   processes = len({d.process_index for d in mesh.devices.flat})
