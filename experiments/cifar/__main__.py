@@ -20,6 +20,12 @@ from experiments.cifar import configs, input_pipeline
 _BACKENDS = {"cpu": "cpu", "gpu": "gpu", "tpu": "tpu"}
 
 
+def _boolean(text: str) -> bool:
+  if text.lower() not in ("true", "false", "1", "0"):
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+  return text.lower() in ("true", "1")
+
+
 def parse_flags(argv: Sequence[str] | None = None) -> argparse.Namespace:
   """The command line; every training flag left out keeps the preset's value."""
   parser = argparse.ArgumentParser(prog="python -m experiments.cifar", description=__doc__,
@@ -38,7 +44,7 @@ def parse_flags(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--data_dir", help="tfds data directory (default ~/tensorflow_datasets)")
   parser.add_argument("--manual_dir", help="directory holding cifar-10-binary.tar.gz or "
                       "cifar-100-binary.tar.gz (default <data_dir>/downloads/manual)")
-  parser.add_argument("--download", type=lambda s: s.lower() in ("1", "true", "yes"),
+  parser.add_argument("--download", type=_boolean,
                       help="true/false: let tfds download a missing archive")
   return parser.parse_args(argv)
 

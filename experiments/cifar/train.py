@@ -261,6 +261,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   finally:
     bar.close()
     stop.restore()
+    checkpointer.wait()  # even when stopping on an error, finish writing the last good save
   checkpointer.close()
 
   table, curve = _certify(training.merge_model(graphdef, state), data, mesh,
