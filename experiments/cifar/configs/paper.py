@@ -5,8 +5,12 @@ Launch on one GPU (``--accelerator=tpu`` on a TPU host; add ``--model=aol_large`
 
   python -m experiments.cifar --accelerator=gpu --preset=paper --workdir=runs/paper_cifar10
 
-Expected at the last epoch (paper, Table 3, CIFAR-10, AOL-Small): clean 69.8%, certified
-robust accuracy 62.0 / 54.4 / 47.1 / 21.8% at l2 radius 36/255, 72/255, 108/255, 1.
+Offline, add ``--manual_dir=DIR`` with the original ``cifar-10-binary.tar.gz`` in ``DIR``
+(the first run prepares the dataset from it; that needs ``pip install tensorflow-cpu``).
+
+Expected at the last epoch (AOL paper, CIFAR-10, AOL-Small): clean 69.8%, certified robust
+accuracy 62.0 / 54.4 / 47.1 / 21.8% at l2 radius 36/255, 72/255, 108/255, 1 (the reference
+code re-run: 70.3 / 62.9 / 55.0 / 47.7 / 22.3%).
 The batch of 250 needs a device count that divides it (1, 2, 5, 10); on 4 or 8 devices pass
 ``--batch_size=256``, a small departure from the recipe.
 """
