@@ -109,15 +109,19 @@ SMALL_FAMILIES = {
 }
 
 
+@jax.jit(static_argnums=0)
+def _logits_and_norm(graphdef, state, x):
+  return nnx.merge(graphdef, state).logits_and_activation_norm(x)
+
+
 def float64_logit_error(frozen: nnx.Module, x: jax.Array) -> tuple[np.ndarray, np.ndarray]:
   """Per example: the l2 gap between the float32 logits and a float64 evaluation of the same
   frozen float32 kernels, and the modelled bound ``u S_f M`` for it."""
   graphdef, state = nnx.split(frozen)
-  fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s).logits_and_activation_norm(x))
-  logits32, act_norm = fwd(state, x)
+  logits32, act_norm = _logits_and_norm(graphdef, state, x)
   with jax.enable_x64(True):
     state64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), state)
-    logits64, _ = fwd(state64, jnp.asarray(x, jnp.float64))
+    logits64, _ = _logits_and_norm(graphdef, state64, jnp.asarray(x, jnp.float64))
     assert logits64.dtype == jnp.float64
     err = np.linalg.norm(np.asarray(logits64) - np.asarray(logits32, np.float64), axis=-1)
   bound = FLOAT32_UNIT_ROUNDOFF * rounding_terms(frozen).forward * np.asarray(act_norm)
@@ -127,20 +131,21 @@ def float64_logit_error(frozen: nnx.Module, x: jax.Array) -> tuple[np.ndarray, n
 
 
 @pytest.mark.parametrize("name", sorted(SMALL_FAMILIES))
-@pytest.mark.parametrize("weights", ["init", "perturbed"])
-def test_allowance_exceeds_measured_float32_error(name, weights):
+def test_allowance_exceeds_measured_float32_error(name):
   """The float32 logits of the frozen model differ from a float64 evaluation of the same
-  kernels by far less than the modelled bound ``u S_f M`` the allowance is built from."""
+  kernels by far less than the modelled bound ``u S_f M`` the allowance is built from, at
+  the paper's init and with perturbed kernels (trained weights: test_attacks.py)."""
   model = models.MODELS[name](10, rngs=nnx.Rngs(0), in_channels=3, **SMALL_FAMILIES[name])
-  if weights == "perturbed":
-    model = _trained_like(model, 0.05, seed=1)
   x = jax.random.uniform(jax.random.key(2), (8, 16, 16, 3), jnp.float32)
-  err, bound = float64_logit_error(aol_jax.freeze(model), x)
-  assert err.max() > 0  # float32 really rounded, so the comparison is not vacuous
-  ratio = bound.min() / err.max()
-  print(f"{name} ({weights}): max f32-vs-f64 logit error {err.max():.2e}, min u*S_f*M "
-        f"{bound.min():.2e}, ratio {ratio:.0f}")
-  assert ratio > 100
+  for weights in ("init", "perturbed"):
+    if weights == "perturbed":
+      model = _trained_like(model, 0.05, seed=1)
+    err, bound = float64_logit_error(aol_jax.freeze(model), x)
+    assert err.max() > 0  # float32 really rounded, so the comparison is not vacuous
+    ratio = bound.min() / err.max()
+    print(f"{name} ({weights}): max f32-vs-f64 logit error {err.max():.2e}, min u*S_f*M "
+          f"{bound.min():.2e}, ratio {ratio:.0f}")
+    assert ratio > 100
 
 
 def _digits_like(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
