@@ -10,6 +10,7 @@ float32 evaluation of ``f`` at both ``x`` and ``x'``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
@@ -328,7 +329,8 @@ def certify_dataset(model: nnx.Module, images: ArrayLike, labels: ArrayLike, *,
 
   step = jax.jit(batch_counts)
   correct, certified, max_allow = 0, np.zeros(len(eps_arr), np.int64), np.zeros(len(eps_arr))
-  with jax.default_matmul_precision("highest"):
+  mesh_context = contextlib.nullcontext() if mesh is None else jax.set_mesh(auto)
+  with jax.default_matmul_precision("highest"), mesh_context:
     for start in range(0, n, batch_size):
       x = images[start:start + batch_size]
       y = labels[start:start + batch_size].astype(np.int32)

@@ -185,6 +185,9 @@ def test_certify_dataset_mesh_padding_and_masking():
   with_mesh = certify_dataset(model, images, labels, eps_list=eps_list, batch_size=32,
                               mesh=mesh)
   assert no_mesh == with_mesh
+  with jax.set_mesh(mesh):  # as a training loop with an Explicit mesh would call it
+    assert certify_dataset(model, images, labels, eps_list=eps_list, batch_size=32,
+                           mesh=mesh) == no_mesh
   correct, counts = _reference_counts(model, images, labels, eps_list)
   assert no_mesh.num_examples == 203
   assert no_mesh.num_correct == correct
