@@ -74,10 +74,6 @@ def slow_dense_factors(kernel, q=None, eps: float = EPS) -> np.ndarray:
   return d
 
 
-def _divisors(n: int) -> list[int]:
-  return [g for g in range(1, n + 1) if n % g == 0]
-
-
 def draw_conv_kernel(seed: int, max_taps: int = 27):
   """A random conv kernel (1-3 spatial dims) with a random group count, and a random q."""
   rng = np.random.default_rng(seed)
