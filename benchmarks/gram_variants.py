@@ -91,6 +91,68 @@ def rescale_conv_gemm(kernel: jax.Array, *, eps: float = 1e-6,
   return (kernel.astype(d.dtype) * d[:, None]).astype(kernel.dtype)
 
 
+def _factors_vjp(gram_fn, pairs_grad_fn):
+  """AOL factors ``d = (sum |G| + eps)^-1/2`` with a backward pass that keeps only
+  ``sign(G)`` as int8 (a quarter of ``G``'s float32 bytes) besides the kernel.
+
+  ``gram_fn(flat) -> (G, aux)`` builds the Gram (offsets first, factor axis second to
+  last) from the ``(rows, out)`` matrix ``flat``; ``pairs_grad_fn(dG) -> dPairs`` maps a
+  Gram cotangent to the cotangent of ``flat @ flat.T``, whose own backward is
+  ``(dPairs + dPairs.T) @ flat``: one product.
+  """
+
+  @partial(jax.custom_vjp, nondiff_argnums=(1,))
+  def factors(flat, eps):
+    gram = gram_fn(flat)
+    return jax.lax.rsqrt(jnp.abs(gram).sum(axis=(*range(gram.ndim - 2), gram.ndim - 1)) + eps)
+
+  def fwd(flat, eps):
+    gram = gram_fn(flat)
+    d = jax.lax.rsqrt(jnp.abs(gram).sum(axis=(*range(gram.ndim - 2), gram.ndim - 1)) + eps)
+    return d, (flat, d, jnp.sign(gram).astype(jnp.int8))
+
+  def bwd(eps, res, dd):
+    flat, d, sign = res
+    ds = -0.5 * d ** 3 * dd  # d = (s + eps)^-1/2
+    dgram = sign.astype(flat.dtype) * ds[:, None]  # s_i = sum_{offsets, j} |G[., i, j]|
+    dpairs = pairs_grad_fn(dgram)
+    return (jnp.matmul(dpairs + dpairs.T, flat, precision=_HIGHEST),)
+
+  factors.defvjp(fwd, bwd)
+  return factors
+
+
+def rescale_dense_lowmem(kernel: jax.Array, *, eps: float = 1e-6) -> jax.Array:
+  """``rescaling.rescale_dense`` whose backward stores ``sign(P P^T)`` as int8 only."""
+  p = kernel.astype(rescaling.compute_dtype(kernel.dtype))
+  factors = _factors_vjp(lambda f: jnp.matmul(f, f.T, precision=_HIGHEST), lambda dg: dg)
+  d = factors(p, eps)
+  return (p * d[:, None]).astype(kernel.dtype)
+
+
+def rescale_conv_lowmem(kernel: jax.Array, *, eps: float = 1e-6) -> jax.Array:
+  """``rescaling.rescale_conv`` (one GEMM over tap pairs) storing ``sign(G)`` as int8 only."""
+  nd = kernel.ndim - 2
+  ksize = kernel.shape[:nd]
+  c_in, c_out = kernel.shape[-2:]
+  k = kernel.astype(rescaling.compute_dtype(kernel.dtype))
+  t = int(np.prod(ksize))
+  m, _ = _offset_sum_matrix(ksize)
+  m = jnp.asarray(m, k.dtype)
+
+  def gram_fn(flat):
+    pairs = jnp.matmul(flat, flat.T, precision=_HIGHEST)
+    pairs = pairs.reshape(t, c_in, t, c_in).transpose(0, 2, 1, 3).reshape(t * t, c_in, c_in)
+    return jnp.einsum("sk,kij->sij", m, pairs, precision=_HIGHEST)
+
+  def pairs_grad_fn(dgram):
+    dpairs = jnp.einsum("sk,sij->kij", m, dgram, precision=_HIGHEST)
+    return dpairs.reshape(t, t, c_in, c_in).transpose(0, 2, 1, 3).reshape(t * c_in, t * c_in)
+
+  d = _factors_vjp(gram_fn, pairs_grad_fn)(k.reshape(t * c_in, c_out), eps)
+  return (k * d[:, None]).astype(kernel.dtype)
+
+
 def conv_gram_fn(method: str):
   """``kernel -> Gram`` for a core method name or a prototype name."""
   if method in rescaling.GRAM_METHODS:
@@ -104,15 +166,17 @@ def rescale_conv_fn(method: str):
   if method in rescaling.GRAM_METHODS:
     return partial(rescaling.rescale_conv, method=method)
   return {"gemm": partial(rescale_conv_gemm, symmetric_vjp=False),
-          "gemm_symvjp": rescale_conv_gemm}[method]
+          "gemm_symvjp": rescale_conv_gemm, "gemm_lowmem": rescale_conv_lowmem}[method]
 
 
 def rescale_dense_fn(method: str):
-  return {"matmul": rescaling.rescale_dense, "symvjp": rescale_dense_sym}[method]
+  return {"matmul": rescaling.rescale_dense, "symvjp": rescale_dense_sym,
+          "lowmem": rescale_dense_lowmem}[method]
 
 
-CONV_METHODS = ("conv", "taps", "gemm", "gemm_symvjp")
-DENSE_METHODS = ("matmul", "symvjp")
+CONV_METHODS = ("conv", "taps", "gemm", "gemm_symvjp")  # Gram-level: conv_gram_fn
+RESCALE_CONV_METHODS = CONV_METHODS + ("gemm_lowmem",)  # rescale-level: rescale_conv_fn
+DENSE_METHODS = ("matmul", "symvjp", "lowmem")
 
 
 def prototype_net(model, *, conv_method: str = "gemm_symvjp", dense_method: str = "symvjp"):
