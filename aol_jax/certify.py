@@ -101,26 +101,36 @@ def rounding_allowance(terms: RoundingTerms, activation_norm: ArrayLike, eps: Ar
                        unit_roundoff: float = FLOAT32_UNIT_ROUNDOFF) -> jax.Array:
   """Margin slack ``A`` so that ``m > sqrt(2) L eps + A`` survives float32 rounding.
 
-  ``A = sqrt(2) u [S_f (2 M + L eps) + S_r L eps]``, with ``u = 2^-24``, ``S_f, S_r`` the
-  :class:`RoundingTerms` of the network and ``M = max_k ||x_k||_2`` the largest activation
-  norm of the float32 forward pass at ``x`` (``AOLNetwork.logits_and_activation_norm``).
+  ``A = sqrt(2) u [S_f (2 M + L' eps) + S_r L eps]``, with ``u = 2^-24``, ``S_f, S_r`` the
+  :class:`RoundingTerms` of the network, ``M = max_k ||x_k||_2`` the largest activation
+  norm of the float32 forward pass at ``x`` (``AOLNetwork.logits_and_activation_norm``)
+  and ``L' = max(L, 1)``.
 
   Derivation. Let ``f`` be the network in exact arithmetic with the frozen float32 kernels
   ``W~_k``, and ``f^`` its float32 evaluation. (i) Forward rounding: layer ``k`` computes
   ``W~ x_k + b`` with one rounding per product and per partial sum. Each partial sum over
   the first ``j`` inputs is ``W~ P_j x_k`` (``P_j`` a coordinate projection), of l2 norm
-  <= ``||x_k||`` because ``||W~|| <= 1``; with independent zero-mean rounding errors (the
-  probabilistic model of Higham & Mary, SIAM J. Sci. Comput. 2019) the error vector has
-  RMS norm <= ``u sqrt(n_k + 1) ||x_k||``. Later layers are 1-Lipschitz and do not amplify
-  it; MaxMin, pooling, flattening and channel selection are exact. Summing the per-layer
+  <= ``||x_k||`` because ``||W~|| <= 1``, and the last one (with the bias) is the layer
+  output, of norm <= ``M``. With independent zero-mean rounding errors (the probabilistic
+  model of Higham & Mary, SIAM J. Sci. Comput. 2019) the error vector of layer ``k`` has
+  RMS norm <= ``u sqrt(n_k + 1) M``. Later layers are 1-Lipschitz and do not amplify it;
+  MaxMin, pooling, flattening and channel selection are exact. Summing the per-layer
   errors linearly (not in quadrature, which leaves a factor ``sqrt(depth)`` of headroom
   for the tails) gives ``||f^(z) - f(z)||_2 <= u S_f M(z)``. (ii) Rescaling rounding: the
   float32 factor ``d_i`` of each AOL layer has relative error ``~ u sqrt(a + b)`` under the
-  same model, so ``Lip(f) <= L (1 + u S_r)``. (iii) The margin is ``sqrt(2)``-Lipschitz in
-  the logits and activations of ``x'`` differ from those of ``x`` by at most ``L eps``, so
-  ``M(x') <= M(x) + L eps``. Chaining ``m(f^(x')) >= m(f(x')) - sqrt(2) u S_f M(x')
-  >= m(f(x)) - sqrt(2) L (1 + u S_r) eps - ... >= m(f^(x)) - sqrt(2) L eps - A`` shows
-  that ``m(f^(x)) > sqrt(2) L eps + A`` implies ``m(f^(x')) > 0``.
+  same model, so ``Lip(f) <= L (1 + u S_r)`` to first order. (iii) The margin is
+  ``sqrt(2)``-Lipschitz in the logits (l2), and every activation of ``x'`` is within
+  ``L' eps`` of that of ``x``, so ``M(x') <= M(x) + L' eps``. Hence, for
+  ``||x' - x|| <= eps``::
+
+    m(f^(x')) >= m(f(x')) - sqrt(2) u S_f M(x')
+              >= m(f(x)) - sqrt(2) L (1 + u S_r) eps - sqrt(2) u S_f (M(x) + L' eps)
+              >= m(f^(x)) - sqrt(2) u S_f M(x) - sqrt(2) L (1 + u S_r) eps
+                 - sqrt(2) u S_f (M(x) + L' eps)
+               = m(f^(x)) - sqrt(2) L eps - A,
+
+  so ``m(f^(x)) > sqrt(2) L eps + A`` implies ``m(f^(x')) > 0``: the float32 forward pass
+  at ``x'`` still puts the label strictly first.
 
   This is a model-based bound, not a worst-case one: the deterministic bound
   ``gamma_n |W| |x|`` grows like ``n`` and, for these depths, exceeds the margins
@@ -137,8 +147,8 @@ def rounding_allowance(terms: RoundingTerms, activation_norm: ArrayLike, eps: Ar
   m = jnp.asarray(activation_norm, jnp.float32)
   eps = jnp.asarray(eps, jnp.float32)
   lip_eps = lipschitz_constant * eps
-  return math.sqrt(2) * unit_roundoff * (terms.forward * (2 * m + lip_eps)
-                                         + terms.rescale * lip_eps)
+  return math.sqrt(2) * unit_roundoff * (
+      terms.forward * (2 * m + max(lipschitz_constant, 1.0) * eps) + terms.rescale * lip_eps)
 
 
 def certify(logits: ArrayLike, labels: ArrayLike, eps: ArrayLike, *,

@@ -55,16 +55,16 @@ def trained():
 def _certified_radius(model, x, y):
   """Per example the largest r with m > sqrt(2) L r + A(r) (0 if none), and the allowance.
 
-  With A(r) = sqrt(2) u (S_f (2 M + L r) + S_r L r) the condition is linear in r:
-  r < (m - 2 sqrt(2) u S_f M) / (sqrt(2) L (1 + u (S_f + S_r))). The radius is shrunk by
-  1e-4 relative so that it lies strictly inside.
+  With A(r) = sqrt(2) u (S_f (2 M + L' r) + S_r L r), L' = max(L, 1), the condition is
+  linear in r: r < (m - 2 sqrt(2) u S_f M) / (sqrt(2) (L + u (L' S_f + L S_r))). The
+  radius is shrunk by 1e-4 relative so that it lies strictly inside.
   """
   frozen = aol_jax.freeze(model)
   logits, act = frozen.logits_and_activation_norm(jnp.asarray(x))
   terms, lip, u = rounding_terms(frozen), model.lipschitz_bound(), FLOAT32_UNIT_ROUNDOFF
   m = margins(logits, y)
   r = (m - 2 * math.sqrt(2) * u * terms.forward * act) / (
-      math.sqrt(2) * lip * (1 + u * (terms.forward + terms.rescale)))
+      math.sqrt(2) * (lip + u * (max(lip, 1.0) * terms.forward + lip * terms.rescale)))
   r = jnp.maximum(r, 0.0) * (1 - 1e-4)
   cert = certify(logits, y, r, lipschitz_constant=lip,
                  allowance=rounding_allowance(terms, act, r, lipschitz_constant=lip))
