@@ -87,6 +87,20 @@ def test_stop_request_checkpoints_and_a_non_finite_loss_keeps_that_checkpoint(
   assert "last good checkpoint, step 5" in str(err.value)
   assert _checkpoint_steps(work) == [5]
   assert open(os.path.join(work, "metrics.jsonl")).read() == lines
+  # The same workdir refuses a checkpoint of differently shaped parameters.
+  wider = {"width": 8, "channels": 16, "conv_depth": 1, "dense_depth": 2}
+  with pytest.raises(configs.ConfigError, match="holds a different state"):
+    train.train_and_evaluate(dataclasses.replace(config, model_kwargs=wider), work)
+  assert _checkpoint_steps(work) == [5]
+
+
+def test_resuming_refuses_another_dataset_even_when_the_shapes_agree(capsys):
+  saved = dataclasses.asdict(configs.get_config("tiny"))
+  # CIFAR-100 changes only FirstChannels(num_classes): the parameters would load silently.
+  with pytest.raises(configs.ConfigError, match="different dataset"):
+    train._check_resumable(saved, configs.get_config("tiny", dataset="cifar100"))
+  train._check_resumable(saved, configs.get_config("tiny", epochs=5, data_dir="/elsewhere"))
+  assert "changed epochs;" in capsys.readouterr().out
 
 
 def test_signal_handler_records_the_request_and_restores_the_previous_handler():

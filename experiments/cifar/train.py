@@ -150,8 +150,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
     ``{'history': [per-epoch records], 'clean_accuracy': float, 'cra': {radius: float}}``.
 
   Raises:
-    ConfigError: unknown model, or a batch size the devices do not divide, or a workdir
-      holding another model's checkpoints.
+    ConfigError: unknown model or dataset, a batch size the devices do not divide, or a
+      workdir holding checkpoints of another model or dataset.
     input_pipeline.DataMissingError: the dataset is neither prepared nor preparable.
     aol_jax.training.NonFiniteLossError: the loss became NaN or infinite; nothing after the
       last good checkpoint is saved.
@@ -192,7 +192,10 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   checkpointer = training.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        max_to_keep=config.max_to_keep)
   history: list[dict] = []
-  restored = checkpointer.restore_latest(state)
+  try:
+    restored = checkpointer.restore_latest(state)
+  except training.CheckpointMismatchError as e:
+    raise ConfigError(str(e)) from None
   if restored is not None:
     state, step, meta = restored
     _check_resumable(meta.get("config", {}), config)
