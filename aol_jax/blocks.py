@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
+
+
+def batch_reshape(x: jax.Array, shape: Sequence[int]) -> jax.Array:
+  """``x.reshape(shape)`` for a reshape that keeps axis 0 (the batch) in place.
+
+  Under a mesh with explicit axes JAX does not infer the sharding of a reshape's output: a
+  batch-sharded input keeps its batch sharding, every other axis comes out replicated.
+  """
+  shape = tuple(shape)
+  if -1 in shape:
+    known = math.prod(d for d in shape if d != -1)
+    shape = tuple(x.size // known if d == -1 else d for d in shape)
+  sharding = jax.typeof(x).sharding
+  if x.ndim and sharding.mesh.explicit_axes and sharding.spec[0] is not None:
+    out = PartitionSpec(sharding.spec[0], *([None] * (len(shape) - 1)))
+    return jax.lax.reshape(x, shape, out_sharding=out)
+  return x.reshape(shape)
 
 
 class GroupSort(nnx.Module):
@@ -26,8 +45,8 @@ class GroupSort(nnx.Module):
     if c % self.group_size:
       raise ValueError(f"{type(self).__name__} needs the channel count ({c}) to be a multiple "
                        f"of the group size ({self.group_size}).")
-    grouped = x.reshape(*x.shape[:-1], c // self.group_size, self.group_size)
-    return -jnp.sort(-grouped, axis=-1).reshape(x.shape)
+    grouped = batch_reshape(x, (*x.shape[:-1], c // self.group_size, self.group_size))
+    return batch_reshape(-jnp.sort(-grouped, axis=-1), x.shape)
 
 
 class MaxMin(GroupSort):
@@ -41,7 +60,7 @@ class MaxMin(GroupSort):
     if c % 2:
       raise ValueError(f"MaxMin needs an even number of channels, got {c}.")
     a, b = x[..., 0::2], x[..., 1::2]
-    return jnp.stack([jnp.maximum(a, b), jnp.minimum(a, b)], axis=-1).reshape(x.shape)
+    return batch_reshape(jnp.stack([jnp.maximum(a, b), jnp.minimum(a, b)], axis=-1), x.shape)
 
 
 class ConcatenationPooling(nnx.Module):
@@ -69,11 +88,11 @@ class ConcatenationPooling(nnx.Module):
     split = [x.shape[0]]
     for s, w in zip(spatial, self.window):
       split += [s // w, w]
-    x = x.reshape(*split, x.shape[-1])
+    x = batch_reshape(x, (*split, x.shape[-1]))
     # (b, s0, w0, s1, w1, ..., c) -> (b, s0, s1, ..., w0, w1, ..., c)
     order = [0] + [1 + 2 * i for i in range(nd)] + [2 + 2 * i for i in range(nd)] + [2 * nd + 1]
     x = x.transpose(order)
-    return x.reshape(*x.shape[:nd + 1], -1)
+    return batch_reshape(x, (*x.shape[:nd + 1], -1))
 
 
 class FirstChannels(nnx.Module):
@@ -106,4 +125,4 @@ class Flatten(nnx.Module):
   """``(batch, ...) -> (batch, -1)``: a reshape, norm preserving."""
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return x.reshape(x.shape[0], -1)
+    return batch_reshape(x, (x.shape[0], -1))

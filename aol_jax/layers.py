@@ -16,6 +16,7 @@ from flax import nnx
 
 from aol_jax import padding as padding_lib
 from aol_jax import rescaling
+from aol_jax.blocks import batch_reshape
 from aol_jax.initializers import aol_init
 
 
@@ -127,7 +128,7 @@ class AOLConv(nnx.Module):
       raise ValueError(f"AOLConv expects inputs (*batch, {nd} spatial dims, "
                        f"{self.in_features} channels), got shape {x.shape}.")
     batch_shape = x.shape[:-(nd + 1)]
-    x = x.reshape((-1,) + x.shape[-(nd + 1):])
+    x = batch_reshape(x, (-1,) + x.shape[-(nd + 1):])
     kernel = _kernel_value(self)
     bias = None if self.bias is None else self.bias[...]
     x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, kernel, bias), dtype=self.dtype)
@@ -143,4 +144,4 @@ class AOLConv(nnx.Module):
         feature_group_count=self.feature_group_count, precision=self.precision)
     if bias is not None:
       y = y + bias
-    return y.reshape(batch_shape + y.shape[1:])
+    return batch_reshape(y, batch_shape + y.shape[1:])

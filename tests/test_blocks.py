@@ -116,3 +116,21 @@ def test_bad_inputs(make, shape, match):
   with pytest.raises(ValueError, match=match):
     block = make()
     block(jnp.ones(shape))
+
+
+def test_network_runs_on_a_batch_sharded_input_under_an_explicit_mesh():
+  """Reshapes keep the batch sharding, so a model runs inside jax.set_mesh(explicit mesh)."""
+  from flax import nnx
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+  from aol_jax.models import aol_convnet
+  model = aol_convnet(10, width=4, channels=8, conv_depth=1, dense_depth=2, pool=2,
+                      image_size=8, in_channels=1, rngs=nnx.Rngs(0))
+  x = jax.random.uniform(jax.random.key(1), (8, 8, 8, 1))
+  expected = jax.jit(lambda v: model(v))(x)
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+    y = jax.jit(lambda v: model(v))(sharded)
+    assert jax.typeof(y).sharding.spec == PartitionSpec("data", None)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(expected), rtol=1e-5, atol=1e-6)
