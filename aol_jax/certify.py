@@ -137,7 +137,7 @@ def rounding_allowance(terms: RoundingTerms, activation_norm: ArrayLike, eps: Ar
   themselves. It assumes true float32 products (``jax.default_matmul_precision`` 'highest',
   not TF32 or bfloat16 passes), which :func:`certify_dataset` enforces. Measured against a
   float64 evaluation of the same frozen kernels, the float32 logit error stays below
-  ``u S_f M`` by a factor of about 11 on a small AOL net trained on scikit-learn's digits
+  ``u S_f M`` by a factor of about 10 on a small AOL net trained on scikit-learn's digits
   (dense trained kernels accumulate real rounding in every layer), by 350 to 4000 at
   initialisation and 4400 to 8500 with randomly perturbed kernels at small widths, and by
   2500 (init) to 10^5 (perturbed) for the full-size models on 32x32x3 inputs
