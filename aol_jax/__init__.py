@@ -2,7 +2,8 @@
 
 from aol_jax import attacks, lipschitz, models
 from aol_jax.attacks import pgd_l2
-from aol_jax.blocks import ConcatenationPooling, FirstChannels, Flatten, GroupSort, MaxMin, ZeroChannelPad
+from aol_jax.blocks import (ConcatenationPooling, FirstChannels, Flatten, GroupSort, MaxMin,
+                            ZeroChannelPad)
 from aol_jax.certify import (CertificationResult, certification_markdown, certified_robust_accuracy,
                              certify, certify_dataset, margins, rounding_allowance,
                              rounding_terms)

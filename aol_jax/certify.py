@@ -91,7 +91,9 @@ def rounding_terms(model: nnx.Module) -> RoundingTerms:
       continue
     forward += math.sqrt(n + 1)
     rescale += math.sqrt(a + b)
-  if getattr(model, "input_mean", None) is not None or getattr(model, "input_std", None) is not None:
+  normalises = (getattr(model, "input_mean", None) is not None
+                or getattr(model, "input_std", None) is not None)
+  if normalises:
     forward += 2.0
   return RoundingTerms(forward=forward, rescale=rescale)
 

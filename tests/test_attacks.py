@@ -105,7 +105,8 @@ def test_allowance_exceeds_float32_error_of_the_trained_net(trained):
   print(f"trained digits net: max f32-vs-f64 logit error {err.max():.2e}, min u*S_f*M "
         f"{bound.min():.2e}, ratio {ratio:.0f}")
   # Trained kernels are dense, so every layer really accumulates rounding: the bound is
-  # about 10x the measured error here (10 to 11 across runs) (it is 350x and more at init, see test_certify).
+  # about 10x the measured error here, 10 to 11 across runs (350x and more at init, see
+  # test_certify).
   assert err.max() > 0 and ratio > 4
 
 
