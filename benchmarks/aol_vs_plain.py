@@ -37,9 +37,67 @@ def run(size_name: str, *, warmup: int, repeats: int) -> dict[str, Any]:
           "memory_ratio": {n: memory[n] / memory["plain"] for n in models}}
 
 
+def memory_variants(size_name: str) -> dict[str, dict[str, float]]:
+  """Peak memory and FLOPs (compile only, no timing) of variants of the AOL step.
+
+  They locate the extra memory: which part of the backward pass through the AOL factors
+  XLA keeps live. ``stop_gradient`` variants change the gradient (the factors are then
+  treated as constants), so they are diagnostics, not candidates.
+  """
+  import jax
+  from aol_jax import rescaling
+  from benchmarks import gram_variants as gv
+  from benchmarks import nets
+
+  def frozen_factors(factors):
+    def rescale(kernel, eps=1e-6):
+      d = jax.lax.stop_gradient(factors(kernel, eps=eps))
+      return kernel * d[:, None]
+    return rescale
+
+  sg_dense, sg_conv = frozen_factors(rescaling.dense_factors), frozen_factors(
+      rescaling.conv_factors)
+  checkpointed = lambda f: jax.checkpoint(lambda kernel, eps=1e-6: f(kernel, eps=eps))
+  size = nets.SIZES[size_name]
+  x, y = nets.batch(size)
+  aol = nets.aol_net(size)
+  proto = lambda conv, dense: gv.prototype_net(aol, conv_rescale=conv, dense_rescale=dense)
+  variants = {
+      "AOL (core)": aol,
+      "prototype Gram (symmetric VJP)": proto(gv.rescale_conv_gemm, gv.rescale_dense_sym),
+      "prototype, sign(G) kept as int8": proto(gv.rescale_conv_lowmem, gv.rescale_dense_lowmem),
+      "prototype, rescaling under jax.checkpoint": proto(
+          checkpointed(gv.rescale_conv_gemm), checkpointed(gv.rescale_dense_sym)),
+      "stop_gradient(d) in dense layers": proto(gv.rescale_conv_gemm, sg_dense),
+      "stop_gradient(d) in conv layers": proto(sg_conv, gv.rescale_dense_sym),
+      "stop_gradient(d) everywhere": proto(sg_conv, sg_dense),
+      "plain": nets.plain_net(aol),
+  }
+  out = {}
+  for name, model in variants.items():
+    compiled = nets.train_step(model, x, y).compiled
+    out[name] = {"peak_bytes": nets.peak_bytes(compiled), "flops": nets.flops(compiled)}
+  for v in out.values():
+    v["memory_ratio"] = v["peak_bytes"] / out["plain"]["peak_bytes"]
+    v["flops_ratio"] = v["flops"] / out["plain"]["flops"]
+  return out
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  args = timing.parser(__doc__.splitlines()[0]).parse_args(argv)
+  p = timing.parser(__doc__.splitlines()[0])
+  p.add_argument("--memory-variants", action="store_true",
+                 help="instead of timing, compile variants and tabulate peak memory and FLOPs")
+  args = p.parse_args(argv)
   timing.set_threads(args.threads)
+  if args.memory_variants:
+    out = memory_variants(args.size)
+    table = timing.markdown_table(
+        ["variant", "peak memory (MiB)", "memory / plain", "GFLOP / step", "FLOPs / plain"],
+        [[k, v["peak_bytes"] / 2**20, v["memory_ratio"], v["flops"] / 1e9, v["flops_ratio"]]
+         for k, v in out.items()])
+    return timing.report(f"AOL vs plain: memory of variants ({args.size})", table, out,
+                         module=__spec__.name, argv=argv, json_path=args.json,
+                         notes=[" ".join(memory_variants.__doc__.split("\n\n")[1].split())])
   defaults = {"tiny": (1, 1), "quick": (2, 7), "paper": (1, 5)}[args.size]
   warmup = defaults[0] if args.warmup is None else args.warmup
   repeats = defaults[1] if args.repeats is None else args.repeats

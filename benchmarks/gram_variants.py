@@ -179,14 +179,18 @@ RESCALE_CONV_METHODS = CONV_METHODS + ("gemm_lowmem",)  # rescale-level: rescale
 DENSE_METHODS = ("matmul", "symvjp", "lowmem")
 
 
-def prototype_net(model, *, conv_method: str = "gemm_symvjp", dense_method: str = "symvjp"):
-  """``model`` with its AOL layers rescaled by the prototype formulations (same parameters)."""
+def prototype_net(model, *, conv_method: str = "gemm_symvjp", dense_method: str = "symvjp",
+                  conv_rescale=None, dense_rescale=None):
+  """``model`` with its AOL layers rescaled by prototype formulations (same parameters).
+
+  ``conv_rescale`` / ``dense_rescale`` (``(kernel, eps=) -> kernel``) override the methods.
+  """
   from flax import nnx
   from aol_jax.layers import AOLConv, AOLDense
   from benchmarks import nets
 
-  conv_rescale = rescale_conv_fn(conv_method)
-  dense_rescale = rescale_dense_fn(dense_method)
+  conv_rescale = conv_rescale or rescale_conv_fn(conv_method)
+  dense_rescale = dense_rescale or rescale_dense_fn(dense_method)
 
   class ProtoConv(AOLConv):
     def rescale(self, kernel):

@@ -45,6 +45,14 @@ def test_aol_vs_plain(capsys, tmp_path):
   assert results["memory_ratio"]["plain"] == 1.0
 
 
+def test_aol_vs_plain_memory_variants(capsys, tmp_path):
+  path = tmp_path / "mem.json"
+  aol_vs_plain.main(["--size", "tiny", "--memory-variants", "--json", str(path)])
+  assert "memory / plain" in capsys.readouterr().out
+  results = json.loads(path.read_text())["results"]
+  assert results["plain"]["memory_ratio"] == 1.0
+
+
 def test_gram(capsys, tmp_path):
   rows = _check(capsys, tmp_path, gram.main, ["fwd+bwd / baseline"])
   assert {r["method"] for r in rows} >= {"conv", "taps", "matmul"}
