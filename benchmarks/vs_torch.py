@@ -132,7 +132,11 @@ def torch_step(torch, model, x, y, loss):
   return step
 
 
-def run(size_name: str, *, warmup: int, repeats: int) -> dict[str, Any]:
+PARTS = ("layer", "conv", "network")
+
+
+def run(size_name: str, *, warmup: int, repeats: int,
+        parts: Sequence[str] = PARTS) -> dict[str, Any]:
   torch = _import_torch()
   import jax
   import jax.numpy as jnp
@@ -173,12 +177,13 @@ def run(size_name: str, *, warmup: int, repeats: int) -> dict[str, Any]:
                                        rngs=nnx.Rngs(0))),
   }
   fns = {}
-  for name, m in jax_layers.items():
+  for name, m in (jax_layers if "layer" in parts else {}).items():
     step = nets.train_step(m, xs, None, loss=mse)
     fns[name] = lambda s=step: s(xs, None)
-  fns["torch AOL (orthogonium)"] = torch_step(torch, single_layer(c), xs_t, None, mse_t)
-  fns["torch plain"] = torch_step(torch, single_layer(c, plain=True), xs_t, None, mse_t)
-  results["layer"] = timing.time_interleaved(fns, warmup=warmup, repeats=repeats)
+  if "layer" in parts:
+    fns["torch AOL (orthogonium)"] = torch_step(torch, single_layer(c), xs_t, None, mse_t)
+    fns["torch plain"] = torch_step(torch, single_layer(c, plain=True), xs_t, None, mse_t)
+    results["layer"] = timing.time_interleaved(fns, warmup=warmup, repeats=repeats)
 
   # The bare 3x3 conv (no bias, no AOL), split into forward, + input grad, + kernel grad.
   kernel = jax.random.normal(jax.random.key(1), (3, 3, c, c)) / (3 * c ** 0.5)
@@ -199,12 +204,15 @@ def run(size_name: str, *, warmup: int, repeats: int) -> dict[str, Any]:
       (torch.nn.functional.conv2d(x, k, padding=1) * xs_t).sum().backward()
     return fn
 
-  results["conv"] = timing.time_interleaved({
-      "jax forward": lambda: fwd(xs, kernel), "torch forward": torch_conv(xs_t, kernel_t),
-      "jax forward + input grad": lambda: dgrad(xs, kernel),
-      "torch forward + input grad": torch_conv(xg, kernel_t, xg),
-      "jax forward + kernel grad": lambda: wgrad(xs, kernel),
-      "torch forward + kernel grad": torch_conv(xs_t, kg, kg)}, warmup=warmup, repeats=repeats)
+  if "conv" in parts:
+    results["conv"] = timing.time_interleaved({
+        "jax forward": lambda: fwd(xs, kernel), "torch forward": torch_conv(xs_t, kernel_t),
+        "jax forward + input grad": lambda: dgrad(xs, kernel),
+        "torch forward + input grad": torch_conv(xg, kernel_t, xg),
+        "jax forward + kernel grad": lambda: wgrad(xs, kernel),
+        "torch forward + kernel grad": torch_conv(xs_t, kg, kg)}, warmup=warmup, repeats=repeats)
+  if "network" not in parts:
+    return results
 
   # The full network.
   x, y = nets.batch(size)
@@ -225,7 +233,7 @@ def run(size_name: str, *, warmup: int, repeats: int) -> dict[str, Any]:
 def _rows(results: dict[str, Any]) -> list[list[Any]]:
   rows = []
   for part, label in (("layer", "3x3 layer"), ("network", "network"), ("conv", "bare 3x3 conv")):
-    stats = results[part]
+    stats = results.get(part, {})
     for name in stats:
       if not name.startswith("jax"):
         continue
@@ -242,12 +250,14 @@ def _rows(results: dict[str, Any]) -> list[list[Any]]:
   return rows
 
 
-def sweep(size: str, repeats: int | None, warmup: int | None) -> list[dict[str, Any]]:
+def sweep(size: str, repeats: int | None, warmup: int | None, parts: str
+          ) -> list[dict[str, Any]]:
   """Runs this benchmark once per XLA flag set, each in its own process."""
   out = []
   for flags in XLA_FLAG_SETS:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-      cmd = [sys.executable, "-m", "benchmarks.vs_torch", "--size", size, "--json", f.name]
+      cmd = [sys.executable, "-m", "benchmarks.vs_torch", "--size", size, "--json", f.name,
+             "--parts", parts]
       cmd += [] if repeats is None else ["--repeats", str(repeats)]
       cmd += [] if warmup is None else ["--warmup", str(warmup)]
       env = dict(os.environ, XLA_FLAGS=flags)
@@ -263,31 +273,38 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   p = timing.parser(__doc__.splitlines()[0])
   p.add_argument("--sweep-xla-flags", action="store_true",
                  help="rerun in one process per XLA_FLAGS setting and tabulate the ratios")
+  p.add_argument("--parts", default=",".join(PARTS),
+                 help=f"comma-separated subset of {PARTS} to run")
   args = p.parse_args(argv)
+  parts = args.parts.split(",")
+  if not set(parts) <= set(PARTS):
+    p.error(f"--parts must be a subset of {PARTS}, got {args.parts!r}")
   timing.set_threads(args.threads)
   if args.sweep_xla_flags:
     _import_torch()
-    runs = sweep(args.size, args.repeats, args.warmup)
+    runs = sweep(args.size, args.repeats, args.warmup, args.parts)
+    columns = [("3x3 layer", "jax AOL"), ("3x3 layer", "jax plain"),
+               ("bare 3x3 conv", "jax forward"), ("bare 3x3 conv", "jax forward + input grad"),
+               ("bare 3x3 conv", "jax forward + kernel grad"), ("network", "jax AOL"),
+               ("network", "jax plain")]
     rows = []
     for r in runs:
       if "error" in r:
-        rows.append([r["flags"] or "(none)", "failed: " + " ".join(r["error"]), "", "", ""])
+        rows.append([r["flags"] or "(none)", "failed: " + " ".join(r["error"])]
+                    + [""] * (len(columns) - 1))
         continue
-      by = {(row[0], row[1]): row[5] for row in _rows(r["results"])}
-      rows.append([r["flags"] or "(none)", by[("3x3 layer", "jax AOL")],
-                   by[("3x3 layer", "jax plain")], by[("network", "jax AOL")],
-                   by[("network", "jax plain")]])
-    table = timing.markdown_table(
-        ["XLA_FLAGS", "3x3 layer AOL / orthogonium", "3x3 layer plain / torch plain",
-         "network AOL / orthogonium", "network plain / torch plain"], rows)
+      by = {(row[0], row[1]): f"{row[5]:.2f} / {row[7]:.2f}" for row in _rows(r["results"])}
+      rows.append([r["flags"] or "(none)"] + [by.get(c, "") for c in columns])
+    table = timing.markdown_table(["XLA_FLAGS"] + [f"{a}: {b}" for a, b in columns], rows)
     return timing.report(f"vs PyTorch, XLA flag sweep ({args.size})", table, runs,
                          module=__spec__.name, argv=argv, json_path=args.json,
-                         notes=["Each row is its own process; every ratio in it is measured "
-                                "within that process (medians)."])
+                         notes=["Each row is its own process; every cell is ours / theirs "
+                                "measured within that process, as median wall time / median "
+                                "CPU time."])
   defaults = {"tiny": (1, 1), "quick": (2, 5), "paper": (1, 5)}[args.size]
   warmup = defaults[0] if args.warmup is None else args.warmup
   repeats = defaults[1] if args.repeats is None else args.repeats
-  results = run(args.size, warmup=warmup, repeats=repeats)
+  results = run(args.size, warmup=warmup, repeats=repeats, parts=parts)
   table = timing.markdown_table(
       ["what", "ours", "theirs", "ours (ms)", "theirs (ms)", "ours / theirs (median)",
        "ours / theirs (min)", "CPU time ratio", f"<= {TARGET}"], _rows(results))
