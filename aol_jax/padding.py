@@ -15,6 +15,8 @@ import jax.numpy as jnp
 
 PaddingLike = str | int | Sequence[int] | Sequence[tuple[int, int]]
 
+_ACCEPTED = ("Accepted: 'SAME', 'VALID', 'CIRCULAR', an int, a sequence of ints, or a sequence "
+             "of (low, high) int pairs (zeros).")
 _UNSOUND = ("REFLECT", "EDGE", "SYMMETRIC", "REPLICATE", "WRAP_REFLECT")
 
 
@@ -29,14 +31,12 @@ def normalize_padding(padding: PaddingLike, num_spatial: int) -> str | tuple[tup
           f"padding={padding!r} voids the AOL Lipschitz bound: it repeats input values at the "
           "border, so one input pixel reaches the output through several taps and the layer's "
           "norm can exceed 1. Use 'SAME', 'VALID', explicit zero padding or 'CIRCULAR'.")
-    raise ValueError(f"Unknown padding {padding!r}. Accepted: 'SAME', 'VALID', 'CIRCULAR', an "
-                     "int, a sequence of ints, or a sequence of (low, high) int pairs (zeros).")
+    raise ValueError(f"Unknown padding {padding!r}. {_ACCEPTED}")
   if isinstance(padding, numbers.Integral):
     pads = ((int(padding), int(padding)),) * num_spatial
   else:
     if not isinstance(padding, Sequence):
-      raise ValueError(f"Unknown padding {padding!r}. Accepted: 'SAME', 'VALID', 'CIRCULAR', an "
-                       "int, a sequence of ints, or a sequence of (low, high) int pairs (zeros).")
+      raise ValueError(f"Unknown padding {padding!r}. {_ACCEPTED}")
     padding = list(padding)
     # Each entry is one int (same low and high) or a (low, high) pair, per spatial dim.
     pads = tuple((p, p) if isinstance(p, numbers.Integral) else

@@ -218,7 +218,3 @@ def rescale_conv(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float = 
   scale = jnp.repeat(scale, c_out // g, axis=1)  # (c_in_g, c_out)
   return (kernel.astype(d.dtype) * scale).astype(kernel.dtype)
 
-
-def unit_roundoff(dtype) -> float:
-  """Relative rounding error bound of round-to-nearest in ``dtype`` (2^-24 for float32)."""
-  return float(np.finfo(jnp.dtype(dtype)).eps) / 2
