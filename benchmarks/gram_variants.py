@@ -1,16 +1,21 @@
 """Prototype Gram formulations, measured by ``benchmarks.gram`` against the core's.
 
 These are candidates for :mod:`aol_jax.rescaling`, kept here until they are adopted there;
-each returns exactly what the core function of the same role returns.
+each returns what the core function of the same role returns (``tests/test_benchmarks.py``).
 
 * :func:`sym_gram`: ``A @ A.T`` with a hand-written backward pass. Autodiff of ``A @ A.T``
   forms two products, ``dG @ A + dG.T @ A``; since both factors are the same array one
-  product, ``(dG + dG.T) @ A``, gives the same gradient: a third less work per step.
+  product, ``(dG + dG.T) @ A``, gives the same gradient: a third less work per step. As a
+  ``custom_vjp`` it cannot be differentiated in forward mode with respect to ``A``; a
+  ``custom_jvp`` with tangent ``t + t.T``, ``t = dA @ A.T``, transposes to the same single
+  product and keeps forward mode (what the README recommends for the core).
 * :func:`conv_gram_gemm`: the conv Gram from ONE matrix product over all pairs of kernel
   taps, ``Kf @ Kf.T`` with ``Kf`` the ``(taps * in, out)`` kernel, whose ``(p, q)`` block is
-  ``K[p] K[q]^T``; ``G[s]`` sums the blocks with ``p - q = s``. It forms all ``taps^2``
-  products where the core's ``'taps'`` forms about half, but as one large GEMM instead of
-  ``(2k - 1)^2 / 2`` small ones with stacking copies.
+  ``K[p] K[q]^T``; ``G[s]`` sums the blocks with ``p - q = s`` through a static 0/1 matrix
+  (the core's ``'taps'`` forms the same pairs with an einsum and sums them by
+  ``segment_sum``).
+* ``*_lowmem``: the same factors with a backward pass whose only residual besides the kernel
+  is ``sign(G)`` as int8; a memory experiment (``aol_vs_plain --memory-variants``).
 """
 
 from __future__ import annotations

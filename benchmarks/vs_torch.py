@@ -295,7 +295,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         continue
       by = {(row[0], row[1]): f"{row[5]:.2f} / {row[7]:.2f}" for row in _rows(r["results"])}
       rows.append([r["flags"] or "(none)"] + [by.get(c, "") for c in columns])
-    table = timing.markdown_table(["XLA_FLAGS"] + [f"{a}: {b}" for a, b in columns], rows)
+    keep = [0] + [i + 1 for i in range(len(columns)) if any(row[i + 1] for row in rows)]
+    header = ["XLA_FLAGS"] + [f"{a}: {b}" for a, b in columns]
+    table = timing.markdown_table([header[i] for i in keep],
+                                  [[row[i] for i in keep] for row in rows])
     return timing.report(f"vs PyTorch, XLA flag sweep ({args.size})", table, runs,
                          module=__spec__.name, argv=argv, json_path=args.json,
                          notes=["Each row is its own process; every cell is ours / theirs "
