@@ -165,6 +165,13 @@ def _reference_counts(model, images, labels, eps_list):
   lip = model.lipschitz_bound()
   m = _numpy_margin(np.asarray(logits), labels)
   terms = rounding_terms(frozen)
+  # certify_dataset bounds M(x) by max(1, L) (1 + u S_r) ||x|| + M(0); it must never be
+  # below the measured largest activation norm, and the counts below use the same bound.
+  zero_norm = frozen.logits_and_activation_norm(jnp.zeros((1, *images.shape[1:])))[1][0]
+  growth = max(1.0, lip) * (1.0 + 2.0 ** -24 * terms.rescale)
+  bound = growth * np.linalg.norm(images.reshape(len(images), -1), axis=1) + float(zero_norm)
+  assert np.all(bound >= np.asarray(act_norm))
+  act_norm = bound
   counts = tuple(int(np.sum(m > math.sqrt(2) * lip * e + np.asarray(
       rounding_allowance(terms, act_norm, e, lipschitz_constant=lip)))) for e in eps_list)
   return int(np.sum(m > 0)), counts
