@@ -3,7 +3,7 @@
 Both run the same frozen model over the same images in batches of the same size; the
 forward baseline is one jitted ``model(x)`` per batch with nothing else. A
 ``certify_dataset`` call is timed whole, as a user sees it: freezing, the rounding terms,
-compilation (its jitted step is built per call), the per-batch margins, allowances and
+compilation on the first call, the per-batch margins, allowances and
 certificates. Target: certify / forward throughput >= 0.95.
 
   python -m benchmarks.certify_throughput --size paper
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
            f"{'met' if met else 'not met'}. Frozen {r['net']['channels']}-channel AOL net, "
            f"batch {r['batch_size']}; warm-up {warmup}, {repeats} interleaved repeats. The "
            "one-batch column is a certify_dataset call on a single batch, i.e. its fixed "
-           "per-call cost (freeze, rounding terms, compilation) plus one batch."]
+           "per-call cost (freeze, rounding terms, the zero-image pass) plus one batch."]
   return timing.report(f"Certification throughput ({args.size})", table, r,
                        module=__spec__.name, argv=argv, json_path=args.json, notes=notes)
 
