@@ -352,20 +352,15 @@ def certify_dataset(model: nnx.Module, images: ArrayLike, labels: ArrayLike, *,
     if batch_size % mesh.shape["data"]:
       raise ValueError(f"batch_size ({batch_size}) must be a multiple of the mesh's 'data' "
                        f"axis ({mesh.shape['data']}).")
-    # An Auto-typed view of the same devices: with Explicit axes, sharding-in-types rejects
-    # the multi-axis reshape of ConcatenationPooling on a batch-sharded input; under Auto
-    # the XLA partitioner propagates P('data') through it.
-    auto = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
-                             axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
-    data_sharding = NamedSharding(auto, P("data"))
-    state = jax.device_put(state, NamedSharding(auto, P()))
+    data_sharding = NamedSharding(mesh, P("data"))
+    state = jax.device_put(state, NamedSharding(mesh, P()))
 
   # M(x) <= max(1, L) (1 + u S_r) ||x|| + M(0): every prefix of the network is
   # max(1, L)-Lipschitz (1 + u S_r covers the factors' rounding), so each activation is
   # within that distance of the activation for the zero image. One forward pass of zeros
   # replaces tracking every activation norm of every batch.
   growth = max(1.0, lip) * (1.0 + FLOAT32_UNIT_ROUNDOFF * terms.rescale)
-  mesh_context = contextlib.nullcontext() if mesh is None else jax.set_mesh(auto)
+  mesh_context = contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
   totals = None
   with jax.default_matmul_precision("highest"), mesh_context:
     zero_norm = _zero_input_activation_norm(graphdef, state, images.shape[1:])

@@ -18,11 +18,9 @@ def make_data_mesh(num_devices: int | None = None) -> Mesh:
   """A mesh with one axis ``'data'`` over the first ``num_devices`` devices (default: all).
 
   The axis is ``AxisType.Explicit``, so shardings are part of the array types inside
-  ``jax.jit`` rather than left to the compiler to guess. The AOL models' reshapes
-  (``ConcatenationPooling``) have no explicit sharding rule, so the train and eval steps
-  run the model under ``jax.sharding.auto_axes``; code that calls a model on these arrays
-  itself must do the same (or use an ``Auto`` view of the devices, as ``certify_dataset``
-  does). In a multi-process job the mesh spans every device of the job (``num_devices``
+  ``jax.jit`` rather than left to the compiler to guess; the AOL layers' and blocks'
+  reshapes keep the batch sharding (``aol_jax.blocks.batch_reshape``), so a model runs on
+  batch-sharded arrays as they are. In a multi-process job the mesh spans every device of the job (``num_devices``
   None or the global device count).
   """
   available = jax.device_count()

@@ -11,17 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
 from aol_jax.losses import offset_cross_entropy
 from aol_jax.training.augment import AugmentConfig, augment as augment_images
-from aol_jax.training.mesh import DATA_AXIS, check_batch_size, data_sharding, replicated_sharding
+from aol_jax.training.mesh import check_batch_size, data_sharding, replicated_sharding
 
 
 class TrainState(NamedTuple):
@@ -123,9 +121,6 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
       logits = nnx.merge(graphdef, params, state.rest)(x)
       return loss_fn(logits, labels), logits
 
-    # The model runs with the mesh axes in Auto mode: its reshapes (pooling, flatten) have no
-    # explicit sharding rule, and the compiler's propagation handles them.
-    loss_and_logits = jax.sharding.auto_axes(loss_and_logits, out_sharding=(P(), P(DATA_AXIS)))
     (loss, logits), grads = jax.value_and_grad(loss_and_logits, has_aux=True)(
         state.params, x, labels)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -156,7 +151,6 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh
                    ) -> Callable[[TrainState, jax.Array], jax.Array]:
   """The jitted ``(state, images) -> logits``, no augmentation; logits sharded on ``'data'``."""
 
-  @functools.partial(jax.sharding.auto_axes, out_sharding=P(DATA_AXIS))
   def logits(state: TrainState, images: jax.Array) -> jax.Array:
     return merge_model(graphdef, state)(to_inputs(images))
 
