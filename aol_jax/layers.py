@@ -16,7 +16,7 @@ from flax import nnx
 
 from aol_jax import padding as padding_lib
 from aol_jax import rescaling
-from aol_jax.blocks import batch_reshape
+from aol_jax.sharding import batch_reshape
 from aol_jax.initializers import aol_init
 
 

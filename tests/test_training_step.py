@@ -162,11 +162,14 @@ def test_non_finite_loss_is_reported_and_leaves_the_state_unchanged(eight):
   training.check_finite(metrics)
 
 
-def test_to_inputs_scales_integer_images_only():
+def test_to_inputs_scales_uint8_images_only():
   x = np.array([[0, 51, 255]], np.uint8)
   np.testing.assert_allclose(training.to_inputs(jnp.asarray(x)), x / 255.0, rtol=1e-7)
   f = jnp.asarray([[0.5]], jnp.float32)
   assert training.to_inputs(f) is f
+  for dtype in (np.int32, np.uint16, np.int8):
+    with pytest.raises(ValueError, match=f"uint8 images.*got dtype {np.dtype(dtype).name}"):
+      training.to_inputs(jnp.asarray(x.astype(dtype)))
 
 
 def test_make_data_mesh(monkeypatch):

