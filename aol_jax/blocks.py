@@ -1,4 +1,9 @@
-"""Parameter-free 1-Lipschitz building blocks (channels last)."""
+"""Parameter-free 1-Lipschitz building blocks (channels last).
+
+Each is evaluated exactly by floating-point arithmetic (a permutation, max / min, a reshape,
+a coordinate projection or embedding) and maps 0 to 0, so each states ``L = 1`` and no
+rounding through :class:`aol_jax.bounds.ExactMap`.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from aol_jax.bounds import ExactMap
 from aol_jax.sharding import batch_reshape
 
 
-class GroupSort(nnx.Module):
+class GroupSort(ExactMap, nnx.Module):
   """Sorts the channels within consecutive groups of ``group_size``, largest first.
 
   A permutation of its input at every point, hence 1-Lipschitz and gradient-norm preserving
@@ -28,6 +34,10 @@ class GroupSort(nnx.Module):
     if c % self.group_size:
       raise ValueError(f"{type(self).__name__} needs the channel count ({c}) to be a multiple "
                        f"of the group size ({self.group_size}).")
+    return self._sort_groups(x)
+
+  def _sort_groups(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
     grouped = batch_reshape(x, (*x.shape[:-1], c // self.group_size, self.group_size))
     return batch_reshape(-jnp.sort(-grouped, axis=-1), x.shape)
 
@@ -38,15 +48,13 @@ class MaxMin(GroupSort):
   def __init__(self):
     super().__init__(2)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    c = x.shape[-1]
-    if c % 2:
-      raise ValueError(f"MaxMin needs an even number of channels, got {c}.")
+  def _sort_groups(self, x: jax.Array) -> jax.Array:
+    # Pairs need no sort: one max and one min, cheaper than jnp.sort over groups of 2.
     a, b = x[..., 0::2], x[..., 1::2]
     return batch_reshape(jnp.stack([jnp.maximum(a, b), jnp.minimum(a, b)], axis=-1), x.shape)
 
 
-class ConcatenationPooling(nnx.Module):
+class ConcatenationPooling(ExactMap, nnx.Module):
   """Space-to-depth: non-overlapping ``window`` patches become channels (orthogonal).
 
   Input ``(batch, *spatial, c)`` with each spatial size divisible by its window; output
@@ -78,7 +86,7 @@ class ConcatenationPooling(nnx.Module):
     return batch_reshape(x, (*x.shape[:nd + 1], -1))
 
 
-class FirstChannels(nnx.Module):
+class FirstChannels(ExactMap, nnx.Module):
   """Keeps the first ``n`` channels: a coordinate projection, norm <= 1."""
 
   def __init__(self, n: int):
@@ -92,7 +100,7 @@ class FirstChannels(nnx.Module):
     return x[..., :self.n]
 
 
-class ZeroChannelPad(nnx.Module):
+class ZeroChannelPad(ExactMap, nnx.Module):
   """Appends ``n`` zero channels: an isometric embedding."""
 
   def __init__(self, n: int):
@@ -104,7 +112,7 @@ class ZeroChannelPad(nnx.Module):
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, self.n)])
 
 
-class Flatten(nnx.Module):
+class Flatten(ExactMap, nnx.Module):
   """``(batch, ...) -> (batch, -1)``: a reshape, norm preserving."""
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -9,14 +9,27 @@ starts as the identity map.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
+from flax.typing import Dtype, Initializer
 
 
-def aol_init(feature_group_count: int = 1):
-  """Returns a Flax initialiser ``init(key, shape, dtype)`` following the rule above."""
+def aol_init(feature_group_count: int = 1) -> Initializer:
+  """Returns a Flax initialiser ``init(key, shape, dtype)`` following the rule above.
 
-  def init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+  Args:
+    feature_group_count: ``g``; the kernel's output channels split into ``g`` groups, each
+      initialised on its own.
+
+  Example:
+    >>> aol_init()(jax.random.key(0), (2, 2))
+    Array([[1., 0.],
+           [0., 1.]], dtype=float32)
+  """
+
+  def init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jax.Array:
     *spatial, c_in_g, c_out = shape
     g = feature_group_count
     if c_out % g:

@@ -8,16 +8,20 @@ of :mod:`aol_jax.rescaling`, so gradients flow through the rescaling. Signatures
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.typing import Dtype, Initializer, PrecisionLike
 
 from aol_jax import padding as padding_lib
 from aol_jax import rescaling
 from aol_jax.sharding import batch_reshape
 from aol_jax.initializers import aol_init
+from aol_jax.rounding import RoundingTerms
+from aol_jax.worst_case import WorstCaseTerms, conv_kernel_terms, dense_kernel_terms
 
 
 class RescaledKernel(nnx.Variable):
@@ -49,8 +53,9 @@ class AOLDense(nnx.Module):
   """
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
-               dtype=None, param_dtype=jnp.float32, precision=None,
-               kernel_init=None, bias_init=nnx.initializers.zeros_init(), eps: float = 1e-6,
+               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
+               precision: PrecisionLike = None, kernel_init: Initializer | None = None,
+               bias_init: Initializer = nnx.initializers.zeros_init(), eps: float = 1e-6,
                rngs: nnx.Rngs):
     if in_features < 1 or out_features < 1:
       raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, "
@@ -64,6 +69,20 @@ class AOLDense(nnx.Module):
 
   def rescale(self, kernel: jax.Array) -> jax.Array:
     return rescaling.rescale_dense(kernel, eps=self.eps)
+
+  def lipschitz_bound(self) -> float:
+    """1 (AOL, Theorem 1), in exact arithmetic; see :mod:`aol_jax.bounds`."""
+    return 1.0
+
+  def rounding_terms(self) -> RoundingTerms:
+    """Fan-in ``n = in``; Gram entries of length ``a = out``, ``b = in`` per factor."""
+    return RoundingTerms(forward=math.sqrt(self.in_features + 1),
+                         rescale=math.sqrt(self.out_features + self.in_features))
+
+  def worst_case_terms(self, input_shape: Sequence[int]) -> WorstCaseTerms:
+    """Rigorous float64 terms of the kernel the layer applies (freeze it first)."""
+    del input_shape
+    return dense_kernel_terms(_kernel_value(self), None if self.bias is None else self.bias[...])
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.shape[-1] != self.in_features:
@@ -88,8 +107,10 @@ class AOLConv(nnx.Module):
   def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int],
                strides: int | Sequence[int] = 1, *, padding: padding_lib.PaddingLike = "SAME",
                kernel_dilation: int | Sequence[int] = 1, feature_group_count: int = 1,
-               use_bias: bool = True, dtype=None, param_dtype=jnp.float32, precision=None,
-               kernel_init=None, bias_init=nnx.initializers.zeros_init(), eps: float = 1e-6,
+               use_bias: bool = True, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32, precision: PrecisionLike = None,
+               kernel_init: Initializer | None = None,
+               bias_init: Initializer = nnx.initializers.zeros_init(), eps: float = 1e-6,
                gram_method: rescaling.GramMethod | None = None, rngs: nnx.Rngs):
     ksize = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
     nd = len(ksize)
@@ -121,6 +142,28 @@ class AOLConv(nnx.Module):
     return rescaling.rescale_conv(kernel, eps=self.eps,
                                   feature_group_count=self.feature_group_count,
                                   method=self.gram_method)
+
+  def lipschitz_bound(self) -> float:
+    """1 (AOL, Theorem 2), in exact arithmetic; see :mod:`aol_jax.bounds`."""
+    return 1.0
+
+  def rounding_terms(self) -> RoundingTerms:
+    """Kernel ``(*k, c_in/g, c_out)``: ``n = prod(k) c_in/g``, ``a = prod(k) c_out/g``,
+    ``b = prod(2k - 1) c_in/g``."""
+    g = self.feature_group_count
+    taps = math.prod(self.kernel_size)
+    n = taps * self.in_features // g
+    a = taps * self.out_features // g
+    b = math.prod(2 * k - 1 for k in self.kernel_size) * self.in_features // g
+    return RoundingTerms(forward=math.sqrt(n + 1), rescale=math.sqrt(a + b))
+
+  def worst_case_terms(self, input_shape: Sequence[int]) -> WorstCaseTerms:
+    """Rigorous float64 terms of the kernel the layer applies (freeze it first)."""
+    out = jax.eval_shape(self, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
+    positions = math.prod(out.shape[1:-1])
+    return conv_kernel_terms(_kernel_value(self), None if self.bias is None else self.bias[...],
+                             feature_group_count=self.feature_group_count,
+                             output_positions=positions)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     nd = len(self.kernel_size)

@@ -6,8 +6,9 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+
+from aol_jax.margins import check_labels
 
 
 def offset_cross_entropy(logits: jax.Array, labels: jax.Array, *, offset: float = math.sqrt(2),
@@ -27,16 +28,9 @@ def offset_cross_entropy(logits: jax.Array, labels: jax.Array, *, offset: float 
   logits = jnp.asarray(logits)
   labels = jnp.asarray(labels)
   num_classes = logits.shape[-1]
-  if logits.ndim != 2 or labels.shape != logits.shape[:1]:
-    raise ValueError(f"Expected logits (batch, classes) and labels (batch,), got "
-                     f"{logits.shape} and {labels.shape}.")
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}.")
-  if not isinstance(labels, jax.core.Tracer):
-    bad = np.asarray(labels)
-    if bad.size and (bad.min() < 0 or bad.max() >= num_classes):
-      raise ValueError(f"labels must lie in [0, {num_classes}); got values in "
-                       f"[{bad.min()}, {bad.max()}].")
+  if logits.ndim != 2:
+    raise ValueError(f"Expected logits (batch, classes), got shape {logits.shape}.")
+  check_labels(labels, num_classes, batch=logits.shape[0])
   onehot = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
   shifted = (logits - offset * onehot) / temperature
   return temperature * optax.softmax_cross_entropy_with_integer_labels(shifted, labels).mean()

@@ -1,8 +1,9 @@
 """The AOL paper's networks (Table 2) as Flax NNX modules.
 
 Every model maps images in ``[0, 1]``, NHWC, to logits, and is 1-Lipschitz (l2) by
-construction; :meth:`AOLNetwork.lipschitz_bound` returns the constant to certify with,
-including ``max(1 / std)`` when the model normalises its input.
+construction; :meth:`AOLNetwork.lipschitz_bound` returns the constant to certify with: the
+product of what its layers state (:mod:`aol_jax.bounds`), times ``max(1 / std)`` when the
+model normalises its input.
 """
 
 from __future__ import annotations
@@ -13,15 +14,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from aol_jax import bounds
 from aol_jax.blocks import ConcatenationPooling, FirstChannels, Flatten, MaxMin
 from aol_jax.layers import AOLConv, AOLDense
+from aol_jax.rounding import RoundingTerms
+from aol_jax.worst_case import WorstCaseTerms, compose, normalisation_terms
 
 
 class AOLNetwork(nnx.Module):
-  """A sequence of 1-Lipschitz layers behind an optional per-channel normalisation.
+  """A sequence of Lipschitz layers behind an optional per-channel normalisation.
+
+  Each layer states its l2 Lipschitz constant and rounding (:mod:`aol_jax.bounds`: the AOL
+  layers and the blocks do; ``nnx.Linear``, ``nnx.Conv`` and unknown modules do not and are
+  refused by :meth:`lipschitz_bound`, hence by certification). The network states the same
+  three things about itself, so it can also be a layer of a larger ``AOLNetwork``.
 
   Args:
-    layers: the 1-Lipschitz layers, applied in order.
+    layers: the layers, applied in order.
     input_mean, input_std: optional per-channel normalisation ``(x - mean) / std`` applied
       first. It multiplies the Lipschitz constant by ``max(1 / std)``, which
       :meth:`lipschitz_bound` includes, so certificates stay sound.
@@ -36,9 +45,50 @@ class AOLNetwork(nnx.Module):
     self.input_mean = None if input_mean is None else tuple(float(m) for m in input_mean)
     self.input_std = None if input_std is None else tuple(float(s) for s in input_std)
 
-  def lipschitz_bound(self) -> float:
-    """The l2 Lipschitz constant of the whole network: 1, times max(1/std) if normalising."""
+  def _paths(self):
+    return [(("layers", i), layer) for i, layer in enumerate(self.layers)]
+
+  def _normalisation_lipschitz(self) -> float:
     return 1.0 if self.input_std is None else max(1.0 / s for s in self.input_std)
+
+  def lipschitz_bound(self) -> float:
+    """``max(1 / std) * prod_k L_k``: the l2 Lipschitz constant from input to logits.
+
+    Raises :class:`aol_jax.bounds.UndeclaredBoundError` (naming the layer and its path) if a
+    layer states no constant.
+    """
+    lip = self._normalisation_lipschitz()
+    for path, layer in self._paths():
+      lip *= bounds.lipschitz_bound(layer, path)
+    return lip
+
+  def rounding_terms(self) -> RoundingTerms:
+    """The layers' :class:`~aol_jax.rounding.RoundingTerms`, each forward term times the
+    Lipschitz constant of the layers after it (when above 1), which amplify its error; plus
+    2 for the normalisation's subtraction and division."""
+    layers = self._paths()
+    lips = [bounds.lipschitz_bound(layer, path) for path, layer in layers]
+    terms = RoundingTerms()
+    after = 1.0
+    for (path, layer), lip in zip(reversed(layers), reversed(lips)):
+      t = bounds.rounding_terms(layer, path)
+      terms += RoundingTerms(forward=max(after, 1.0) * t.forward, rescale=t.rescale)
+      after *= lip
+    if self.input_mean is not None or self.input_std is not None:
+      terms += RoundingTerms(forward=2.0 * max(after, 1.0))
+    return terms
+
+  def worst_case_terms(self, input_shape: Sequence[int]) -> WorstCaseTerms:
+    """The layers' :class:`~aol_jax.worst_case.WorstCaseTerms` chained by
+    :func:`~aol_jax.worst_case.compose`, the normalisation first."""
+    shape = tuple(input_shape)
+    terms = []
+    if self.input_mean is not None or self.input_std is not None:
+      terms.append(normalisation_terms(self.input_mean, self.input_std, shape))
+    for path, layer in self._paths():
+      terms.append(bounds.worst_case_terms(layer, shape, path))
+      shape = jax.eval_shape(layer, jax.ShapeDtypeStruct((1, *shape), jnp.float32)).shape[1:]
+    return compose(terms)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self._forward(x, track_norm=False)[0]
@@ -73,6 +123,17 @@ class AOLNetwork(nnx.Module):
     return x, max_norm
 
 
+def _dense_tail(in_features: int, width: int, depth: int, num_classes: int,
+                rngs: nnx.Rngs) -> list[nnx.Module]:
+  """AOLDense(in -> width), ``depth - 1`` x [MaxMin, AOLDense(width -> width)],
+  FirstChannels(num_classes): the dense part every family ends with (none for depth 0)."""
+  layers: list[nnx.Module] = [AOLDense(in_features, width, rngs=rngs)] if depth else []
+  for _ in range(depth - 1):
+    layers += [MaxMin(), AOLDense(width, width, rngs=rngs)]
+  layers.append(FirstChannels(num_classes))
+  return layers
+
+
 def aol_convnet(num_classes: int = 10, *, width: int = 16, channels: int = 192,
                 conv_depth: int = 12, dense_depth: int = 14, pool: int = 4,
                 image_size: int = 32, in_channels: int = 3, rngs: nnx.Rngs,
@@ -96,11 +157,7 @@ def aol_convnet(num_classes: int = 10, *, width: int = 16, channels: int = 192,
   for _ in range(conv_depth):
     layers += [AOLConv(channels, channels, (3, 3), padding="SAME", rngs=rngs), MaxMin()]
   layers += [AOLConv(channels, channels, (1, 1), rngs=rngs), FirstChannels(width), Flatten()]
-  for i in range(dense_depth):
-    layers.append(AOLDense(features, features, rngs=rngs))
-    if i < dense_depth - 1:
-      layers.append(MaxMin())
-  layers.append(FirstChannels(num_classes))
+  layers += _dense_tail(features, features, dense_depth, num_classes, rngs)
   return AOLNetwork(layers, **normalisation)
 
 
@@ -133,10 +190,7 @@ def aol_fc(num_classes: int = 10, *, width: int = 1024, depth: int = 10, image_s
     raise ValueError(f"Need depth >= 1, an even width and num_classes <= width; got depth="
                      f"{depth}, width={width}, num_classes={num_classes}.")
   features = image_size * image_size * in_channels
-  layers: list[nnx.Module] = [Flatten(), AOLDense(features, width, rngs=rngs)]
-  for _ in range(depth - 1):
-    layers += [MaxMin(), AOLDense(width, width, rngs=rngs)]
-  layers.append(FirstChannels(num_classes))
+  layers = [Flatten(), *_dense_tail(features, width, depth, num_classes, rngs)]
   return AOLNetwork(layers, **normalisation)
 
 
@@ -169,10 +223,7 @@ def aol_std(num_classes: int = 10, *, channels: int = 32, num_stages: int = 3,
     layers += [ConcatenationPooling(2), AOLConv(4 * c, 2 * c, (1, 1), rngs=rngs), MaxMin()]
     c *= 2
   features = (image_size // 2 ** num_stages) ** 2 * c
-  layers += [Flatten(), AOLDense(features, dense_width, rngs=rngs)]
-  for _ in range(dense_depth - 1):
-    layers += [MaxMin(), AOLDense(dense_width, dense_width, rngs=rngs)]
-  layers.append(FirstChannels(num_classes))
+  layers += [Flatten(), *_dense_tail(features, dense_width, dense_depth, num_classes, rngs)]
   return AOLNetwork(layers, **normalisation)
 
 

@@ -1,54 +1,31 @@
-"""Trying to break the certificates: train on real digits, certify, attack at the radius."""
+"""Trying to break the certificates: train on real digits, certify, attack at the radius; and
+a floating-point attack that fools the exact-arithmetic rule but neither rounding mode."""
 
+import contextlib
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
-from sklearn.datasets import load_digits
 
 import aol_jax
 from aol_jax import models
+from aol_jax.layers import AOLDense
 from aol_jax.attacks import pgd_l2
 from aol_jax.certify import (FLOAT32_UNIT_ROUNDOFF, certify, certify_dataset, margins,
                              rounding_allowance, rounding_terms)
+from helpers import digits_split, train
 from test_certify import float64_logit_error
-
-
-def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """scikit-learn's 8x8 digits in [0, 1], NHWC, split 1400 train / 397 test."""
-  digits = load_digits()
-  x = (digits.images / 16.0).astype(np.float32)[..., None]
-  y = digits.target.astype(np.int32)
-  perm = np.random.default_rng(0).permutation(len(x))
-  return x[perm[:1400]], y[perm[:1400]], x[perm[1400:]], y[perm[1400:]]
-
-
-def _train(model: nnx.Module, x: np.ndarray, y: np.ndarray, steps: int) -> nnx.Module:
-  optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
-
-  @nnx.jit
-  def step(model, optimizer, xb, yb):
-    loss, grads = nnx.value_and_grad(lambda m: aol_jax.offset_cross_entropy(m(xb), yb))(model)
-    optimizer.update(model, grads)
-    return loss
-
-  rng = np.random.default_rng(1)
-  for _ in range(steps):
-    idx = rng.integers(0, len(x), 128)
-    step(model, optimizer, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
-  return model
 
 
 @pytest.fixture(scope="module")
 def trained():
-  x_train, y_train, x_test, y_test = _digits()
+  x_train, y_train, x_test, y_test = digits_split()
   model = models.aol_small(10, rngs=nnx.Rngs(0), channels=16, conv_depth=2, dense_depth=3,
                            width=8, pool=2, image_size=8, in_channels=1)
-  _train(model, x_train, y_train, steps=300)
+  train(model, x_train, y_train, steps=300, learning_rate=3e-3, batch_size=128, seed=1)
   return model, x_test, y_test
 
 
@@ -125,7 +102,7 @@ def test_attack_flips_uncertified_examples_at_a_larger_radius(trained):
 
 
 def test_pgd_stays_in_the_ball_and_the_box():
-  x, y = _digits()[2][:16], _digits()[3][:16]
+  x, y = digits_split()[2][:16], digits_split()[3][:16]
   model = models.aol_fc(10, rngs=nnx.Rngs(0), width=32, depth=2, image_size=8, in_channels=1)
   eps = np.linspace(0.1, 2.0, 16).astype(np.float32)
   adv, adv_margin = pgd_l2(model, x, y, eps, steps=10, step_size=0.2, clip=(0.0, 1.0),
@@ -136,3 +113,96 @@ def test_pgd_stays_in_the_ball_and_the_box():
   np.testing.assert_allclose(adv_margin, margins(model(adv), y), atol=1e-5)
   clean = np.asarray(margins(model(jnp.asarray(x)), y))
   assert np.all(np.asarray(adv_margin) <= clean + 1e-6)
+
+
+FLOAT_ATTACK_DIM = 4096
+
+
+def _hadamard_net() -> models.AOLNetwork:
+  """One AOL layer 4096 -> 2 whose rows are two Hadamard columns / 64, +-1/64 each.
+
+  AOL with ``eps = 0`` keeps this kernel exactly (every row sum of |P P^T| is 1), so the
+  margin ``s_0 - s_1`` has gradient norm exactly sqrt(2): the exact-arithmetic threshold
+  ``sqrt(2) eps`` is tight, and every logit is a 4096-term sum that float rounding perturbs.
+  """
+  h = np.array([[1.0]])
+  while h.shape[0] < FLOAT_ATTACK_DIM:
+    h = np.block([[h, h], [h, -h]])
+  kernel = np.stack([h[1], h[2]], axis=1) / math.sqrt(FLOAT_ATTACK_DIM)
+  layer = AOLDense(FLOAT_ATTACK_DIM, 2, kernel_init=lambda *_: jnp.asarray(kernel, jnp.float32),
+                   eps=0.0, rngs=nnx.Rngs(0))
+  layer.bias[...] = jnp.array([0.25, 0.0])
+  return models.AOLNetwork([layer])
+
+
+def _ulp_search(apply, x: np.ndarray, direction: np.ndarray, radius: float, dtype,
+                trials: int, rng) -> bool:
+  """Whether some ``x'`` with ``||x' - x|| <= radius`` (exactly) has a margin <= 0 in the
+  ``dtype`` evaluation ``apply``: the point ``x + radius u`` along the worst direction ``u``
+  (rounded to ``dtype``), moved by -1, 0 or +1 ulp per coordinate at random."""
+  exact = np.longdouble
+  base = (x.astype(np.float64) + radius * direction).astype(dtype)
+  steps = rng.integers(-1, 2, size=(trials, x.size))
+  steps[0] = 0
+  candidates = np.where(steps > 0, np.nextafter(base, np.inf),
+                        np.where(steps < 0, np.nextafter(base, -np.inf), base)).astype(dtype)
+  dist = np.sqrt(np.sum((candidates.astype(exact) - x.astype(exact)) ** 2, axis=-1))
+  inside = candidates[dist <= exact(radius)]
+  return bool(inside.size) and bool(np.any(apply(inside) <= 0))
+
+
+@pytest.mark.parametrize("rounding,dtype", [("probabilistic", np.float32),
+                                            ("worst_case", np.float64)])
+def test_float_attack_fools_the_exact_rule_and_neither_rounding_mode(rounding, dtype):
+  """Margins placed just above sqrt(2) eps: the exact rule (allowance 0) certifies points
+  whose prediction flips within eps in the evaluation the mode certifies (float32 for
+  'probabilistic', float64 for 'worst_case'); at the radius the mode itself certifies, the
+  same search never flips a point."""
+  net = _hadamard_net()
+  frozen = aol_jax.freeze(net)
+  w = np.asarray(frozen.layers[0].kernel[...], np.float64)
+  assert np.array_equal(np.abs(w), np.full(w.shape, 1 / 64))  # rescaling left it exactly
+  graphdef, state = nnx.split(frozen)
+  rng = np.random.default_rng(0)
+  x = rng.uniform(0, 4, size=(12, FLOAT_ATTACK_DIM)).astype(np.float32)
+  with contextlib.ExitStack() as stack:
+    if dtype == np.float64:
+      stack.enter_context(jax.enable_x64(True))
+      state = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), state)
+    forward = jax.jit(lambda v: nnx.merge(graphdef, state)(v))
+    logits = np.asarray(forward(jnp.asarray(x, dtype)))
+    assert logits.dtype == dtype
+    y = np.argmax(logits, axis=-1)
+    m = np.asarray(margins(logits, y))
+    # The largest eps (in dtype) at which the exact rule certifies: margins just above.
+    eps = (m / math.sqrt(2)).astype(dtype)
+    for _ in range(8):
+      ok = np.asarray(certify(logits, y, eps, allowance=0.0))
+      eps = np.where(ok, eps, np.nextafter(eps, dtype(0)))
+    assert np.all(np.asarray(certify(logits, y, eps, allowance=0.0)))
+    def search(i, radius):
+      grad = (w[:, y[i]] - w[:, 1 - y[i]])  # the margin's gradient
+      apply = lambda v: np.asarray(margins(forward(jnp.asarray(v)), np.full(len(v), y[i])))
+      return _ulp_search(apply, x[i], -grad / np.linalg.norm(grad), radius, dtype, 200, rng)
+    fooled = [search(i, eps[i]) for i in range(len(x))]
+    print(f"{rounding}: the exact rule is fooled on {sum(fooled)} of {len(x)} points")
+    assert sum(fooled) >= 2
+
+  # The largest radius of a fine grid below eps that the mode certifies, per point.
+  grid = np.concatenate([[1.0], 1 - np.logspace(-15, -1, 57)])
+  flipped, radii = 0, []
+  for i in range(len(x)):
+    table = certify_dataset(net, x[i:i + 1], y[i:i + 1], eps_list=tuple(eps[i] * grid),
+                            batch_size=1, rounding=rounding)
+    assert table.rounding == rounding
+    certified = [e for e, c in zip(table.eps_list, table.num_certified) if c]
+    assert certified, "not even the smallest radius certified: the check would be vacuous"
+    radii.append(eps[i] - max(certified))
+    with contextlib.ExitStack() as stack:
+      if dtype == np.float64:
+        stack.enter_context(jax.enable_x64(True))
+      flipped += search(i, max(certified))
+  print(f"{rounding}: radius given up to rounding: max {max(radii):.3g}; flipped {flipped}")
+  assert flipped == 0
+  # The sound modes give up little: A / sqrt(2) ~ 1e-3 (probabilistic) at ||x|| ~ 150.
+  assert max(radii) < 5e-3

@@ -102,7 +102,7 @@ def test_sorting_preserves_the_multiset():
 
 
 @pytest.mark.parametrize("make,shape,match", [
-    (lambda: MaxMin(), (1, 3), "even number of channels"),
+    (lambda: MaxMin(), (1, 3), "MaxMin needs the channel count .3. to be a multiple"),
     (lambda: GroupSort(4), (1, 6), "multiple of the group size"),
     (lambda: GroupSort(0), None, "group_size must be >= 1"),
     (lambda: ConcatenationPooling(0), None, "window must be positive"),
@@ -134,3 +134,21 @@ def test_network_runs_on_a_batch_sharded_input_under_an_explicit_mesh():
     y = jax.jit(lambda v: model(v))(sharded)
     assert jax.typeof(y).sharding.spec == PartitionSpec("data", None)
   np.testing.assert_allclose(np.asarray(y), np.asarray(expected), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [MaxMin(), GroupSort(3), ConcatenationPooling(2),
+                                   FirstChannels(2), ZeroChannelPad(1), Flatten()])
+def test_blocks_state_one_lipschitz_and_no_rounding(block):
+  """What each block states for certification: L = 1, exact in floating point."""
+  from aol_jax import bounds
+  from aol_jax.rounding import RoundingTerms
+  from aol_jax.worst_case import WorstCaseTerms
+  assert bounds.lipschitz_bound(block) == 1.0
+  assert bounds.rounding_terms(block) == RoundingTerms()
+  assert bounds.worst_case_terms(block, (4, 4, 6)) == WorstCaseTerms.exact(1.0)
+  # Exact in float32 indeed: the float32 output equals the float64 output rounded.
+  x = np.random.default_rng(0).normal(size=(2, 4, 4, 6))
+  y32 = np.asarray(block(jnp.asarray(x, jnp.float32)))
+  with jax.enable_x64(True):
+    y64 = np.asarray(block(jnp.asarray(x.astype(np.float32).astype(np.float64))))
+  np.testing.assert_array_equal(y32.astype(np.float64), y64)

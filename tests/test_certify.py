@@ -1,5 +1,7 @@
-"""Certification: strictness, an independent margin, the rounding allowance, certify_dataset."""
+"""Certification: strictness, an independent margin, the rounding allowance, certify_dataset,
+the layers' stated bounds, float32-only certification and the worst-case rounding mode."""
 
+import dataclasses
 import math
 
 import jax
@@ -10,6 +12,7 @@ from flax import nnx
 
 import aol_jax
 from aol_jax import models
+from aol_jax import bounds, lipschitz
 from aol_jax.certify import (FLOAT32_UNIT_ROUNDOFF, CertificationResult, certification_markdown,
                              certified_robust_accuracy, certify, certify_dataset, margins,
                              rounding_allowance, rounding_terms)
@@ -231,21 +234,281 @@ def test_certify_dataset_uses_normalisation_constant():
 def test_certify_dataset_rejects_bad_inputs():
   images, labels = _digits_like(10, seed=7)
   model = _tiny_std_model()
-  with pytest.raises(ValueError, match="multiple"):
-    certify_dataset(model, images, labels, batch_size=12, mesh=jax.make_mesh((8,), ("data",)))
   with pytest.raises(ValueError, match=r"\[0, 10\)"):
     certify_dataset(model, images, labels + 10, batch_size=4)
-  with pytest.raises(TypeError):
+  with pytest.raises(ValueError, match="integer class ids"):
+    certify_dataset(model, images, labels.astype(np.float32), batch_size=4)
+  with pytest.raises(ValueError, match="rounding must be"):
+    certify_dataset(model, images, labels, batch_size=4, rounding="exact")
+  with pytest.raises(TypeError, match="Linear at path \\(\\) .* states no lipschitz_bound"):
     certify_dataset(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), images, labels, batch_size=4)
 
 
 def test_markdown_table():
   result = CertificationResult(num_examples=200, num_correct=141, eps_list=(36 / 255, 1.0),
                                num_certified=(120, 7), lipschitz_constant=1.0,
-                               max_allowance=(1e-4, 1e-4))
+                               max_allowance=(1e-4, 1e-4), rounding="worst_case")
   assert result.clean_accuracy == 141 / 200 and result.cra == (0.6, 0.035)
-  assert certification_markdown(result, name="aol_small").splitlines() == [
+  lines = certification_markdown(result, name="aol_small").splitlines()
+  assert lines[:3] == [
       "| model | n | clean | 36/255 | 1 |",
       "|---|---|---|---|---|",
       "| aol_small | 200 | 70.5 | 60.0 | 3.5 |",
   ]
+  assert lines[4].startswith("Rounding: worst_case (float64 forward pass")
+  with pytest.raises(ValueError, match="rounding must be one of"):
+    CertificationResult(num_examples=1, num_correct=1, eps_list=(1.0,), num_certified=(1,),
+                        lipschitz_constant=1.0, max_allowance=(0.0,), rounding="bf16")
+
+
+def test_certify_dataset_refuses_a_plain_linear_layer():
+  """The issue's reproduction: a plain nnx.Linear behind Flatten once certified 99 % at L = 1."""
+  rng = np.random.default_rng(0)
+  x = rng.uniform(size=(200, 8, 8, 1)).astype(np.float32)
+  net = models.AOLNetwork([aol_jax.Flatten(), nnx.Linear(
+      64, 10, kernel_init=nnx.initializers.normal(10.0), rngs=nnx.Rngs(0))])
+  y = np.asarray(jnp.argmax(net(jnp.asarray(x)), axis=-1))
+  with pytest.raises(bounds.UndeclaredBoundError) as info:
+    certify_dataset(net, x, y, batch_size=50)
+  message = str(info.value)
+  assert "Linear at path ('layers', 1)" in message and "model.layers[1]" in message
+  assert "aol_jax.AOLDense" in message and "lipschitz_bound()" in message
+  with pytest.raises(bounds.UndeclaredBoundError):
+    net.lipschitz_bound()
+
+
+class _Halve(nnx.Module):
+  """A user's layer that states its own bounds: y = x / 2, exact in binary floating point."""
+
+  def lipschitz_bound(self) -> float:
+    return 0.5
+
+  def rounding_terms(self) -> aol_jax.RoundingTerms:
+    return aol_jax.RoundingTerms()
+
+  def worst_case_terms(self, input_shape) -> aol_jax.WorstCaseTerms:
+    return aol_jax.WorstCaseTerms.exact(0.5)
+
+  def __call__(self, x):
+    return x / 2
+
+
+def test_the_bound_is_the_product_of_what_the_layers_state():
+  rngs = nnx.Rngs(0)
+  dense = AOLDense(64, 10, rngs=rngs)
+  net = models.AOLNetwork([aol_jax.Flatten(), _Halve(), jax.nn.relu, dense, _Halve()],
+                          input_std=(0.25,))
+  assert net.lipschitz_bound() == 4.0 * 0.5 * 0.5
+  # Rounding terms come from the layers: the dense layer's fan-in, the normalisation's 2,
+  # each forward term times max(1, L of the layers after it).
+  assert net.rounding_terms() == aol_jax.RoundingTerms(
+      forward=math.sqrt(65) + 2.0, rescale=math.sqrt(10 + 64))
+  # A nested network reports the full path of the offending layer.
+  inner = models.AOLNetwork([aol_jax.Flatten(), nnx.Conv(1, 2, (3, 3), rngs=rngs)])
+  outer = models.AOLNetwork([_Halve(), inner])
+  with pytest.raises(bounds.UndeclaredBoundError, match=r"Conv at path \('layers', 1, "
+                     r"'layers', 1\) \(model.layers\[1\].layers\[1\]\)"):
+    outer.lipschitz_bound()
+  for unknown in (nnx.LayerNorm(4, rngs=rngs), jnp.tanh):
+    with pytest.raises(bounds.UndeclaredBoundError, match="states no lipschitz_bound"):
+      models.AOLNetwork([unknown]).lipschitz_bound()
+  # A declared function is accepted.
+  bounds.register_exact_map(jnp.negative, 1.0)
+  try:
+    assert models.AOLNetwork([jnp.negative, _Halve()]).lipschitz_bound() == 0.5
+  finally:
+    del bounds._EXACT_MAPS[jnp.negative]
+
+
+def _as_bfloat16(model: nnx.Module) -> nnx.Module:
+  """bfloat16 parameters and a bfloat16 compute dtype in every AOL layer."""
+  model = nnx.clone(model)
+  nnx.update(model, jax.tree.map(lambda a: a.astype(jnp.bfloat16), nnx.state(model, nnx.Param)))
+  for _, layer in nnx.iter_modules(model):
+    if hasattr(layer, "dtype"):
+      layer.dtype = jnp.bfloat16
+  return model
+
+
+def test_a_bfloat16_model_gets_float32_certificates():
+  images, _ = _digits_like(96, seed=8)
+  bf16 = _as_bfloat16(_trained_like(_tiny_std_model(), 0.1, seed=9))
+  assert bf16(jnp.asarray(images)).dtype == jnp.bfloat16
+  # The same parameters in float32 (bfloat16 widens exactly) with a float32 compute dtype.
+  f32 = nnx.clone(bf16)
+  nnx.update(f32, jax.tree.map(lambda a: a.astype(jnp.float32), nnx.state(f32, nnx.Param)))
+  for _, layer in nnx.iter_modules(f32):
+    if hasattr(layer, "dtype"):
+      layer.dtype = None
+  labels = np.asarray(jnp.argmax(f32(jnp.asarray(images)), axis=-1))
+  eps_list = (0.0, 0.01, 0.03, 0.1)
+  for rounding in ("probabilistic", "worst_case"):
+    got = certify_dataset(bf16, images, labels, eps_list=eps_list, batch_size=32,
+                          rounding=rounding)
+    assert got == certify_dataset(f32, images, labels, eps_list=eps_list, batch_size=32,
+                                  rounding=rounding)
+    assert got.rounding == rounding
+  # Not vacuous: the bfloat16 forward pass moves margins by far more than the allowance, so
+  # certifying its logits would give other certificates.
+  m16 = np.asarray(margins(bf16(jnp.asarray(images)).astype(jnp.float32), labels))
+  m32 = np.asarray(margins(f32(jnp.asarray(images)), labels))
+  print("bf16 vs f32 margin gap:", np.abs(m16 - m32).max(), "allowance", got.max_allowance)
+  assert np.abs(m16 - m32).max() > 100 * max(got.max_allowance)
+
+
+class _CastsToBfloat16(aol_jax.ExactMap, nnx.Module):
+  """Claims L = 1 but rounds its input to bfloat16 internally."""
+
+  def __call__(self, x):
+    return x.astype(jnp.bfloat16).astype(x.dtype)
+
+
+def test_a_layer_that_computes_in_bfloat16_is_refused():
+  images, labels = _digits_like(8, seed=10)
+  model = models.AOLNetwork([*_tiny_std_model().layers, _CastsToBfloat16()])
+  with pytest.raises(TypeError, match=r"still computes in \['bfloat16'\]"):
+    certify_dataset(model, images, labels, batch_size=8)
+
+
+_SEEN_PRECISION = []
+
+
+class _PrecisionSpy(aol_jax.ExactMap, nnx.Module):
+  """Records the default matmul precision in force when the forward pass is traced."""
+
+  def __call__(self, x):
+    _SEEN_PRECISION.append(jax.config.jax_default_matmul_precision)
+    return x
+
+
+def test_certify_dataset_forces_highest_matmul_precision():
+  """No global precision in conftest: certify_dataset itself must ask for 'highest'."""
+  assert jax.config.jax_default_matmul_precision is None
+  images, labels = _digits_like(8, seed=11)
+  model = models.AOLNetwork([_PrecisionSpy(), *_tiny_std_model().layers])
+  _SEEN_PRECISION.clear()
+  certify_dataset(model, images, labels, batch_size=8)
+  assert _SEEN_PRECISION and set(_SEEN_PRECISION) == {"highest"}
+
+
+def test_certify_dataset_any_batch_size_on_a_mesh():
+  """batch_size 500 on 8 devices: rounded up to 504 rows, padded and masked."""
+  images, labels = _digits_like(1203, seed=12)
+  model = _trained_like(_tiny_std_model(), 0.3, seed=13)
+  logits = aol_jax.freeze(model)(jnp.asarray(images))
+  labels[::2] = np.asarray(jnp.argmax(logits, axis=-1))[::2]  # half correct, half random
+  m = _numpy_margin(np.asarray(logits), labels)
+  eps_list = tuple(float(np.quantile(m[m > 0], q)) / math.sqrt(2) for q in (0.0, 0.3, 0.7))
+  want = certify_dataset(model, images, labels, eps_list=eps_list, batch_size=1203)
+  mesh = jax.make_mesh((8,), ("data",))
+  for rounding in ("probabilistic", "worst_case"):
+    got = certify_dataset(model, images, labels, eps_list=eps_list, batch_size=500, mesh=mesh,
+                          rounding=rounding)
+    assert got.num_examples == 1203
+    if rounding == "probabilistic":
+      # The input norms of other batch shapes round differently, by float32 ulps.
+      np.testing.assert_allclose(got.max_allowance, want.max_allowance, rtol=1e-6)
+      assert dataclasses.replace(got, max_allowance=want.max_allowance) == want
+  print("any batch size on a mesh:", want)
+  assert 0 < want.num_certified[-1] < want.num_correct < 1203
+
+
+def _conv_matrix_norm(kernel: np.ndarray, groups: int, size: int, padding: str) -> float:
+  conv = lambda x: jax.lax.conv_general_dilated(
+      x[None], jnp.asarray(kernel), (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=groups, precision="highest")[0]
+  return lipschitz.operator_norm(conv, (size, size, kernel.shape[-2] * groups))
+
+
+@pytest.mark.parametrize("rescaled", [True, False])
+def test_worst_case_kernel_bounds_are_rigorous(rescaled):
+  """The float64 Schur bound is >= the exact norm of the float32 kernel (SVD), and for an
+  AOL-rescaled kernel it is 1 up to the float32 rounding of the factors (u sqrt(a + b) ~
+  1e-6 here): the frozen kernel itself may exceed 1 by that much, which the bound sees."""
+  from aol_jax import rescaling, worst_case
+  rng = np.random.default_rng(14)
+  dense = rng.normal(size=(40, 24)).astype(np.float32)
+  conv = rng.normal(size=(3, 3, 3, 6)).astype(np.float32)
+  if rescaled:
+    dense = np.asarray(rescaling.rescale_dense(dense))
+    conv = np.asarray(rescaling.rescale_conv(conv, feature_group_count=2))
+  d_terms = worst_case.dense_kernel_terms(dense, None)
+  c_terms = worst_case.conv_kernel_terms(conv, None, feature_group_count=2, output_positions=1)
+  d_true = np.linalg.svd(dense.astype(np.float64), compute_uv=False)[0]
+  c_true = max(_conv_matrix_norm(conv, 2, 7, "SAME"), _conv_matrix_norm(conv, 2, 7, "VALID"))
+  print(f"rescaled={rescaled}: dense {d_true:.6f} <= {d_terms.lipschitz:.6f}, conv "
+        f"{c_true:.6f} <= {c_terms.lipschitz:.6f}")
+  assert d_true <= d_terms.lipschitz and c_true <= c_terms.lipschitz
+  if rescaled:
+    assert d_terms.lipschitz <= 1 + 1e-6 and c_terms.lipschitz <= 1 + 1e-6
+  # || |W| || bounds: the l2 norm of the entrywise absolute value.
+  abs_true = np.linalg.svd(np.abs(dense.astype(np.float64)), compute_uv=False)[0]
+  assert abs_true <= d_terms.error_slope / worst_case.gamma(40)
+
+
+def test_worst_case_error_bound_holds_against_extended_precision():
+  """The float64 logits of a frozen dense net lie within S r + I of an 80-bit evaluation."""
+  model = _trained_like(models.aol_fc(10, rngs=nnx.Rngs(0), width=64, depth=3, image_size=8,
+                                      in_channels=1), 0.1, seed=15)
+  frozen = aol_jax.freeze(model)
+  images, _ = _digits_like(16, seed=16)
+  terms = frozen.worst_case_terms(images.shape[1:])
+  with jax.enable_x64(True):
+    state = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), nnx.state(frozen))
+    graphdef = nnx.graphdef(frozen)
+    logits64 = np.asarray(jax.jit(lambda s, v: nnx.merge(graphdef, s)(v))(
+        state, jnp.asarray(images, jnp.float64)))
+  assert logits64.dtype == np.float64
+  h = images.reshape(16, -1).astype(np.longdouble)
+  for layer in frozen.layers:
+    if isinstance(layer, AOLDense):
+      h = h @ np.asarray(layer.kernel[...]).astype(np.longdouble) + np.asarray(
+          layer.bias[...]).astype(np.longdouble)
+    elif isinstance(layer, aol_jax.MaxMin):
+      a, b = h[:, 0::2], h[:, 1::2]
+      h = np.stack([np.maximum(a, b), np.minimum(a, b)], axis=-1).reshape(h.shape)
+    elif isinstance(layer, aol_jax.FirstChannels):
+      h = h[:, :layer.n]
+  err = np.linalg.norm((logits64.astype(np.longdouble) - h).astype(np.float64), axis=-1)
+  r = np.linalg.norm(images.reshape(16, -1).astype(np.float64), axis=-1)
+  bound = terms.error_slope * r + terms.error_intercept
+  print(f"float64 logit error max {err.max():.2e}, bound min {bound.min():.2e}")
+  assert err.max() > 0 and np.all(err <= bound)
+
+
+def test_worst_case_mode_against_a_separate_float64_evaluation():
+  images, labels = _digits_like(203, seed=17)
+  model = _trained_like(_tiny_std_model(input_mean=(0.5,), input_std=(0.5,)), 0.1, seed=18)
+  frozen = aol_jax.freeze(model)
+  terms = frozen.worst_case_terms(images.shape[1:])
+  with jax.enable_x64(True):
+    state = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), nnx.state(frozen))
+    logits = nnx.merge(nnx.graphdef(frozen), state)(jnp.asarray(images, jnp.float64))
+    m = _numpy_margin(np.asarray(logits), labels)
+  # Radii where some but not all correct examples certify.
+  eps_list = (0.0,) + tuple(float(np.quantile(m[m > 0], q)) / (math.sqrt(2) * terms.lipschitz)
+                            for q in (0.2, 0.5, 0.8))
+  assert not jax.config.jax_enable_x64
+  got = certify_dataset(model, images, labels, eps_list=eps_list, batch_size=32,
+                        rounding="worst_case")
+  assert not jax.config.jax_enable_x64  # the caller's setting is restored
+  prob = certify_dataset(model, images, labels, eps_list=eps_list, batch_size=32)
+  assert got.rounding == "worst_case" and prob.rounding == "probabilistic"
+  assert got.lipschitz_constant == terms.lipschitz
+  # At most max(1 / std) = 2 times AOL's 1 (+ float32 factor rounding), at least the
+  # Jacobian norm of the frozen network at any point (a lower bound on its constant).
+  f = lambda z: frozen(z[None])[0]
+  jac = max(float(lipschitz.power_iteration(f, jnp.asarray(images[i]), 100)) for i in range(4))
+  print(f"worst-case L {terms.lipschitz:.6f} >= Jacobian norm {jac:.6f}")
+  assert jac <= terms.lipschitz <= 2.0 * (1 + 1e-5)
+  r = np.linalg.norm(images.reshape(len(images), -1).astype(np.float64), axis=-1)
+  counts = []
+  for e in eps_list:
+    slack = math.sqrt(2) * (terms.error_slope * (2 * r * (1 + 1e-12) + e)
+                            + 2 * terms.error_intercept)
+    counts.append(int(np.sum(m > (math.sqrt(2) * terms.lipschitz * e + slack) * (1 + 1e-14))))
+  assert got.num_certified == tuple(counts) and got.num_correct == int(np.sum(m > 0))
+  print("worst_case / probabilistic certified:", got.num_certified, prob.num_certified,
+        "max allowance", got.max_allowance, prob.max_allowance)
+  assert max(got.max_allowance) < 1e-9 < min(prob.max_allowance)
+  assert 0 < counts[-1] < counts[1] < got.num_correct

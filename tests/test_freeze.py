@@ -82,3 +82,25 @@ def test_freeze_of_a_single_layer():
   x = jnp.ones((2, 4))
   np.testing.assert_allclose(frozen(x), layer(x), rtol=1e-6, atol=1e-6)
   assert isinstance(frozen.kernel, RescaledKernel) and isinstance(layer.kernel, nnx.Param)
+
+
+def test_freeze_into_float32_widens_bfloat16_before_rescaling():
+  """freeze(dtype=float32): bfloat16 raw kernels are rescaled in float32 and kept there, and
+  a bfloat16 compute dtype is cleared, so the copy computes in float32."""
+  model = _Net(nnx.Rngs(0), jnp.bfloat16)
+  for _, layer in nnx.iter_modules(model):
+    if isinstance(layer, (AOLConv, AOLDense)):
+      layer.dtype = jnp.bfloat16
+  frozen = freeze(model, dtype=jnp.float32)
+  layers = [l for _, l in nnx.iter_modules(frozen) if isinstance(l, (AOLConv, AOLDense))]
+  assert all(l.kernel[...].dtype == jnp.float32 and l.dtype is None for l in layers)
+  # The reference: the same (exactly widened) raw parameters built in float32.
+  reference = _Net(nnx.Rngs(0), jnp.float32)
+  nnx.update(reference, jax.tree.map(lambda a: a.astype(jnp.float32),
+                                     nnx.state(model, nnx.Param)))
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 6, 6, 3)), jnp.float32)
+  y = nnx.jit(lambda m, v: m(v))(frozen, x)
+  assert y.dtype == jnp.float32
+  np.testing.assert_allclose(y, nnx.jit(lambda m, v: m(v))(freeze(reference), x), rtol=1e-6,
+                             atol=1e-6)
+  assert model.dense[0].kernel[...].dtype == jnp.bfloat16  # the original is untouched

@@ -9,6 +9,7 @@ from flax import nnx
 from aol_jax import lipschitz, models
 from aol_jax.blocks import ConcatenationPooling, FirstChannels, Flatten, MaxMin
 from aol_jax.layers import AOLConv, AOLDense
+from helpers import SMALL
 
 
 def _num_params(model: nnx.Module) -> int:
@@ -68,15 +69,6 @@ def test_table2_init_is_identity_where_size_is_preserved():
     centre = tuple((s - 1) // 2 for s in k.shape[:2])
     np.testing.assert_array_equal(k[centre], np.eye(16))
     assert np.count_nonzero(k) == 16
-
-
-SMALL = {
-    "aol_small": dict(channels=16, conv_depth=2, dense_depth=3, width=4, pool=2),
-    "aol_medium": dict(channels=16, conv_depth=2, dense_depth=3, width=8, pool=2),
-    "aol_large": dict(channels=16, conv_depth=2, dense_depth=3, width=12, pool=2),
-    "aol_fc": dict(width=64, depth=3),
-    "aol_std": dict(channels=8, num_stages=2, blocks_per_stage=1, dense_width=64),
-}
 
 
 @pytest.mark.parametrize("name", sorted(models.MODELS))

@@ -10,50 +10,14 @@ round at about ``u * sum_k sqrt(n_k)`` (``u = 2^-24``), well under 1e-5 at these
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
-from sklearn.datasets import load_digits
 
 import aol_jax
-from aol_jax import lipschitz, models
+from aol_jax import lipschitz
+from helpers import SMALL, build_small, digits, train
 
 TOL = 1e-4
-
-SMALL = {
-    "aol_small": dict(channels=16, conv_depth=2, dense_depth=3, width=4, pool=2),
-    "aol_medium": dict(channels=16, conv_depth=2, dense_depth=3, width=8, pool=2),
-    "aol_large": dict(channels=16, conv_depth=2, dense_depth=3, width=12, pool=2),
-    "aol_fc": dict(width=64, depth=4),
-    "aol_std": dict(channels=8, num_stages=2, blocks_per_stage=1, dense_width=64),
-}
-
-
-def _build(name: str, **kw) -> models.AOLNetwork:
-  return models.MODELS[name](10, rngs=nnx.Rngs(0), image_size=8, in_channels=1,
-                             **SMALL[name], **kw)
-
-
-def _digits() -> tuple[np.ndarray, np.ndarray]:
-  digits = load_digits()
-  return (digits.images / 16.0).astype(np.float32)[..., None], digits.target.astype(np.int32)
-
-
-def _trained(model: nnx.Module, steps: int = 100) -> nnx.Module:
-  x, y = _digits()
-  optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
-
-  @nnx.jit
-  def step(model, optimizer, xb, yb):
-    grads = nnx.grad(lambda m: aol_jax.offset_cross_entropy(m(xb), yb))(model)
-    optimizer.update(model, grads)
-
-  rng = np.random.default_rng(0)
-  for _ in range(steps):
-    idx = rng.integers(0, len(x), 64)
-    step(model, optimizer, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
-  return model
-
 
 @jax.jit(static_argnums=0)
 def _power_norms(graphdef, state, xs):
@@ -73,7 +37,7 @@ def _jacobian_norms(model: nnx.Module, xs: jax.Array) -> np.ndarray:
 
 
 def _inputs(n: int) -> jax.Array:
-  x, _ = _digits()
+  x, _ = digits()
   noise = jax.random.uniform(jax.random.key(3), (n // 2, 8, 8, 1))
   return jnp.concatenate([jnp.asarray(x[:n - n // 2]), noise])
 
@@ -97,10 +61,12 @@ def _check_pairs(model: nnx.Module, lip: float) -> float:
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_every_family_is_one_lipschitz_random_and_trained(name):
   xs = _inputs(8)
-  model = _build(name)  # the paper's initialisation: identity or random orthogonal
+  model = build_small(name)  # the paper's initialisation: identity or random orthogonal
   init_norms = _jacobian_norms(model, xs)
   init_ratio = _check_pairs(model, 1.0)
-  trained = _trained(_build(name))
+  x, y = digits()
+  trained = train(build_small(name), x, y, steps=100, learning_rate=1e-2, batch_size=64,
+                  seed=0)
   trained_norms = _jacobian_norms(trained, xs)
   frozen_norms = _jacobian_norms(aol_jax.freeze(trained), xs)
   trained_ratio = _check_pairs(trained, 1.0)
@@ -109,14 +75,16 @@ def test_every_family_is_one_lipschitz_random_and_trained(name):
         f"init {init_ratio:.4f}, trained {trained_ratio:.4f}")
   for norms in (init_norms, trained_norms, frozen_norms):
     assert np.all(norms <= 1 + TOL)
-  # The check has teeth: trained networks come close to the bound (the paper measured
-  # 0.98-0.99 on CIFAR), so a bound broken by a few percent would show. (At init some
+  # What the check can see: these small trained networks reach 0.73-0.78 of the bound on
+  # these inputs (the paper measured 0.98-0.99 on CIFAR after full training), so a network
+  # whose true constant overshoots 1 by more than about 30 % fails the check above. Smaller
+  # per-layer overshoots are caught by test_layers' exact (SVD) norms. (At init some
   # families are far below 1: their orthonormal-column layers project dimensions away.)
-  assert trained_norms.max() > 0.5
+  assert trained_norms.max() > 0.7
 
 
 def test_normalising_network_is_bounded_by_max_inverse_std():
-  model = _build("aol_fc", input_mean=(0.5,), input_std=(0.25,))
+  model = build_small("aol_fc", input_mean=(0.5,), input_std=(0.25,))
   lip = model.lipschitz_bound()
   assert lip == 4.0
   norms = _jacobian_norms(model, _inputs(8))

@@ -1,0 +1,141 @@
+"""The certification protocol: how a layer states its Lipschitz constant and its rounding.
+
+A layer may sit in a certified network (:class:`aol_jax.AOLNetwork`,
+:func:`aol_jax.certify_dataset`) only if it states, about itself, three things:
+
+* ``lipschitz_bound() -> float``: an upper bound ``L`` on its l2 Lipschitz constant in exact
+  arithmetic, ``||f(x) - f(y)||_2 <= L ||x - y||_2`` for all inputs. AOL layers and the
+  blocks state 1; ``AOLNetwork`` states the product over its layers (and ``max(1 / std)``
+  for its input normalisation).
+* ``rounding_terms() -> RoundingTerms``: its part of the probabilistic float32 rounding model
+  (:mod:`aol_jax.rounding`); ``RoundingTerms()`` (zeros) for a map that float arithmetic
+  evaluates exactly (a permutation, max / min, a reshape, a channel selection).
+* ``worst_case_terms(input_shape) -> WorstCaseTerms``: its rigorous float64 terms
+  (:mod:`aol_jax.worst_case`), needed only by ``rounding='worst_case'``. ``input_shape`` is
+  the shape of one example entering the layer.
+
+To certify with a layer of your own, write those methods on your ``nnx.Module``; a
+parameter-free layer that float arithmetic evaluates exactly and that maps 0 to 0 can inherit
+them from :class:`ExactMap` (set ``lipschitz`` on the class). A plain function or a class you
+cannot edit with those properties is declared with :func:`register_exact_map`; ``jax.nn.relu``
+(also ``nnx.relu``) is registered. Anything else, ``nnx.Linear``, ``nnx.Conv`` or an unknown
+module included, is refused with :class:`UndeclaredBoundError`, which names the layer's
+class, its path in the model and this fix.
+
+Example::
+
+  class Halve(nnx.Module):  # y = x / 2: exact in binary floating point
+    def lipschitz_bound(self): return 0.5
+    def rounding_terms(self): return aol_jax.RoundingTerms()
+    def worst_case_terms(self, input_shape): return aol_jax.WorstCaseTerms.exact(0.5)
+    def __call__(self, x): return x / 2
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from aol_jax.rounding import RoundingTerms
+from aol_jax.worst_case import WorstCaseTerms
+
+Path = tuple[Any, ...]
+
+_EXACT_MAPS: dict[Any, float] = {}
+
+
+def register_exact_map(fn_or_type: Any, lipschitz: float) -> None:
+  """Declares ``fn_or_type`` a certifiable layer: l2 ``lipschitz``-Lipschitz, ``f(0) = 0``
+  and evaluated exactly by floating-point arithmetic (no rounding at all).
+
+  ``fn_or_type`` is a function used as a layer (``jax.nn.relu``) or a module class whose
+  instances all have those properties. The claim is yours: a wrong one voids certificates.
+  """
+  if not lipschitz > 0:
+    raise ValueError(f"lipschitz must be positive, got {lipschitz}.")
+  _EXACT_MAPS[fn_or_type] = float(lipschitz)
+
+
+register_exact_map(jax.nn.relu, 1.0)
+
+
+class ExactMap:
+  """Mixin for a parameter-free layer that float arithmetic evaluates exactly, ``f(0) = 0``.
+
+  Subclasses set ``lipschitz`` (default 1) and get the three protocol methods.
+  """
+  lipschitz: float = 1.0
+
+  def lipschitz_bound(self) -> float:
+    return float(self.lipschitz)
+
+  def rounding_terms(self) -> RoundingTerms:
+    return RoundingTerms()
+
+  def worst_case_terms(self, input_shape: Sequence[int]) -> WorstCaseTerms:
+    del input_shape
+    return WorstCaseTerms.exact(self.lipschitz)
+
+
+class UndeclaredBoundError(TypeError):
+  """A layer of a network to be certified does not state what certification needs."""
+
+  def __init__(self, path: Path, layer: Any, method: str):
+    self.path, self.layer, self.method = path, layer, method
+    name = getattr(layer, "__name__", None) or type(layer).__name__
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+    super().__init__(
+        f"{name} at path {path} (model{where}) states no {method}(), so no certificate "
+        "can use it. A certified network may only contain layers that state their l2 "
+        "Lipschitz constant and rounding. Fix: use the AOL counterpart (nnx.Linear -> "
+        "aol_jax.AOLDense, nnx.Conv -> aol_jax.AOLConv); for your own layer define "
+        "lipschitz_bound(), rounding_terms() and worst_case_terms(input_shape) (see "
+        "aol_jax.bounds), or call aol_jax.register_exact_map(fn, lipschitz) for a function "
+        "that floating point evaluates exactly.")
+
+  def within(self, prefix: Path) -> UndeclaredBoundError:
+    """The same error for the layer's path inside an enclosing model at ``prefix``."""
+    return UndeclaredBoundError(tuple(prefix) + self.path, self.layer, self.method)
+
+
+def _registered(layer: Any) -> float | None:
+  for key in (layer, type(layer)):
+    try:
+      if key in _EXACT_MAPS:
+        return _EXACT_MAPS[key]
+    except TypeError:  # unhashable
+      continue
+  return None
+
+
+def _stated(layer: Any, method: str, path: Path, *args) -> Any:
+  fn: Callable | None = getattr(layer, method, None)
+  if fn is None:
+    raise UndeclaredBoundError(path, layer, method)
+  try:
+    return fn(*args)
+  except UndeclaredBoundError as e:  # a container reporting one of its own layers
+    raise e.within(path) from None
+
+
+def lipschitz_bound(layer: Any, path: Path = ()) -> float:
+  """The l2 Lipschitz constant ``layer`` states; ``UndeclaredBoundError`` if it states none."""
+  lip = _registered(layer)
+  return lip if lip is not None else float(_stated(layer, "lipschitz_bound", path))
+
+
+def rounding_terms(layer: Any, path: Path = ()) -> RoundingTerms:
+  """The :class:`RoundingTerms` ``layer`` states (for a network: summed over its layers)."""
+  if _registered(layer) is not None:
+    return RoundingTerms()
+  return _stated(layer, "rounding_terms", path)
+
+
+def worst_case_terms(layer: Any, input_shape: Sequence[int], path: Path = ()) -> WorstCaseTerms:
+  """The :class:`WorstCaseTerms` ``layer`` states for one example of ``input_shape``."""
+  lip = _registered(layer)
+  if lip is not None:
+    return WorstCaseTerms.exact(lip)
+  return _stated(layer, "worst_case_terms", path, tuple(input_shape))

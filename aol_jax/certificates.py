@@ -1,0 +1,83 @@
+"""The certificate: margin against ``sqrt(2) L eps`` plus a rounding allowance, and CRA.
+
+For a network ``f`` with l2 Lipschitz constant ``L``, logits ``s = f(x)`` and label ``y``,
+the margin ``m(s) = s_y - max_{j != y} s_j`` is ``sqrt(2)``-Lipschitz in ``s`` (l2), so
+every ``x'`` with ``||x' - x||_2 <= eps`` keeps the label when ``m(f(x)) > sqrt(2) L eps``
+(AOL paper, Section 6; Tsuzuku et al., NeurIPS 2018). That is the exact-arithmetic
+certificate; the allowance that keeps it true for a floating-point evaluation comes from
+:mod:`aol_jax.rounding` or :mod:`aol_jax.worst_case`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from aol_jax.margins import margins
+
+STANDARD_RADII: tuple[float, ...] = (36 / 255, 72 / 255, 108 / 255, 1.0)
+"""The radii of the AOL paper's tables."""
+
+
+def _allowance_or_warn(allowance, caller: str):
+  if allowance is None:
+    warnings.warn(f"{caller}() without a rounding allowance gives the exact-arithmetic "
+                  "certificate, which floating-point rounding can break; pass "
+                  "allowance=rounding_allowance(...) (certify_dataset does) or "
+                  "allowance=0.0 to silence this.", stacklevel=3)
+    return 0.0
+  return allowance
+
+
+def certify(logits: ArrayLike, labels: ArrayLike, eps: ArrayLike, *,
+            lipschitz_constant: float = 1.0, allowance: ArrayLike | None = None) -> jax.Array:
+  """True where ``s_y - max_{j != y} s_j > sqrt(2) L eps + allowance`` (strict).
+
+  A certified example is correctly classified and keeps its label for every input
+  perturbation of l2 norm <= ``eps``. A tie is never certified, and with ``eps = 0`` this
+  is "correct with a strictly positive margin".
+
+  Args:
+    logits: ``(batch, classes)``.
+    labels: ``(batch,)`` integer class ids.
+    eps: the l2 radius (scalar, or one per example).
+    lipschitz_constant: ``L`` of the network from input to logits (``model.lipschitz_bound()``,
+      which includes ``max(1 / std)`` for a normalising model).
+    allowance: margin slack for floating-point rounding, scalar or per example, from
+      :func:`rounding_allowance` (:func:`certify_dataset` computes it). ``None`` gives the
+      exact-arithmetic certificate and warns; pass ``0.0`` to ask for it explicitly.
+  """
+  allowance = _allowance_or_warn(allowance, "certify")
+  if lipschitz_constant <= 0:
+    raise ValueError(f"lipschitz_constant must be positive, got {lipschitz_constant}.")
+  m = margins(logits, labels)
+  threshold = math.sqrt(2) * lipschitz_constant * jnp.asarray(eps, m.dtype)
+  return m > threshold + jnp.asarray(allowance, m.dtype)
+
+
+def certified_robust_accuracy(logits: ArrayLike, labels: ArrayLike, eps_list: Sequence[float], *,
+                              lipschitz_constant: float = 1.0,
+                              allowance: ArrayLike | Callable[[float], ArrayLike] | None = None
+                              ) -> tuple[jax.Array, jax.Array]:
+  """Clean accuracy and the certified robust accuracy at each radius of ``eps_list``.
+
+  CRA(eps) is the fraction of examples that :func:`certify` accepts at ``eps``; clean
+  accuracy the fraction with a strictly positive margin. ``allowance`` may be a callable
+  ``eps -> slack`` (the rounding allowance grows with ``eps``) or an array as in
+  :func:`certify`.
+
+  Returns:
+    ``(clean_accuracy, cra)`` with ``cra`` of shape ``(len(eps_list),)``.
+  """
+  allowance = _allowance_or_warn(allowance, "certified_robust_accuracy")
+  m = margins(logits, labels)
+  clean = jnp.mean(m > 0)
+  cra = [jnp.mean(certify(logits, labels, eps, lipschitz_constant=lipschitz_constant,
+                          allowance=allowance(eps) if callable(allowance) else allowance))
+         for eps in eps_list]
+  return clean, jnp.stack(cra)
