@@ -65,8 +65,12 @@ def affine_warp(image: jax.Array, angle: jax.Array, shift: jax.Array) -> jax.Arr
   rotation = jnp.stack([jnp.stack([cos, -sin]), jnp.stack([sin, cos])]).astype(jnp.float32)
   offset = centre - rotation @ (shift.astype(jnp.float32) + centre)
   matrix = jnp.eye(3, dtype=jnp.float32).at[:2, :2].set(rotation)  # channels map to themselves
-  return pix.affine_transform(image, matrix, offset=jnp.concatenate([offset, jnp.zeros_like(offset[:1])]), order=1,
-                              mode="reflect")
+  # zeros_like, not jnp.append(offset, 0.0): under vmap on a batch-sharded explicit mesh the
+  # literal gets an empty mesh and the concatenation is refused.
+  offset = jnp.concatenate([offset, jnp.zeros_like(offset[:1])])
+  # mode='reflect' runs through jax.scipy.ndimage.map_coordinates over all three axes (the
+  # channel axis too, at weight 0): about 2.5x the time of a 2-D hand-written warp on CPU.
+  return pix.affine_transform(image, matrix, offset=offset, order=1, mode="reflect")
 
 
 def _augment_one(key: jax.Array, image: jax.Array, config: AugmentConfig) -> jax.Array:
