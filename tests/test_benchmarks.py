@@ -158,7 +158,7 @@ def test_certify_throughput(capsys, tmp_path):
   results, out = _check(capsys, tmp_path, certify_throughput.main, ["images/s"])
   n = certify_throughput.NUM_IMAGES["tiny"]
   assert results["num_images"] == results["certified_examples"] == n
-  assert results["certify_correct"] == results["forward_correct"]
+  assert results["agrees_with_forward"] == 1.0
   assert results["throughput_ratio"] == pytest.approx(
       results["images_per_s"]["certify_dataset"] / results["images_per_s"]["forward"])
   assert len(_table_rows(out)) == 3
