@@ -101,6 +101,12 @@ def augment(key: jax.Array, images: jax.Array, *,
   Deterministic per ``key``; the draws for image ``i`` do not depend on how the batch is
   sharded. See the module docstring for the transformations. Computed in float32 (the
   draws are float32 in ``dm_pix``), returned in the input's dtype.
+
+  Example:
+    >>> x = jnp.full((2, 8, 8, 3), 0.5, jnp.bfloat16)
+    >>> y = augment(jax.random.key(0), x)
+    >>> y.shape, y.dtype, bool((y >= 0).all() & (y <= 1).all())
+    ((2, 8, 8, 3), dtype(bfloat16), True)
   """
   if images.ndim != 4:
     raise ValueError(f"augment expects a batch of images (N, H, W, C), got shape {images.shape}.")
