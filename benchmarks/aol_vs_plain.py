@@ -98,9 +98,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return timing.report(f"AOL vs plain: memory of variants ({args.size})", table, out,
                          module=__spec__.name, argv=argv, json_path=args.json,
                          notes=[" ".join(memory_variants.__doc__.split("\n\n")[1].split())])
-  defaults = {"tiny": (1, 1), "quick": (2, 7), "paper": (1, 5)}[args.size]
-  warmup = defaults[0] if args.warmup is None else args.warmup
-  repeats = defaults[1] if args.repeats is None else args.repeats
+  warmup, repeats = timing.warmup_and_repeats(
+      args, {"tiny": (1, 1), "quick": (2, 7), "paper": (1, 5)})
   r = run(args.size, warmup=warmup, repeats=repeats)
   s, n = r["stats"], r["net"]
   labels = {"aol": "AOL (core, default Gram)", "aol_proto": "AOL (prototype Gram, gram_variants)",

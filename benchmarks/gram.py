@@ -2,9 +2,11 @@
 
 Each row times ``rescale(K)`` (forward) and the gradient of ``<rescale(K), R>`` (forward +
 backward) for one formulation, interleaved with the others at the same shape; ratios are
-against the core's current default. Conv methods: ``conv`` (self-convolution) and ``taps``
-(one matmul per tap offset) from ``aol_jax.rescaling``; ``gemm`` / ``gemm_symvjp`` and the
-dense ``symvjp`` are the prototypes of ``benchmarks.gram_variants``.
+against the core's default, and each row also gives the FLOPs of the compiled program
+(XLA's ``cost_analysis``). Conv methods ``conv`` (self-convolution) and ``taps`` (one GEMM
+over all pairs of taps) and the dense ``matmul`` are ``aol_jax.rescaling``'s; ``autodiff``
+(the core's Gram with JAX's own two-product derivative) and ``lowmem`` (backward keeping
+only ``sign(G)``) are ``benchmarks.gram_variants``.
 
   python -m benchmarks.gram --size paper
 """
@@ -32,6 +34,7 @@ def run(size: str, *, warmup: int, repeats: int) -> list[dict[str, Any]]:
   import jax.numpy as jnp
   from aol_jax import rescaling
   from benchmarks import gram_variants as gv
+  from benchmarks import nets
 
   rows = []
   for name, shape in SHAPES[size]:
@@ -41,17 +44,20 @@ def run(size: str, *, warmup: int, repeats: int) -> list[dict[str, Any]]:
     dense = len(shape) == 2
     methods = gv.DENSE_METHODS if dense else gv.CONV_METHODS
     baseline = "matmul" if dense else rescaling.DEFAULT_GRAM_METHOD
-    fns = {}
+    fns, flops = {}, {}
     for m in methods:
       rescale = gv.rescale_dense_fn(m) if dense else gv.rescale_conv_fn(m)
-      fwd = jax.jit(rescale)
+      fwd = jax.jit(rescale).lower(kernel).compile()
       grad = jax.jit(jax.grad(lambda k, rescale=rescale: jnp.vdot(rescale(k), probe)))
+      grad = grad.lower(kernel).compile()
+      flops[m] = (nets.flops(fwd), nets.flops(grad))
       fns[f"{m} fwd"] = lambda f=fwd: f(kernel)
       fns[f"{m} fwd+bwd"] = lambda f=grad: f(kernel)
     stats = timing.time_interleaved(fns, warmup=warmup, repeats=repeats)
     for m in methods:
       rows.append({
           "layer": name, "shape": shape, "method": m, "baseline": baseline,
+          "fwd_flops": flops[m][0], "fwdbwd_flops": flops[m][1],
           "fwd_ms": stats[f"{m} fwd"]["median"] * 1e3,
           "fwdbwd_ms": stats[f"{m} fwd+bwd"]["median"] * 1e3,
           "fwd_ratio": timing.ratio(stats, f"{m} fwd", f"{baseline} fwd"),
@@ -63,18 +69,19 @@ def run(size: str, *, warmup: int, repeats: int) -> list[dict[str, Any]]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = timing.parser(__doc__.splitlines()[0]).parse_args(argv)
   timing.set_threads(args.threads)
-  defaults = {"tiny": (1, 1), "quick": (2, 7), "paper": (2, 7)}[args.size]
-  warmup = defaults[0] if args.warmup is None else args.warmup
-  repeats = defaults[1] if args.repeats is None else args.repeats
+  warmup, repeats = timing.warmup_and_repeats(
+      args, {"tiny": (1, 1), "quick": (2, 7), "paper": (2, 7)})
   rows = run(args.size, warmup=warmup, repeats=repeats)
   table = timing.markdown_table(
       ["layer", "method", "fwd (ms)", "fwd+bwd (ms)", "fwd / baseline", "fwd+bwd / baseline",
-       "baseline"],
+       "baseline", "fwd MFLOP", "fwd+bwd MFLOP"],
       [[r["layer"], r["method"], r["fwd_ms"], r["fwdbwd_ms"], r["fwd_ratio"],
-        r["fwdbwd_ratio"], r["baseline"]] for r in rows])
+        r["fwdbwd_ratio"], r["baseline"], r["fwd_flops"] / 1e6, r["fwdbwd_flops"] / 1e6]
+       for r in rows])
   notes = [f"Medians of {repeats} interleaved repeats after {warmup} warm-up; all methods of "
            "a layer are timed together. Forward = the rescaled kernel; fwd+bwd = its "
-           "gradient through a fixed random projection."]
+           "gradient through a fixed random projection. FLOPs: XLA's cost_analysis() of each "
+           "compiled program."]
   return timing.report(f"Gram formulations ({args.size})", table, rows,
                        module=__spec__.name, argv=argv, json_path=args.json, notes=notes)
 

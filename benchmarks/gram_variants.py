@@ -1,26 +1,26 @@
-"""Prototype Gram formulations, measured by ``benchmarks.gram`` against the core's.
+"""AOL rescalings whose derivative differs from the core's, for the benchmarks to measure.
 
-These are candidates for :mod:`aol_jax.rescaling`, kept here until they are adopted there;
-each returns what the core function of the same role returns (``tests/test_benchmarks.py``).
+The core (:mod:`aol_jax.rescaling`) forms the Gram of a dense kernel ``P`` as ``P P^T`` and
+that of a conv kernel from ONE matrix product over all pairs of taps, ``Kf Kf^T`` with ``Kf``
+the ``(taps * in, out)`` kernel, and differentiates ``a a^T`` with one product,
+``(dG + dG^T) a`` (``_outer_gram``). The benchmarks take all of that from the core. Kept
+here is only what the core does not do:
 
-* :func:`sym_gram`: ``A @ A.T`` with a hand-written backward pass. Autodiff of ``A @ A.T``
-  forms two products, ``dG @ A + dG.T @ A``; since both factors are the same array one
-  product, ``(dG + dG.T) @ A``, gives the same gradient: a third less work per step. As a
-  ``custom_vjp`` it cannot be differentiated in forward mode with respect to ``A``; a
-  ``custom_jvp`` with tangent ``t + t.T``, ``t = dA @ A.T``, transposes to the same single
-  product and keeps forward mode (what the README recommends for the core).
-* :func:`conv_gram_gemm`: the conv Gram from ONE matrix product over all pairs of kernel
-  taps, ``Kf @ Kf.T`` with ``Kf`` the ``(taps * in, out)`` kernel, whose ``(p, q)`` block is
-  ``K[p] K[q]^T``; ``G[s]`` sums the blocks with ``p - q = s`` through a static 0/1 matrix
-  (the core's ``'taps'`` forms the same pairs with an einsum and sums them by
-  ``segment_sum``).
-* ``*_lowmem``: the same factors with a backward pass whose only residual besides the kernel
-  is ``sign(G)`` as int8; a memory experiment (``aol_vs_plain --memory-variants``).
+* ``autodiff``: the same factors with JAX's own derivative of ``a a^T``, two products
+  (``dG a + dG^T a``) in the backward pass: the baseline the core's one-product derivative
+  is measured against (``benchmarks.gram``).
+* ``lowmem``: the same factors with a backward pass whose only residual besides the kernel is
+  ``sign(G)`` as int8, a quarter of ``G``'s float32 bytes (``aol_vs_plain --memory-variants``).
+
+Both work on dense ``(in, out)`` and conv ``(*spatial, in, out)`` kernels alike: a dense
+kernel is a conv kernel with one tap. ``tests/test_benchmarks.py`` checks that they give the
+core's factors and gradients.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from functools import partial
 
 import jax
@@ -32,163 +32,129 @@ from aol_jax import rescaling
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-@jax.custom_vjp
-def sym_gram(a: jax.Array) -> jax.Array:
-  """``a @ a.T`` (float32-exact), with backward ``(dG + dG.T) @ a``: one product, not two."""
-  return jnp.matmul(a, a.T, precision=_HIGHEST)
-
-
-def _sym_gram_fwd(a):
-  return sym_gram(a), a
-
-
-def _sym_gram_bwd(a, dg):
-  return (jnp.matmul(dg + dg.T, a, precision=_HIGHEST),)
-
-
-sym_gram.defvjp(_sym_gram_fwd, _sym_gram_bwd)
-
-
-def _offset_sum_matrix(ksize: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
-  """0/1 matrix ``(offsets, taps * taps)``: which tap pairs ``(p, q)`` have ``p - q = s``."""
+def _pair_offsets(ksize: tuple[int, ...]) -> tuple[np.ndarray, int]:
+  """Offset index ``s = p - q`` (row-major over ``[-(k - 1), k - 1]``) of each pair of taps
+  ``(p, q)`` in row-major pair order, and the number of offsets."""
   taps = list(itertools.product(*[range(k) for k in ksize]))
   offsets = list(itertools.product(*[range(-(k - 1), k) for k in ksize]))
   index = {s: i for i, s in enumerate(offsets)}
-  m = np.zeros((len(offsets), len(taps) ** 2), np.float32)
-  for a, p in enumerate(taps):
-    for b, q in enumerate(taps):
-      m[index[tuple(pi - qi for pi, qi in zip(p, q))], a * len(taps) + b] = 1
-  return m, tuple(2 * k - 1 for k in ksize)
+  pairs = [index[tuple(pi - qi for pi, qi in zip(p, q))] for p in taps for q in taps]
+  return np.asarray(pairs, np.int32), len(offsets)
 
 
-def conv_gram_gemm(kernel: jax.Array, *, symmetric_vjp: bool = True) -> jax.Array:
-  """``conv_gram(kernel)`` (``feature_group_count=1``) from one ``(taps*in)^2 x out`` GEMM."""
-  nd = kernel.ndim - 2
-  ksize = kernel.shape[:nd]
-  c_in, c_out = kernel.shape[-2:]
-  kernel = kernel.astype(rescaling.compute_dtype(kernel.dtype))
-  t = int(np.prod(ksize))
-  flat = kernel.reshape(t * c_in, c_out)
-  pairs = sym_gram(flat) if symmetric_vjp else jnp.matmul(flat, flat.T, precision=_HIGHEST)
-  if t == 1:
-    return pairs.reshape(*(1,) * nd, c_in, c_in)
-  pairs = pairs.reshape(t, c_in, t, c_in).transpose(0, 2, 1, 3).reshape(t * t, c_in, c_in)
-  m, gsize = _offset_sum_matrix(ksize)
-  gram = jnp.einsum("sk,kij->sij", jnp.asarray(m, pairs.dtype), pairs, precision=_HIGHEST)
-  return gram.reshape(*gsize, c_in, c_in)
-
-
-def dense_factors_sym(kernel: jax.Array, *, eps: float = 1e-6) -> jax.Array:
-  """``rescaling.dense_factors`` with the Gram from :func:`sym_gram`."""
-  p = kernel.astype(rescaling.compute_dtype(kernel.dtype))
-  return jax.lax.rsqrt(jnp.abs(sym_gram(p)).sum(-1) + eps)
-
-
-def rescale_dense_sym(kernel: jax.Array, *, eps: float = 1e-6) -> jax.Array:
-  d = dense_factors_sym(kernel, eps=eps)
-  return (kernel.astype(d.dtype) * d[:, None]).astype(kernel.dtype)
-
-
-def rescale_conv_gemm(kernel: jax.Array, *, eps: float = 1e-6,
-                      symmetric_vjp: bool = True) -> jax.Array:
-  gram = conv_gram_gemm(kernel, symmetric_vjp=symmetric_vjp)
-  d = jax.lax.rsqrt(jnp.abs(gram).sum(axis=tuple(range(gram.ndim - 1))) + eps)
-  return (kernel.astype(d.dtype) * d[:, None]).astype(kernel.dtype)
-
-
-def _factors_vjp(gram_fn, pairs_grad_fn):
-  """AOL factors ``d = (sum |G| + eps)^-1/2`` with a backward pass that keeps only
-  ``sign(G)`` as int8 (a quarter of ``G``'s float32 bytes) besides the kernel.
-
-  ``gram_fn(flat) -> (G, aux)`` builds the Gram (offsets first, factor axis second to
-  last) from the ``(rows, out)`` matrix ``flat``; ``pairs_grad_fn(dG) -> dPairs`` maps a
-  Gram cotangent to the cotangent of ``flat @ flat.T``, whose own backward is
-  ``(dPairs + dPairs.T) @ flat``: one product.
-  """
-
-  @partial(jax.custom_vjp, nondiff_argnums=(1,))
-  def factors(flat, eps):
-    gram = gram_fn(flat)
-    return jax.lax.rsqrt(jnp.abs(gram).sum(axis=(*range(gram.ndim - 2), gram.ndim - 1)) + eps)
-
-  def fwd(flat, eps):
-    gram = gram_fn(flat)
-    d = jax.lax.rsqrt(jnp.abs(gram).sum(axis=(*range(gram.ndim - 2), gram.ndim - 1)) + eps)
-    return d, (flat, d, jnp.sign(gram).astype(jnp.int8))
-
-  def bwd(eps, res, dd):
-    flat, d, sign = res
-    ds = -0.5 * d ** 3 * dd  # d = (s + eps)^-1/2
-    dgram = sign.astype(flat.dtype) * ds[:, None]  # s_i = sum_{offsets, j} |G[., i, j]|
-    dpairs = pairs_grad_fn(dgram)
-    return (jnp.matmul(dpairs + dpairs.T, flat, precision=_HIGHEST),)
-
-  factors.defvjp(fwd, bwd)
-  return factors
-
-
-def rescale_dense_lowmem(kernel: jax.Array, *, eps: float = 1e-6) -> jax.Array:
-  """``rescaling.rescale_dense`` whose backward stores ``sign(P P^T)`` as int8 only."""
-  p = kernel.astype(rescaling.compute_dtype(kernel.dtype))
-  factors = _factors_vjp(lambda f: jnp.matmul(f, f.T, precision=_HIGHEST), lambda dg: dg)
-  d = factors(p, eps)
-  return (p * d[:, None]).astype(kernel.dtype)
-
-
-def rescale_conv_lowmem(kernel: jax.Array, *, eps: float = 1e-6) -> jax.Array:
-  """``rescaling.rescale_conv`` (one GEMM over tap pairs) storing ``sign(G)`` as int8 only."""
-  nd = kernel.ndim - 2
-  ksize = kernel.shape[:nd]
-  c_in, c_out = kernel.shape[-2:]
+def _flat(kernel: jax.Array) -> tuple[jax.Array, tuple[int, ...], int]:
+  """The ``(taps * in, out)`` matrix of a dense or conv kernel, its taps' shape and ``in``."""
+  ksize, (c_in, c_out) = tuple(kernel.shape[:-2]), kernel.shape[-2:]
   k = kernel.astype(rescaling.compute_dtype(kernel.dtype))
+  return k.reshape(-1, c_out), ksize, c_in
+
+
+def _pairs_to_gram(pairs: jax.Array, ksize: tuple[int, ...], c_in: int) -> jax.Array:
+  """``(taps * in)^2`` products of tap pairs -> Gram ``(offsets, in, in)``: each pair's
+  ``(in, in)`` block summed into its offset."""
   t = int(np.prod(ksize))
-  m, _ = _offset_sum_matrix(ksize)
-  m = jnp.asarray(m, k.dtype)
-
-  def gram_fn(flat):
-    pairs = jnp.matmul(flat, flat.T, precision=_HIGHEST)
-    pairs = pairs.reshape(t, c_in, t, c_in).transpose(0, 2, 1, 3).reshape(t * t, c_in, c_in)
-    return jnp.einsum("sk,kij->sij", m, pairs, precision=_HIGHEST)
-
-  def pairs_grad_fn(dgram):
-    dpairs = jnp.einsum("sk,sij->kij", m, dgram, precision=_HIGHEST)
-    return dpairs.reshape(t, t, c_in, c_in).transpose(0, 2, 1, 3).reshape(t * c_in, t * c_in)
-
-  d = _factors_vjp(gram_fn, pairs_grad_fn)(k.reshape(t * c_in, c_out), eps)
-  return (k * d[:, None]).astype(kernel.dtype)
+  pairs = pairs.reshape(t, c_in, t, c_in).transpose(0, 2, 1, 3).reshape(t * t, c_in, c_in)
+  segment, n = _pair_offsets(ksize)
+  return jax.ops.segment_sum(pairs, segment, num_segments=n)
 
 
-def conv_gram_fn(method: str):
-  """``kernel -> Gram`` for a core method name or a prototype name."""
+def _gram_to_pairs(dgram: jax.Array, ksize: tuple[int, ...], c_in: int) -> jax.Array:
+  """The transpose of :func:`_pairs_to_gram` (for a Gram cotangent)."""
+  t = int(np.prod(ksize))
+  dpairs = dgram[_pair_offsets(ksize)[0]]
+  return dpairs.reshape(t, t, c_in, c_in).transpose(0, 2, 1, 3).reshape(t * c_in, t * c_in)
+
+
+def _factors(gram: jax.Array, eps: float) -> jax.Array:
+  """``d_i = (sum_{s, j} |G[s, i, j]| + eps)^-1/2``."""
+  return jax.lax.rsqrt(jnp.abs(gram).sum(axis=(0, 2)) + eps)
+
+
+def gram_autodiff(kernel: jax.Array) -> jax.Array:
+  """The Gram (``rescaling.conv_gram``'s shape for a conv kernel, ``(in, in)`` for a dense
+  one) from the tap-pair product ``Kf Kf^T`` differentiated by JAX itself."""
+  flat, ksize, c_in = _flat(kernel)
+  gram = _pairs_to_gram(jnp.matmul(flat, flat.T, precision=_HIGHEST), ksize, c_in)
+  return gram.reshape(*(2 * k - 1 for k in ksize), c_in, c_in)
+
+
+def rescale_autodiff(kernel: jax.Array, *, eps: float = 1e-6) -> jax.Array:
+  """The core's rescaled kernel, with the derivative of ``Kf Kf^T`` left to autodiff."""
+  flat, ksize, c_in = _flat(kernel)
+  gram = _pairs_to_gram(jnp.matmul(flat, flat.T, precision=_HIGHEST), ksize, c_in)
+  d = _factors(gram, eps)
+  return (kernel.astype(d.dtype) * d[:, None]).astype(kernel.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _factors_lowmem(flat: jax.Array, ksize: tuple[int, ...], c_in: int,
+                    eps: float) -> jax.Array:
+  gram = _pairs_to_gram(jnp.matmul(flat, flat.T, precision=_HIGHEST), ksize, c_in)
+  return _factors(gram, eps)
+
+
+def _factors_lowmem_fwd(flat, ksize, c_in, eps):
+  gram = _pairs_to_gram(jnp.matmul(flat, flat.T, precision=_HIGHEST), ksize, c_in)
+  d = _factors(gram, eps)
+  return d, (flat, d, jnp.sign(gram).astype(jnp.int8))
+
+
+def _factors_lowmem_bwd(ksize, c_in, eps, res, dd):
+  flat, d, sign = res
+  ds = -0.5 * d ** 3 * dd  # d = (s + eps)^-1/2
+  dgram = sign.astype(flat.dtype) * ds[:, None]  # s_i = sum_{offsets, j} |G[., i, j]|
+  dpairs = _gram_to_pairs(dgram, ksize, c_in)
+  return (jnp.matmul(dpairs + dpairs.T, flat, precision=_HIGHEST),)
+
+
+_factors_lowmem.defvjp(_factors_lowmem_fwd, _factors_lowmem_bwd)
+
+
+def rescale_lowmem(kernel: jax.Array, *, eps: float = 1e-6) -> jax.Array:
+  """The core's rescaled kernel, whose backward pass keeps only ``sign(G)`` as int8 (and the
+  kernel) and forms the kernel's cotangent with one product, ``(dM + dM^T) Kf``."""
+  flat, ksize, c_in = _flat(kernel)
+  d = _factors_lowmem(flat, ksize, c_in, eps)
+  return (kernel.astype(d.dtype) * d[:, None]).astype(kernel.dtype)
+
+
+# Names for benchmarks.aol_vs_plain (whose body another change is editing): the former
+# prototypes "gemm" and "symvjp" are the core's formulation now, so they are the core.
+rescale_conv_gemm = rescaling.rescale_conv
+rescale_dense_sym = rescaling.rescale_dense
+rescale_conv_lowmem = rescale_dense_lowmem = rescale_lowmem
+
+CONV_METHODS = (*rescaling.GRAM_METHODS, "autodiff", "lowmem")
+DENSE_METHODS = ("matmul", "autodiff", "lowmem")
+
+
+def conv_gram_fn(method: str) -> Callable[[jax.Array], jax.Array]:
+  """``kernel -> Gram`` for a core method name or ``'autodiff'`` / ``'lowmem'`` (which share
+  their forward pass)."""
   if method in rescaling.GRAM_METHODS:
     return partial(rescaling.conv_gram, method=method)
-  return {"gemm": partial(conv_gram_gemm, symmetric_vjp=False),
-          "gemm_symvjp": conv_gram_gemm}[method]
+  return {"autodiff": gram_autodiff, "lowmem": gram_autodiff}[method]
 
 
-def rescale_conv_fn(method: str):
-  """``kernel -> rescaled kernel`` for a core method name or a prototype name."""
+def rescale_conv_fn(method: str) -> Callable[..., jax.Array]:
+  """``(kernel, eps=) -> rescaled kernel`` for a name in :data:`CONV_METHODS`."""
   if method in rescaling.GRAM_METHODS:
     return partial(rescaling.rescale_conv, method=method)
-  return {"gemm": partial(rescale_conv_gemm, symmetric_vjp=False),
-          "gemm_symvjp": rescale_conv_gemm, "gemm_lowmem": rescale_conv_lowmem}[method]
+  return {"autodiff": rescale_autodiff, "lowmem": rescale_lowmem}[method]
 
 
-def rescale_dense_fn(method: str):
-  return {"matmul": rescaling.rescale_dense, "symvjp": rescale_dense_sym,
-          "lowmem": rescale_dense_lowmem}[method]
+def rescale_dense_fn(method: str) -> Callable[..., jax.Array]:
+  """``(kernel, eps=) -> rescaled kernel`` for a name in :data:`DENSE_METHODS`."""
+  return {"matmul": rescaling.rescale_dense, "autodiff": rescale_autodiff,
+          "lowmem": rescale_lowmem}[method]
 
 
-CONV_METHODS = ("conv", "taps", "gemm", "gemm_symvjp")  # Gram-level: conv_gram_fn
-RESCALE_CONV_METHODS = CONV_METHODS + ("gemm_lowmem",)  # rescale-level: rescale_conv_fn
-DENSE_METHODS = ("matmul", "symvjp", "lowmem")
-
-
-def prototype_net(model, *, conv_method: str = "gemm_symvjp", dense_method: str = "symvjp",
+def prototype_net(model, *, conv_method: str = "lowmem", dense_method: str = "lowmem",
                   conv_rescale=None, dense_rescale=None):
-  """``model`` with its AOL layers rescaled by prototype formulations (same parameters).
+  """``model`` with its AOL layers rescaled by other formulations (same parameters).
 
-  ``conv_rescale`` / ``dense_rescale`` (``(kernel, eps=) -> kernel``) override the methods.
+  By default the ``lowmem`` backward in every layer. ``conv_rescale`` / ``dense_rescale``
+  (``(kernel, eps=) -> kernel``) override the methods.
   """
   from flax import nnx
   from aol_jax.layers import AOLConv, AOLDense

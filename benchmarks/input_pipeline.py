@@ -68,6 +68,7 @@ def run(size_name: str, *, warmup: int, repeats: int, on_device: bool | None
   stats = timing.time_interleaved({"epoch": epoch, "steps": steps_alone}, warmup=warmup,
                                   repeats=repeats)
   return {"size": size_name, "net": vars(size), "steps": steps, "on_device": batches.on_device,
+          "steps_run": int(jax.device_get(holder["state"].step)),
           "stats": stats, "ratio": timing.ratio(stats, "epoch", "steps"),
           "ratio_min": timing.ratio(stats, "epoch", "steps", "min"),
           "cpu_ratio": timing.ratio(stats, "epoch", "steps", "cpu_median")}
@@ -79,9 +80,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  help="gather batches on the host (TrainBatches(on_device=False))")
   args = p.parse_args(argv)
   timing.set_threads(args.threads)
-  defaults = {"tiny": (1, 1), "quick": (1, 3), "paper": (1, 3)}[args.size]
-  warmup = defaults[0] if args.warmup is None else args.warmup
-  repeats = defaults[1] if args.repeats is None else args.repeats
+  warmup, repeats = timing.warmup_and_repeats(
+      args, {"tiny": (1, 1), "quick": (1, 3), "paper": (1, 3)})
   r = run(args.size, warmup=warmup, repeats=repeats, on_device=False if args.on_host else None)
   s = r["stats"]
   met = lambda v: "yes" if v <= TARGET else f"no (+{v - TARGET:.3f})"

@@ -138,6 +138,23 @@ def parser(description: str) -> argparse.ArgumentParser:
   return p
 
 
+def warmup_and_repeats(args: argparse.Namespace,
+                       defaults: Mapping[str, tuple[int, int]]) -> tuple[int, int]:
+  """``(warmup, repeats)``: ``--warmup`` / ``--repeats`` where given, else ``defaults[size]``.
+
+  ``defaults`` maps every ``--size`` to the benchmark's own ``(warmup, repeats)``.
+  """
+  missing = set(SIZES) - set(defaults)
+  if missing:
+    raise ValueError(f"warmup/repeats defaults lack the sizes {sorted(missing)}.")
+  warmup, repeats = defaults[args.size]
+  warmup = warmup if args.warmup is None else args.warmup
+  repeats = repeats if args.repeats is None else args.repeats
+  if warmup < 0 or repeats < 1:
+    raise SystemExit(f"--warmup must be >= 0 and --repeats >= 1, got {warmup} and {repeats}.")
+  return warmup, repeats
+
+
 def report(title: str, table: str, results: Any, *, module: str,
            argv: Sequence[str] | None, json_path: str | None,
            notes: Sequence[str] = ()) -> dict[str, Any]:

@@ -116,7 +116,7 @@ def torch_modules(torch):
     conv = nn.Conv2d(c, c, 3, padding=1) if plain else AOLConv2D(c, c, 3, padding=1)
     return nn.Sequential(InputScale(), conv)
 
-  return network, single_layer, offset_ce
+  return network, single_layer, offset_ce, AOLLinear
 
 
 def torch_step(torch, model, x, y, loss):
@@ -135,6 +135,40 @@ def torch_step(torch, model, x, y, loss):
 PARTS = ("layer", "conv", "network")
 
 
+def agreement(torch, aol_linear, channels: int, features: int) -> dict[str, float]:
+  """Both sides compute the same layers: ``max |ours - theirs| / max |ours|`` of one forward
+  pass with the same random weights and inputs, for a 3x3 ``channels -> channels`` AOLConv
+  against orthogonium's ``AOLConv2D`` (which rescales input channels when ``out >= in``, as
+  ours always does) and for ``AOLDense`` against the torch side's ``AOLLinear``."""
+  import jax
+  import numpy as np
+  from flax import nnx
+  from orthogonium.layers.conv.AOL import AOLConv2D
+  from aol_jax.layers import AOLConv, AOLDense
+
+  keys = jax.random.split(jax.random.key(2), 6)
+  to_torch = lambda a, *axes: torch.from_numpy(np.asarray(a).transpose(*axes).copy())
+  out = {}
+  conv, conv_t = AOLConv(channels, channels, (3, 3), rngs=nnx.Rngs(0)), AOLConv2D(
+      channels, channels, 3, padding=1)
+  dense, dense_t = AOLDense(features, features, rngs=nnx.Rngs(0)), aol_linear(features, features)
+  for name, ours, theirs, x_shape, k_axes, x_axes in [
+      ("3x3 layer", conv, conv_t, (4, 8, 8, channels), (3, 2, 0, 1), (0, 3, 1, 2)),
+      ("dense layer", dense, dense_t, (4, features), (1, 0), (0, 1))]:
+    kernel = jax.random.normal(keys[0], ours.kernel.shape) / ours.kernel.shape[-1] ** 0.5
+    bias = jax.random.normal(keys[1], ours.bias.shape)
+    x = jax.random.normal(keys[2], x_shape)
+    ours.kernel, ours.bias = nnx.Param(kernel), nnx.Param(bias)
+    weight = getattr(theirs, "parametrizations", None)  # orthogonium's raw kernel
+    with torch.no_grad():
+      (theirs.weight if weight is None else weight.weight.original).copy_(to_torch(kernel, *k_axes))
+      theirs.bias.copy_(to_torch(bias))
+      y_t = theirs(to_torch(x, *x_axes)).numpy().transpose(np.argsort(x_axes))
+    y = np.asarray(ours(x))
+    out[name] = float(np.abs(y - y_t).max() / np.abs(y).max())
+  return out
+
+
 def run(size_name: str, *, warmup: int, repeats: int,
         parts: Sequence[str] = PARTS) -> dict[str, Any]:
   torch = _import_torch()
@@ -143,16 +177,17 @@ def run(size_name: str, *, warmup: int, repeats: int,
   import numpy as np
   from flax import nnx
   from aol_jax.layers import AOLConv
-  from benchmarks import gram_variants as gv
   from benchmarks import nets
 
   threads = len(os.sched_getaffinity(0))
   torch.set_num_threads(threads)
   torch.manual_seed(0)
-  network, single_layer, offset_ce = torch_modules(torch)
+  network, single_layer, offset_ce, aol_linear = torch_modules(torch)
   size = nets.SIZES[size_name]
   results: dict[str, Any] = {"size": size_name, "net": vars(size), "threads": threads,
-                             "torch": torch.__version__}
+                             "torch": torch.__version__,
+                             "agreement": agreement(torch, aol_linear, size.channels,
+                                                    64 * size.width)}
 
   # Single 3x3 layer, c channels on 8x8, batch as the network's.
   class InputScale(nnx.Module):
@@ -171,7 +206,6 @@ def run(size_name: str, *, warmup: int, repeats: int,
   aol_conv = AOLConv(c, c, (3, 3), rngs=nnx.Rngs(0))
   jax_layers = {
       "jax AOL": layer(aol_conv),
-      "jax AOL (prototype Gram)": layer(gv.prototype_net(nets.AOLNetwork([aol_conv])).layers[0]),
       "jax plain": layer(nnx.Conv(c, c, (3, 3), padding="SAME", rngs=nnx.Rngs(0))),
       "jax plain bf16": layer(nnx.Conv(c, c, (3, 3), padding="SAME", dtype=jnp.bfloat16,
                                        rngs=nnx.Rngs(0))),
@@ -220,8 +254,7 @@ def run(size_name: str, *, warmup: int, repeats: int,
   y_t = torch.from_numpy(np.asarray(y).astype(np.int64))
   aol = nets.aol_net(size)
   fns = {}
-  for name, m in {"jax AOL": aol, "jax AOL (prototype Gram)": gv.prototype_net(aol),
-                  "jax plain": nets.plain_net(aol)}.items():
+  for name, m in {"jax AOL": aol, "jax plain": nets.plain_net(aol)}.items():
     step = nets.train_step(m, x, y)
     fns[name] = lambda s=step: s(x, y)
   fns["torch AOL (orthogonium)"] = torch_step(torch, network(size), x_t, y_t, offset_ce)
@@ -304,9 +337,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          notes=["Each row is its own process; every cell is ours / theirs "
                                 "measured within that process, as median wall time / median "
                                 "CPU time."])
-  defaults = {"tiny": (1, 1), "quick": (2, 5), "paper": (1, 5)}[args.size]
-  warmup = defaults[0] if args.warmup is None else args.warmup
-  repeats = defaults[1] if args.repeats is None else args.repeats
+  warmup, repeats = timing.warmup_and_repeats(
+      args, {"tiny": (1, 1), "quick": (2, 5), "paper": (1, 5)})
   results = run(args.size, warmup=warmup, repeats=repeats, parts=parts)
   table = timing.markdown_table(
       ["what", "ours", "theirs", "ours (ms)", "theirs (ms)", "ours / theirs (median)",
@@ -315,7 +347,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   notes = [f"torch {results['torch']}, torch.set_num_threads({results['threads']}); XLA's CPU "
            f"pool sized by the process's {results['threads']} CPUs. Batch {n['batch']}, "
            f"{n['channels']} channels; warm-up {warmup}, {repeats} interleaved repeats. "
-           "Torch runs NCHW (its default), JAX NHWC."]
+           "Torch runs NCHW (its default), JAX NHWC. Same weights, same output: max |ours - "
+           "theirs| / max |ours| = "
+           + ", ".join(f"{v:.1e} ({k})" for k, v in results["agreement"].items()) + "."]
   return timing.report(f"vs PyTorch / orthogonium ({args.size})", table, results,
                        module=__spec__.name, argv=argv, json_path=args.json, notes=notes)
 

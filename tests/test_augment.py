@@ -1,23 +1,28 @@
-"""aol_jax.training.augment: the paper's augmentation, checked piece by piece against numpy."""
+"""aol_jax.training.augment: the paper's augmentation, checked piece by piece against numpy, and
+the paper's parameters checked at the dm_pix calls that run them."""
 
 import colorsys
 import dataclasses
 import math
 
+import dm_pix as pix
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from aol_jax import training
-from aol_jax.training.augment import (NONE, AugmentConfig, affine_warp, augment, hsv_to_rgb,
-                                      rgb_to_hsv)
+from aol_jax.training.augment import NONE, AugmentConfig, affine_warp, augment
 
 # Everything under test runs jitted; the config is a pytree of arrays, so one compile per shape.
 augment_jit = jax.jit(augment)
-warp, to_hsv, to_rgb = jax.jit(affine_warp), jax.jit(rgb_to_hsv), jax.jit(hsv_to_rgb)
+warp, to_hsv, to_rgb = jax.jit(affine_warp), jax.jit(pix.rgb_to_hsv), jax.jit(pix.hsv_to_rgb)
 
 N = 32
+# AOL section 5 (/work/shared/reference/aol.md; Keras RandomRotation(5/360),
+# RandomTranslation(0.1, 0.1), tf.image colour jitter, random_flip_left_right).
+PAPER = dict(flip=True, translate=0.1, rotate_degrees=5.0, hue=0.02, saturation=(0.3, 2.0),
+             brightness=0.1, contrast=(0.5, 2.0))
 
 
 def images(n=N, size=12, channels=3, lo=0.0, hi=1.0, seed=0):
@@ -163,7 +168,12 @@ def test_sharded_batch_gives_the_same_draws():
   with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else jax.set_mesh(mesh):
     y = augment_jit(jax.random.key(7), sharded)
   assert y.sharding.spec[0] == "data"
-  np.testing.assert_allclose(np.asarray(y), np.asarray(expected), atol=1e-6)
+  # dm_pix computes the sample coordinates with a float32 matmul whose rounding depends on the
+  # per-device batch (a few ulp of a coordinate < 2 * size); with pixel values in [0, 1] the
+  # output moves by at most that. Different draws would differ by ~0.1.
+  atol = 4 * float(np.spacing(np.float32(2 * x.shape[1])))
+  np.testing.assert_allclose(np.asarray(y), np.asarray(expected), atol=atol, rtol=0)
+  assert float(jnp.abs(augment_jit(jax.random.key(8), x) - expected).max()) > 100 * atol
 
 
 def test_rejects_bad_inputs():
@@ -171,3 +181,62 @@ def test_rejects_bad_inputs():
     augment(jax.random.key(0), jnp.zeros((4, 4, 3)))
   with pytest.raises(ValueError, match="float"):
     augment(jax.random.key(0), jnp.zeros((1, 4, 4, 3), jnp.uint8))
+
+
+def test_defaults_are_the_papers():
+  assert dataclasses.asdict(AugmentConfig()) == PAPER
+  assert AugmentConfig() == AugmentConfig(**PAPER)
+
+
+def test_paper_parameters_are_what_runs(monkeypatch):
+  """Spy on the dm_pix calls: the paper's strengths are what they receive, the warp's matrix is
+  a rotation within +-5 degrees and a shift within +-10 %, with reflect fill."""
+  calls, warps = {}, []
+
+  def spy(name):
+    real = getattr(pix, name)
+
+    def wrapper(*args, **kwargs):
+      calls.setdefault(name, []).append((args[2:], kwargs))  # what follows (key, image)
+      return real(*args, **kwargs)
+    monkeypatch.setattr(pix, name, wrapper)
+
+  for name in ["random_hue", "random_saturation", "random_brightness", "random_contrast",
+               "random_flip_left_right"]:
+    spy(name)
+  real_affine = pix.affine_transform
+
+  def affine(image, matrix, **kwargs):
+    calls.setdefault("affine_transform", []).append(((), {k: v for k, v in kwargs.items()
+                                                          if k in ("order", "mode")}))
+    jax.debug.callback(lambda m, o: warps.append((np.asarray(m), np.asarray(o))), matrix,
+                       kwargs["offset"])
+    return real_affine(image, matrix, **kwargs)
+  monkeypatch.setattr(pix, "affine_transform", affine)
+
+  n, size = 64, 20
+  jax.block_until_ready(augment(jax.random.key(0), images(n, size)))  # eager: plain floats
+  assert calls == {
+      "random_hue": [((), dict(max_delta=0.02))],
+      "random_saturation": [((0.3, 2.0), {})],
+      "random_brightness": [((), dict(max_delta=0.1))],
+      "random_contrast": [((0.5, 2.0), {})],
+      "random_flip_left_right": [((), dict(probability=0.5))],
+      "affine_transform": [((), dict(order=1, mode="reflect"))],  # bilinear, d c b a | a b c d
+  }
+  m = np.concatenate([a.reshape(-1, 3, 3) for a, _ in warps])  # one callback per batch
+  offset = np.concatenate([o.reshape(-1, 3) for _, o in warps])
+  assert len(m) == n
+  np.testing.assert_allclose(m[:, 2], np.broadcast_to([0, 0, 1], (n, 3)))  # channels kept
+  np.testing.assert_allclose(m[:, :2, 2], 0)
+  np.testing.assert_allclose(offset[:, 2], 0)
+  rotation = m[:, :2, :2]
+  np.testing.assert_allclose(rotation @ rotation.transpose(0, 2, 1),
+                             np.broadcast_to(np.eye(2), (n, 2, 2)), atol=1e-6)
+  angle = np.degrees(np.arctan2(rotation[:, 1, 0], rotation[:, 0, 0]))
+  assert np.abs(angle).max() <= 5.0 + 1e-4 and angle.min() < -4.0 and angle.max() > 4.0
+  # Input sample = M p + offset = c + M (p - shift - c)  =>  shift = M^T (c - offset) - c.
+  centre = np.full(2, (size - 1) / 2)
+  shift = np.einsum("nji,nj->ni", rotation, centre - offset[:, :2]) - centre
+  assert np.abs(shift).max() <= 0.1 * size + 1e-4
+  assert (shift.min(0) < -0.08 * size).all() and (shift.max(0) > 0.08 * size).all()  # y and x

@@ -1,20 +1,29 @@
-"""Smoke tests: every benchmark runs at its tiny size, prints its table and writes JSON.
+"""Every benchmark runs at its tiny size, prints its table, writes JSON, and measures what it
+says it measures: FLOPs against the Gram's FLOP formula, the torch side against ours on the
+same weights, certification against the bare forward pass, the steps it claims to run.
 
 No timing assertions: how fast something runs is measured by the benchmarks, never tested.
 """
 
 import json
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from benchmarks import aol_vs_plain, certify_throughput, gram, timing
+from aol_jax import rescaling
+from aol_jax.layers import AOLConv, AOLDense
+from benchmarks import aol_vs_plain, certify_throughput, gram, input_pipeline, nets, timing
+from benchmarks import gram_variants as gv
+from benchmarks import vs_torch
 
 TINY = ["--size", "tiny", "--warmup", "0", "--repeats", "1"]
 
 
-def _check(capsys, tmp_path, main, columns):
+def _check(capsys, tmp_path, main, columns, argv=TINY):
   path = tmp_path / "out.json"
-  payload = main(TINY + ["--json", str(path)])
+  payload = main(argv + ["--json", str(path)])
   out = capsys.readouterr().out
   assert "|---" in out
   for column in columns:
@@ -23,7 +32,22 @@ def _check(capsys, tmp_path, main, columns):
   assert written["title"] == payload["title"]
   assert written["environment"]["jax"]
   assert "--size tiny" in written["environment"]["command"]
-  return written["results"]
+  return written["results"], out
+
+
+def _table_rows(out):
+  """The body rows of the printed Markdown table, as lists of cells."""
+  lines = [l for l in out.splitlines() if l.startswith("| ")]
+  return [[c.strip() for c in l.strip("|").split("|")] for l in lines[1:]]
+
+
+def _gram_products(shape):
+  """FLOPs of one Gram product ``Kf Kf^T``, ``Kf`` the ``(taps * in, out)`` kernel: the AOL
+  Gram ``sum_o K[p, i, o] K[q, j, o]`` over all tap pairs (reference section 2), 2 FLOPs per
+  multiply-add; and the entries of the Gram and the kernel, which bound the elementwise work
+  (abs, sums, rsqrt, scaling and their derivatives: a few FLOPs per entry)."""
+  taps, (c_in, c_out) = int(np.prod(shape[:-2])), shape[-2:]
+  return 2 * (taps * c_in) ** 2 * c_out, (taps * c_in) ** 2 + taps * c_in * c_out
 
 
 def test_time_interleaved_runs_every_candidate_and_rotates():
@@ -39,32 +63,79 @@ def test_markdown_table():
   assert timing.markdown_table(["x", "y"], [["a", 1.23456]]) == "| x | y |\n|---|---|\n| a | 1.23 |"
 
 
+def test_warmup_and_repeats():
+  p = timing.parser("x")
+  defaults = {"tiny": (1, 2), "quick": (3, 4), "paper": (5, 6)}
+  assert timing.warmup_and_repeats(p.parse_args([]), defaults) == (3, 4)
+  assert timing.warmup_and_repeats(p.parse_args(["--size", "paper"]), defaults) == (5, 6)
+  assert timing.warmup_and_repeats(p.parse_args(["--repeats", "9"]), defaults) == (3, 9)
+  assert timing.warmup_and_repeats(p.parse_args(["--warmup", "0"]), defaults) == (0, 4)
+  with pytest.raises(SystemExit, match="--repeats >= 1"):
+    timing.warmup_and_repeats(p.parse_args(["--repeats", "0"]), defaults)
+  with pytest.raises(ValueError, match="lack the sizes"):
+    timing.warmup_and_repeats(p.parse_args([]), {"tiny": (1, 1)})
+
+
 def test_aol_vs_plain(capsys, tmp_path):
-  results = _check(capsys, tmp_path, aol_vs_plain.main, ["time / plain"])
-  assert set(results["time_ratio"]) == {"aol", "aol_proto", "plain"}
-  assert results["memory_ratio"]["plain"] == 1.0
+  results, out = _check(capsys, tmp_path, aol_vs_plain.main, ["time / plain"])
+  names = set(results["time_ratio"])
+  assert {"aol", "plain"} <= names
+  assert len(_table_rows(out)) == len(names)  # one table row per network
+  flops = results["flops"]
+  for n in names:
+    assert results["flops_ratio"][n] == pytest.approx(flops[n] / flops["plain"])
+    assert results["memory_ratio"][n] == pytest.approx(
+        results["peak_bytes"][n] / results["peak_bytes"]["plain"])
+  # The AOL step does the plain step's work plus, per layer, the Gram product forward and
+  # one product backward (its one-product derivative), plus elementwise work.
+  products, entries = 0, 0
+  for layer in nets.aol_net(nets.SIZES["tiny"]).layers:
+    if isinstance(layer, (AOLConv, AOLDense)):
+      p, e = _gram_products(layer.kernel.shape)
+      products, entries = products + p, entries + e
+  for n in names - {"plain"}:
+    extra = flops[n] - flops["plain"]
+    assert 2 * products <= extra <= 2 * products + 8 * entries, (n, extra / products)
+    assert results["flops_ratio"][n] > 1
 
 
 def test_aol_vs_plain_memory_variants(capsys, tmp_path):
   path = tmp_path / "mem.json"
   aol_vs_plain.main(["--size", "tiny", "--memory-variants", "--json", str(path)])
-  assert "memory / plain" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "memory / plain" in out
   results = json.loads(path.read_text())["results"]
-  assert results["plain"]["memory_ratio"] == 1.0
+  assert len(_table_rows(out)) == len(results)
+  for v in results.values():
+    assert v["memory_ratio"] == pytest.approx(v["peak_bytes"] / results["plain"]["peak_bytes"])
+  # Gradients through frozen factors skip the Gram's backward product: fewer FLOPs.
+  assert results["stop_gradient(d) everywhere"]["flops"] < results["AOL (core)"]["flops"]
 
 
 def test_gram(capsys, tmp_path):
-  rows = _check(capsys, tmp_path, gram.main, ["fwd+bwd / baseline"])
-  assert {r["method"] for r in rows} >= {"conv", "taps", "matmul"}
+  rows, out = _check(capsys, tmp_path, gram.main, ["fwd+bwd / baseline", "fwd+bwd MFLOP"])
+  assert len(_table_rows(out)) == len(rows)
+  by_layer = {}
+  for r in rows:
+    by_layer.setdefault(tuple(r["shape"]), {})[r["method"]] = r
+  assert {len(s) for s in by_layer} == {2, 4}  # dense and conv layers
+  for shape, methods in by_layer.items():
+    expected = gv.DENSE_METHODS if len(shape) == 2 else gv.CONV_METHODS
+    assert tuple(methods) == expected
+    product, entries = _gram_products(shape)
+    baseline = "matmul" if len(shape) == 2 else rescaling.DEFAULT_GRAM_METHOD
+    assert methods[baseline]["fwdbwd_ratio"] == 1.0
+    # Forward: one Gram product. Backward: one more (core, lowmem) or two (autodiff).
+    backward_products = {"matmul": 1, "taps": 1, "lowmem": 1, "autodiff": 2}
+    for m, r in methods.items():
+      assert product <= r["fwd_flops"] <= product + 4 * entries, (shape, m)
+      if m in backward_products:
+        total = (1 + backward_products[m]) * product
+        assert total <= r["fwdbwd_flops"] <= total + 8 * entries, (shape, m)
 
 
 def test_gram_variants_match_the_core():
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from aol_jax import rescaling
-  from benchmarks import gram_variants as gv
-  for shape in [(3, 3, 6, 5), (1, 1, 4, 6)]:
+  for shape in [(3, 3, 6, 5), (1, 1, 4, 6), (3, 6, 5)]:
     k = jax.random.normal(jax.random.key(0), shape)
     probe = jax.random.normal(jax.random.key(1), shape)
     ref = rescaling.conv_gram(k, method="conv")
@@ -75,28 +146,41 @@ def test_gram_variants_match_the_core():
       np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-6)
   p = jax.random.normal(jax.random.key(2), (12, 7))
   probe = jax.random.normal(jax.random.key(3), (12, 7))
-  np.testing.assert_allclose(jax.jit(gv.rescale_dense_sym)(p), rescaling.rescale_dense(p),
-                             rtol=1e-6)
-  np.testing.assert_allclose(
-      jax.jit(jax.grad(lambda p: jnp.vdot(gv.rescale_dense_sym(p), probe)))(p),
-      jax.grad(lambda p: jnp.vdot(rescaling.rescale_dense(p), probe))(p), rtol=1e-5, atol=1e-6)
+  ref_grad = jax.grad(lambda p: jnp.vdot(rescaling.rescale_dense(p), probe))(p)
+  for m in gv.DENSE_METHODS:
+    rescale = gv.rescale_dense_fn(m)
+    np.testing.assert_allclose(jax.jit(rescale)(p), rescaling.rescale_dense(p), rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(jax.grad(lambda p: jnp.vdot(rescale(p), probe)))(p),
+                               ref_grad, rtol=1e-5, atol=1e-6)
 
 
 def test_certify_throughput(capsys, tmp_path):
-  results = _check(capsys, tmp_path, certify_throughput.main, ["images/s"])
-  assert results["throughput_ratio"] > 0
+  results, out = _check(capsys, tmp_path, certify_throughput.main, ["images/s"])
+  n = certify_throughput.NUM_IMAGES["tiny"]
+  assert results["num_images"] == results["certified_examples"] == n
+  assert results["agrees_with_forward"] == 1.0
+  assert results["throughput_ratio"] == pytest.approx(
+      results["images_per_s"]["certify_dataset"] / results["images_per_s"]["forward"])
+  assert len(_table_rows(out)) == 3
 
 
 def test_vs_torch(capsys, tmp_path):
-  pytest.importorskip("torch")
-  pytest.importorskip("orthogonium")
-  from benchmarks import vs_torch
-  results = _check(capsys, tmp_path, vs_torch.main, ["ours / theirs (median)"])
-  assert "torch AOL (orthogonium)" in results["network"]
+  results, out = _check(capsys, tmp_path, vs_torch.main, ["ours / theirs (median)"])
+  assert set(results["network"]) == {"jax AOL", "jax plain", "torch AOL (orthogonium)",
+                                     "torch plain"}
   assert "torch forward + kernel grad" in results["conv"]
+  jax_rows = sum(1 for part in ("layer", "conv", "network") for name in results[part]
+                 if name.startswith("jax"))
+  assert len(_table_rows(out)) == jax_rows
+  # Same weights and inputs: the torch side computes our layers (float32 rounding apart).
+  assert set(results["agreement"]) == {"3x3 layer", "dense layer"}
+  for what, err in results["agreement"].items():
+    assert err < 1e-5, what
 
 
 def test_input_pipeline(capsys, tmp_path):
-  from benchmarks import input_pipeline
-  results = _check(capsys, tmp_path, input_pipeline.main, ["epoch / steps (median)"])
-  assert results["steps"] == input_pipeline.STEPS["tiny"]
+  results, _ = _check(capsys, tmp_path, input_pipeline.main, ["epoch / steps (median)"])
+  steps = input_pipeline.STEPS["tiny"]
+  assert results["steps"] == steps
+  # Warm-up 0 and 1 repeat: one epoch and one run of the steps alone, each `steps` steps.
+  assert results["steps_run"] == 2 * steps
