@@ -1,4 +1,5 @@
-"""experiments.cifar.configs: every preset sets every field, each with a comment."""
+"""experiments.cifar.configs: the full presets set every field, each with a comment; the
+derived ones change only what differs, each with a comment."""
 
 import dataclasses
 import inspect
@@ -9,14 +10,34 @@ import pytest
 from experiments.cifar import configs
 
 
-@pytest.mark.parametrize("preset", configs.PRESETS)
-def test_preset_sets_every_field_with_one_comment(preset):
+def _set_with_comment(preset):
   module = __import__(f"experiments.cifar.configs.{preset}", fromlist=["get_config"])
   source = inspect.getsource(module.get_config)
-  fields = {f.name for f in dataclasses.fields(configs.Config)}
-  set_here = dict(re.findall(r"^\s+(\w+)=.*#\s*(\S.*)$", source, re.M))
-  assert set(set_here) == fields
+  return module, set(re.findall(r"^\s+(\w+)=.*#\s*(?:\S.*)$", source, re.M))
+
+
+@pytest.mark.parametrize("preset", ["paper", "digits"])
+def test_full_preset_sets_every_field_with_one_comment(preset):
+  module, set_here = _set_with_comment(preset)
+  assert set_here == {f.name for f in dataclasses.fields(configs.Config)}
   assert isinstance(module.get_config(), configs.Config)
+
+
+@pytest.mark.parametrize("preset,base", [("tiny", "paper"), ("mnist5k", "digits")])
+def test_derived_preset_sets_exactly_what_differs_from_its_base(preset, base):
+  module, set_here = _set_with_comment(preset)
+  derived, parent = configs.get_config(preset), configs.get_config(base)
+  differs = {f.name for f in dataclasses.fields(configs.Config)
+             if getattr(derived, f.name) != getattr(parent, f.name)}
+  assert set_here == differs and differs
+  # Derived, not copied: a change to the base shows in the derived preset.
+  base_module = __import__(f"experiments.cifar.configs.{base}", fromlist=["get_config"])
+  original = base_module.get_config
+  try:
+    base_module.get_config = lambda: dataclasses.replace(original(), weight_decay=0.125)
+    assert module.get_config().weight_decay == 0.125
+  finally:
+    base_module.get_config = original
 
 
 def test_overrides_apply_and_none_keeps_the_preset_value():
@@ -39,3 +60,23 @@ def test_paper_preset_is_the_papers_recipe():
 def test_bad_presets_and_fields_are_refused(preset, fields, match):
   with pytest.raises(configs.ConfigError, match=match):
     configs.get_config(preset, **fields)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("epochs", 0, "must be >= 1, got 0"),
+    ("epochs", -3, "must be >= 1, got -3"),
+    ("batch_size", 0, "must be >= 1, got 0"),
+    ("learning_rate", float("nan"), "finite number > 0"),
+    ("momentum", 1.0, r"in \[0, 1\)"),
+    ("epochs", 2.5, "has type float"),
+    ("augment", 1, "has type int"),
+])
+def test_field_errors_name_the_field(field, value, match):
+  config = dataclasses.replace(configs.get_config("tiny"), **{field: value})
+  errors = configs.field_errors(config)
+  assert list(errors) == [field] and re.search(match, errors[field])
+
+
+def test_the_presets_have_no_field_errors():
+  for preset in configs.PRESETS:
+    assert configs.field_errors(configs.get_config(preset)) == {}

@@ -29,19 +29,20 @@ def test_process_shares_are_equal_disjoint_and_cover_all_but_the_remainder():
   assert len(set(np.concatenate(shares))) == 9
 
 
-def _digits_batches(num_devices: int, on_device: bool, batch: int = 64):
-  d = input_pipeline.load_digits()
+def _digits_batches(num_devices: int, on_device: bool, batch: int = 64, seed: int = 3):
+  order = input_pipeline.DataOrder(1437, batch, seed)
+  d = input_pipeline.load_digits(train_indices=lambda n: order.share(0, 1))
   mesh = training.make_data_mesh(num_devices)
   return input_pipeline.TrainBatches(mesh, d.train_images, d.train_labels, max_value=16.0,
-                                     global_batch_size=batch, on_device=on_device), d
+                                     order=order, on_device=on_device), d
 
 
 @pytest.mark.parametrize("num_devices,on_device", [(1, False), (8, True), (8, False)])
 def test_batches_are_the_same_on_device_or_host_on_1_or_8_devices(num_devices, on_device):
   reference, d = _digits_batches(1, True)
   batches, _ = _digits_batches(num_devices, on_device)
-  order = batches.epoch_order(seed=3, epoch=2)
-  np.testing.assert_array_equal(order, reference.epoch_order(seed=3, epoch=2))
+  order = batches.epoch_order(epoch=2)
+  np.testing.assert_array_equal(order, reference.epoch_order(epoch=2))
   images, labels = batches.batch(order[1])
   want_images, want_labels = reference.batch(order[1])
   assert images.dtype == np.float32 and images.sharding == training.data_sharding(batches.mesh)
@@ -52,12 +53,32 @@ def test_batches_are_the_same_on_device_or_host_on_1_or_8_devices(num_devices, o
   np.testing.assert_array_equal(np.asarray(labels), d.train_labels[order[1]])
 
 
-def test_epoch_order_is_a_partial_permutation_that_changes_with_the_epoch():
-  batches, d = _digits_batches(1, True)
-  a, b = batches.epoch_order(0, 0), batches.epoch_order(0, 1)
-  assert a.shape == (1437 // 64, 64) == (batches.steps_per_epoch, 64)
-  assert len(set(a.ravel())) == a.size and not np.array_equal(a, b)
-  np.testing.assert_array_equal(a, batches.epoch_order(0, 0))
+def test_epoch_order_uses_each_example_at_most_once_and_changes_with_the_epoch():
+  order = input_pipeline.DataOrder(1437, 64, seed=0)
+  share = order.share(0, 1)
+  a, b = order.epoch_order(0), order.epoch_order(1)
+  assert a.shape == (1437 // 64, 64) == (order.steps_per_epoch, 64)
+  examples = share[a.ravel()]
+  assert len(set(examples)) == a.size and not np.array_equal(a, b)
+  np.testing.assert_array_equal(a, order.epoch_order(0))
+  # Over epochs every example is drawn (the 29 that do not fit one epoch rotate).
+  drawn = set(np.concatenate([share[order.epoch_order(e).ravel()] for e in range(20)]))
+  assert drawn == set(range(1437))
+
+
+@pytest.mark.parametrize("processes", [2, 4, 8])
+def test_global_batches_do_not_depend_on_the_process_count(processes):
+  """Each process reads only its share (1/P of the examples, disjoint) and the global batch
+  that the processes fill together is the one a single process draws."""
+  order = input_pipeline.DataOrder(1000, 64, seed=5)
+  single = order.share(0, 1)[order.epoch_order(3)]  # (steps, 64) example indices
+  shares = [order.share(p, processes) for p in range(processes)]
+  real = [set(s) for s in shares]
+  assert all(len(s) == len(shares[0]) for s in shares)
+  assert sum(len(s) for s in real) == 1000 and set().union(*real) == set(range(1000))
+  together = np.concatenate([shares[p][order.epoch_order(3, p, processes)]
+                             for p in range(processes)], axis=1)
+  np.testing.assert_array_equal(together, single)
 
 
 def test_batch_size_not_divisible_by_devices_is_refused():

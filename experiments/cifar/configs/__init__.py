@@ -1,6 +1,11 @@
-"""The experiment's configuration: one frozen dataclass, and one file per preset.
+"""The experiment's configuration: one dataclass, one file per preset, and its validation.
 
-A preset file defines ``get_config() -> Config`` and sets every field, one comment each.
+A preset file defines ``get_config() -> Config``. ``paper`` and ``digits`` set every field,
+one comment each; ``tiny`` and ``mnist5k`` derive from them (big_vision's ``runlocal``
+convention) and set only what differs. On the command line a preset file is the value of
+``--config`` (ml_collections' ``config_flags``) and every field can be overridden with
+``--config.<field>=<value>``, type-checked; :func:`validate` then checks ranges and paths
+before anything runs.
 """
 
 from __future__ import annotations
@@ -8,20 +13,29 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import os
+import typing
 from typing import Any
 
-PRESETS = ("paper", "digits", "tiny")
+from etils import epath
+
+PRESETS = ("paper", "digits", "tiny", "mnist5k")
+PRESET_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 class ConfigError(ValueError):
   """A configuration that cannot run (unknown preset, model or dataset, bad sizes)."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Config:
-  """Everything a run depends on; plain data, saved with every checkpoint."""
-  dataset: str = "cifar10"  # 'cifar10', 'cifar100' or 'digits'
-  data_dir: str | None = None  # tfds data directory; None: ~/tensorflow_datasets
+  """Everything a run depends on; plain data, saved with every checkpoint.
+
+  Not frozen so that ``config_flags`` can apply ``--config.<field>`` overrides; treat an
+  instance as a value (derive with ``dataclasses.replace``).
+  """
+  dataset: str = "cifar10"  # 'cifar10', 'cifar100', 'digits' or 'mnist5k'
+  data_dir: str | None = None  # tfds data directory (local or gs://); None: ~/tensorflow_datasets
   manual_dir: str | None = None  # directory holding the original archive; None: <data_dir>/downloads/manual
   download: bool = True  # let tfds download the archive when it is not in manual_dir
   model: str = "aol_small"  # a key of aol_jax.models.MODELS
@@ -40,21 +54,82 @@ class Config:
   checkpoint_every: int = 10  # epochs between checkpoints (the last epoch is always saved)
   max_to_keep: int = 3  # checkpoints kept on disk
   eval_every: int = 10  # epochs between test-set evaluations in metrics.jsonl
-  eval_batch_size: int = 500  # rows per evaluation / certification call
+  eval_batch_size: int = 500  # rows per evaluation / certification call (any size, padded)
   log_every: int = 50  # steps between loss / accuracy updates of the progress bar
 
 
 # Fields that fix the shapes of the saved state: a checkpoint only resumes under the same.
 STATE_FIELDS = ("dataset", "model", "model_kwargs")
 
+# Lower bounds of the integer and float fields (``None`` allowed where the type says so).
+_AT_LEAST = {"epochs": 1, "batch_size": 1, "checkpoint_every": 1, "max_to_keep": 1,
+             "eval_every": 1, "eval_batch_size": 1, "log_every": 1, "num_devices": 1,
+             "seed": 0, "weight_decay": 0.0, "loss_offset": 0.0}
+_POSITIVE = ("learning_rate", "loss_temperature")
+
+
+def preset_path(preset: str) -> str:
+  """The file of ``preset``, the value ``--preset=<preset>`` stands for in ``--config``."""
+  if preset not in PRESETS:
+    raise ConfigError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+  return os.path.join(PRESET_DIR, f"{preset}.py")
+
 
 def get_config(preset: str, **overrides: Any) -> Config:
   """The preset's config with ``overrides`` (``None`` values are ignored) applied."""
-  if preset not in PRESETS:
-    raise ConfigError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+  preset_path(preset)
   config = importlib.import_module(f"{__name__}.{preset}").get_config()
   overrides = {k: v for k, v in overrides.items() if v is not None}
   unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
   if unknown:
     raise ConfigError(f"Unknown config fields: {sorted(unknown)}.")
   return dataclasses.replace(config, **overrides)
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+  origin = typing.get_origin(hint)
+  if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    return any(_type_ok(value, h) for h in typing.get_args(hint))
+  if hint is type(None):
+    return value is None
+  if origin is dict:
+    return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+  if hint is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if hint is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  return isinstance(value, hint)
+
+
+def field_errors(config: Config) -> dict[str, str]:
+  """``{field: what is wrong}`` for types and ranges (no devices, files or data needed)."""
+  errors = {}
+  hints = typing.get_type_hints(Config)
+  for field in dataclasses.fields(Config):
+    value = getattr(config, field.name)
+    if not _type_ok(value, hints[field.name]):
+      errors[field.name] = f"has type {type(value).__name__}, expected {hints[field.name]}"
+  unknown = sorted(set(vars(config)) - set(hints))
+  for name in unknown:
+    errors[name] = "is not a field of the config"
+  for name, low in _AT_LEAST.items():
+    value = getattr(config, name)
+    if name not in errors and value is not None and not value >= low:
+      errors[name] = f"must be >= {low}, got {value!r}"
+  for name in _POSITIVE:
+    value = getattr(config, name)
+    if name not in errors and not (math.isfinite(value) and value > 0):
+      errors[name] = f"must be a finite number > 0, got {value!r}"
+  if "momentum" not in errors and not 0 <= config.momentum < 1:
+    errors["momentum"] = f"must be in [0, 1), got {config.momentum!r}"
+  return errors
+
+
+def path_error(path: str | None) -> str | None:
+  """Why ``path`` cannot be a directory to read or write (it names a file), or None."""
+  if path is None:
+    return None
+  p = epath.Path(path)
+  if p.exists() and not p.is_dir():
+    return f"names an existing file, {path}, not a directory"
+  return None

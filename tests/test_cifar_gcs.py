@@ -1,0 +1,93 @@
+"""The entry point with its workdir in a bucket (``gs://``), against a real GCS-protocol
+server on localhost (``gcp-storage-emulator``): every file of a run lands there, and a
+corrupt newest checkpoint in the bucket is named, moved aside and skipped."""
+
+import io
+import json
+import os
+
+import matplotlib.image
+import numpy as np
+import pytest
+from etils import epath
+
+from cifar_testdata import accept_archive, write_cifar10_archive
+from experiments.cifar.__main__ import main
+from local_servers import BUCKET, gcs_emulator
+
+
+def _clear_client_caches():
+  """gcsfs and epath keep one client per protocol; a new server needs new clients."""
+  import gcsfs
+  from etils.epath import backend
+  gcsfs.GCSFileSystem.clear_instance_cache()
+  type(backend.fsspec_backend)._get_filesystem.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def gcs():
+  with gcs_emulator() as env:
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    _clear_client_caches()
+    try:
+      yield env
+    finally:
+      for k, v in saved.items():
+        if v is None:
+          os.environ.pop(k, None)
+        else:
+          os.environ[k] = v
+      _clear_client_caches()
+
+
+@pytest.fixture
+def archive(tmp_path, monkeypatch):
+  path, _ = write_cifar10_archive(str(tmp_path / "manual"), per_file=8)
+  accept_archive(monkeypatch, path)
+  return path
+
+
+def _steps(root: epath.Path) -> list[int]:
+  return sorted(int(p.name) for p in (root / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_a_run_in_a_bucket_writes_everything_there_and_skips_a_corrupt_checkpoint(
+    tmp_path, archive, gcs, capsys):
+  work = f"gs://{BUCKET}/run"
+  flags = ["--accelerator=cpu", "--preset=tiny", f"--data_dir={tmp_path / 'data'}",
+           f"--manual_dir={tmp_path / 'manual'}", f"--workdir={work}"]
+  out = main(flags)
+  root = epath.Path(work)
+  assert {p.name for p in root.iterdir()} == {
+      "checkpoints", "metrics.jsonl", "results.md", "results.json", "training_curves.png",
+      "certified_accuracy.png"}  # and nothing half-written beside them
+  history = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+  assert history == out["history"] and [r["step"] for r in history] == [5, 10, 15]
+  results = json.loads((root / "results.json").read_text())
+  assert results["num_examples"] == 8 and results["clean_accuracy"] == out["clean_accuracy"]
+  assert "| model | n | clean | 36/255 | 72/255 | 108/255 | 1 |" in (root / "results.md").read_text()
+  for name in ("training_curves.png", "certified_accuracy.png"):
+    image = matplotlib.image.imread(io.BytesIO((root / name).read_bytes()), format="png")
+    assert image.ndim == 3 and min(image.shape[:2]) > 100
+  assert _steps(root) == [10, 15]  # max_to_keep=2, each committed with orbax's marker
+  assert all((root / "checkpoints" / s / "commit_success.txt").exists() for s in ("10", "15"))
+
+  # Garble every array file of the newest checkpoint, in the bucket.
+  garbled = 0
+  for path in (root / "checkpoints" / "15" / "state").iterdir():
+    if path.is_dir():
+      for f in path.iterdir():
+        if not f.is_dir():
+          f.write_bytes(np.random.default_rng(0).bytes(len(f.read_bytes())))
+          garbled += 1
+  assert garbled
+  capsys.readouterr()
+  again = main([*flags, "--epochs=4"])
+  printed = capsys.readouterr().out
+  assert f"checkpoint {work}/checkpoints/15 is corrupt" in printed
+  assert "at step 10 (epoch 2)" in printed
+  assert (root / "checkpoints" / "corrupt" / "15" / "commit_success.txt").exists()
+  assert [r["epoch"] for r in again["history"]] == [1, 2, 3, 4]
+  assert again["history"][:2] == history[:2]
+  assert _steps(root) == [15, 20]  # epoch 3 retrained and saved again, then epoch 4
