@@ -207,3 +207,14 @@ def test_tiny_run_on_1_2_4_8_devices_with_an_eval_batch_they_do_not_divide(tmp_p
   for n in (2, 4, 8):
     for key in ("train_loss", "train_accuracy", "test_accuracy", "test_cra_36"):
       assert records[n][key] == pytest.approx(records[1][key], rel=1e-4, abs=1e-6), (n, key)
+
+
+@pytest.mark.parametrize("preset,flags", [
+    ("paper", {"batch_size": 256}), ("digits", {}), ("tiny", {}), ("mnist5k", {})])
+def test_every_preset_validates_on_8_devices(tmp_path, preset, flags):
+  # paper needs --batch_size=256 on 8 devices (250 does not divide), as the README says.
+  config = configs.get_config(preset, **flags)
+  train.validate(config, str(tmp_path / "work"))
+  if preset == "paper":
+    with pytest.raises(configs.ConfigError, match="batch_size 250 is not divisible by the 8"):
+      train.validate(configs.get_config(preset), str(tmp_path / "work"))
