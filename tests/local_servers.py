@@ -66,3 +66,30 @@ def gcs_emulator(bucket: str = BUCKET):
   finally:
     server.terminate()
     server.wait(timeout=30)
+
+
+def _clear_client_caches() -> None:
+  """gcsfs and epath keep one client per protocol, and epath remembers its choice of
+  backend (``EPATH_USE_TF``); a new server needs new clients."""
+  import gcsfs
+  from etils.epath import backend, gpath
+  gcsfs.GCSFileSystem.clear_instance_cache()
+  type(backend.fsspec_backend)._get_filesystem.cache_clear()
+  gpath._is_tf_installed.cache_clear()
+
+
+@contextlib.contextmanager
+def gcs_clients_in_this_process(env: dict[str, str]):
+  """Point this process's clients (epath, gcsfs, tensorstore) at the server of ``env``."""
+  saved = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  _clear_client_caches()
+  try:
+    yield env
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    _clear_client_caches()

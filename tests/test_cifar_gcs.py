@@ -13,32 +13,13 @@ from etils import epath
 
 from cifar_testdata import accept_archive, write_cifar10_archive
 from experiments.cifar.__main__ import main
-from local_servers import BUCKET, gcs_emulator
-
-
-def _clear_client_caches():
-  """gcsfs and epath keep one client per protocol; a new server needs new clients."""
-  import gcsfs
-  from etils.epath import backend
-  gcsfs.GCSFileSystem.clear_instance_cache()
-  type(backend.fsspec_backend)._get_filesystem.cache_clear()
+from local_servers import BUCKET, gcs_clients_in_this_process, gcs_emulator
 
 
 @pytest.fixture(scope="module")
 def gcs():
-  with gcs_emulator() as env:
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    _clear_client_caches()
-    try:
-      yield env
-    finally:
-      for k, v in saved.items():
-        if v is None:
-          os.environ.pop(k, None)
-        else:
-          os.environ[k] = v
-      _clear_client_caches()
+  with gcs_emulator() as env, gcs_clients_in_this_process(env):
+    yield env
 
 
 @pytest.fixture

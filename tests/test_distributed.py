@@ -6,12 +6,13 @@ process of the two-process job that :func:`test_two_processes_form_one_job` laun
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+from local_servers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES, DEVICES_PER_PROCESS, BATCH = 2, 2, 8
@@ -71,12 +72,6 @@ def _worker(process_id: int, port: int, out: str) -> None:
                                   == training.tree_checksum(state))), f)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_no_environment_is_a_noop(monkeypatch):
   import jax
   from aol_jax.training import distributed
@@ -126,7 +121,7 @@ def test_two_processes_form_one_job(tmp_path):
   """Two local processes with 2 CPU devices each become one 4-device job: a sum over the
   batch and a full train step agree with the same computation on 4 devices in one process,
   and a checkpoint written by the job restores in it."""
-  port = _free_port()
+  port = free_port()
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_FLAGS"))}
   env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
   outs = [tmp_path / f"process_{i}.json" for i in range(NUM_PROCESSES)]

@@ -15,6 +15,7 @@ Examples::
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import sys
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from experiments.cifar import configs, input_pipeline
 
 _BACKENDS = {"cpu": "cpu", "gpu": "gpu", "tpu": "tpu"}
 # The short flags of earlier versions: each sets the config field of the same name.
+_KWARGS = "model_kwargs"
 SHORT_FLAGS = ("model", "dataset", "epochs", "batch_size", "learning_rate", "seed", "data_dir",
                "manual_dir", "download")
 
@@ -77,6 +79,18 @@ def parse_flags(argv: Sequence[str]) -> tuple[flags.FlagValues, configs.Config, 
       required flag, or a config file that does not load.
   """
   argv = list(argv)
+  # --config.model_kwargs.KEY=VALUE may add a key the preset does not list (config_flags only
+  # overrides existing ones): taken out here, applied below; the model's constructor checks it.
+  model_kwargs = {}
+  for arg in [a for a in argv if a.startswith(f"--config.{_KWARGS}.")]:
+    key, _, text = arg[len(f"--config.{_KWARGS}."):].partition("=")
+    if not key.isidentifier() or not text:
+      raise UsageError(f"{arg}: expected --config.{_KWARGS}.NAME=VALUE.")
+    try:
+      model_kwargs[key] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      model_kwargs[key] = text
+    argv.remove(arg)
   config_given = any(a == "--config" or a.startswith("--config=") for a in argv)
   preset = [a.split("=", 1)[1] for a in argv if a.startswith("--preset=")]
   if config_given and preset:
@@ -94,8 +108,8 @@ def parse_flags(argv: Sequence[str]) -> tuple[flags.FlagValues, configs.Config, 
     values(argv)
   except (flags.Error, KeyError, ValueError, TypeError, AttributeError) as e:
     message = _first_line(e)
-    if isinstance(e, KeyError):  # config_flags' word for an unknown field
-      message = f"unknown config field: {message}; the fields are " + ", ".join(
+    if isinstance(e, KeyError):  # config_flags' word for an unknown field or dict key
+      message = f"unknown config field ({e.args[0]}); the fields are " + ", ".join(
           f.name for f in dataclasses.fields(configs.Config))
     raise UsageError(message) from None
   for name in ("accelerator", "workdir"):
@@ -109,6 +123,9 @@ def parse_flags(argv: Sequence[str]) -> tuple[flags.FlagValues, configs.Config, 
     raise UsageError(f"--config: cannot load the config file: {_first_line(e)}") from None
   set_by = {a.split("=", 1)[0][len("--config."):]: a.split("=", 1)[0]
             for a in argv if a.startswith("--config.")}
+  if model_kwargs:
+    config.model_kwargs = {**config.model_kwargs, **model_kwargs}
+    set_by[_KWARGS] = f"--config.{_KWARGS}"
   for name in SHORT_FLAGS:
     value = values[name].value
     if value is None:

@@ -8,8 +8,7 @@ convention) and set only what differs. On the command line a preset file is the 
 before anything runs.
 """
 
-from __future__ import annotations
-
+# No "from __future__ import annotations": config_flags reads the field types as types.
 import dataclasses
 import importlib
 import math

@@ -5,9 +5,9 @@ Offline (the data installs with scikit-learn)::
   python -m experiments.cifar --accelerator=cpu --preset=digits --workdir=runs/digits
 
 8x8 greyscale images (values 0..16 scaled to [0, 1]), 1437 for training and 360 for the
-test, no augmentation. Measured (1 CPU device, seed 0, 45 s wall on a 2-core machine):
-clean 95.6%, certified robust accuracy 91.4 / 83.6 / 71.4 / 12.8% at l2 radius 36/255,
-72/255, 108/255, 1; ``tests/test_experiment_digits.py`` checks it.
+test, no augmentation. Measured (1 CPU device, seed 0, 40 s wall on a shared 2-core
+machine): clean 95.3%, certified robust accuracy 90.3 / 81.7 / 71.9 / 12.2% at l2 radius
+36/255, 72/255, 108/255, 1; ``tests/test_experiment_digits.py`` checks it.
 """
 
 import math
