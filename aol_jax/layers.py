@@ -9,18 +9,21 @@ of :mod:`aol_jax.rescaling`, so gradients flow through the rescaling. Signatures
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer, PrecisionLike
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import NamedSharding, PartitionSpec
 
 from aol_jax import padding as padding_lib
 from aol_jax import rescaling
-from aol_jax.sharding import batch_reshape
 from aol_jax.initializers import aol_init
 from aol_jax.rounding import RoundingTerms
+from aol_jax.sharding import (batch_reshape, rescaling_in_shard_map, rescaling_kwargs,
+                              rescaling_shard)
 from aol_jax.worst_case import WorstCaseTerms, conv_kernel_terms, dense_kernel_terms
 
 
@@ -38,11 +41,48 @@ def _tuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
   return out
 
 
-def _kernel_value(layer) -> jax.Array:
-  """The kernel the layer applies: rescaled now, or precomputed by freeze."""
+_RESCALED = "aol_rescaled_kernel"
+
+
+def _apply_kernel(layer, op: Callable[[jax.Array, jax.Array], jax.Array],
+                  x: jax.Array) -> jax.Array:
+  """``op(x, kernel)`` with the kernel the layer applies: rescaled now, or frozen.
+
+  The rescaled kernel is not kept for the backward pass: it is recomputed there from the
+  raw kernel and the factors (one elementwise product), so a training step holds no more
+  kernels than one with plain layers does. Inside :func:`aol_jax.sharding.sharded_rescaling`
+  the layer runs in a ``jax.shard_map`` over the mesh axis, on each device's batch share,
+  and splits the rescaling over the devices (:func:`aol_jax.rescale_dense`).
+  """
   if isinstance(layer.kernel, RescaledKernel):
-    return layer.kernel[...]
-  return layer.rescale(layer.kernel[...])
+    return op(x, layer.kernel[...])
+  policy = jax.checkpoint_policies.save_anything_except_these_names(_RESCALED)
+
+  def rescaled_op(raw, x):
+    return op(x, checkpoint_name(layer.rescale(raw), _RESCALED))
+
+  shard = rescaling_shard()
+  if shard is None or shard[0] is None:
+    return jax.checkpoint(rescaled_op, policy=policy)(layer.kernel[...], x)
+  mesh, axis = shard
+  n = mesh.shape[axis]
+  if x.shape[0] % n:
+    raise ValueError(f"Under sharded_rescaling the batch is split over the {n} devices of "
+                     f"mesh axis {axis!r}, but this layer got a batch of {x.shape[0]}. Use a "
+                     f"batch that is a multiple of {n}, or leave sharded_rescaling.")
+  if axis in mesh.explicit_axes:  # shard_map takes explicit-axis inputs as they are typed
+    x = jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec(axis)))
+
+  def local(raw, x):
+    # One pcast for both uses of the kernel: its transpose is the single psum of the
+    # gradient, over the batch shares and the rescaling's rows together.
+    raw = jax.lax.pcast(raw, axis, to="varying")
+    with rescaling_in_shard_map(axis):
+      return rescaled_op(raw, x)
+
+  return jax.shard_map(jax.checkpoint(local, policy=policy), mesh=mesh,
+                       in_specs=(PartitionSpec(), PartitionSpec(axis)),
+                       out_specs=PartitionSpec(axis), axis_names={axis})(layer.kernel[...], x)
 
 
 class AOLDense(nnx.Module):
@@ -68,7 +108,9 @@ class AOLDense(nnx.Module):
                  if use_bias else None)
 
   def rescale(self, kernel: jax.Array) -> jax.Array:
-    return rescaling.rescale_dense(kernel, eps=self.eps)
+    """``diag(d) @ kernel`` (:func:`aol_jax.rescale_dense`), its work split over the mesh axis
+    of an enclosing :func:`aol_jax.sharding.sharded_rescaling`."""
+    return rescaling.rescale_dense(kernel, eps=self.eps, **rescaling_kwargs())
 
   def lipschitz_bound(self) -> float:
     """1 (AOL, Theorem 1), in exact arithmetic; see :mod:`aol_jax.bounds`."""
@@ -88,11 +130,17 @@ class AOLDense(nnx.Module):
     if x.shape[-1] != self.in_features:
       raise ValueError(f"AOLDense expects {self.in_features} input features on the last axis, "
                        f"got input of shape {x.shape}.")
-    kernel = _kernel_value(self)
     bias = None if self.bias is None else self.bias[...]
-    x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, kernel, bias), dtype=self.dtype)
-    y = jnp.matmul(x, kernel, precision=self.precision)
-    return y if bias is None else y + bias
+
+    def op(x, kernel):
+      x, kernel = nnx.nn.dtypes.promote_dtype((x, kernel), dtype=self.dtype)
+      return jnp.matmul(x, kernel, precision=self.precision)
+
+    y = _apply_kernel(self, op, x)
+    if bias is None:
+      return y
+    y, bias = nnx.nn.dtypes.promote_dtype((y, bias), dtype=self.dtype)
+    return y + bias
 
 
 class AOLConv(nnx.Module):
@@ -139,9 +187,11 @@ class AOLConv(nnx.Module):
                  if use_bias else None)
 
   def rescale(self, kernel: jax.Array) -> jax.Array:
+    """The rescaled kernel (:func:`aol_jax.rescale_conv`), its work split over the mesh axis
+    of an enclosing :func:`aol_jax.sharding.sharded_rescaling`."""
     return rescaling.rescale_conv(kernel, eps=self.eps,
                                   feature_group_count=self.feature_group_count,
-                                  method=self.gram_method)
+                                  method=self.gram_method, **rescaling_kwargs())
 
   def lipschitz_bound(self) -> float:
     """1 (AOL, Theorem 2), in exact arithmetic; see :mod:`aol_jax.bounds`."""
@@ -172,19 +222,23 @@ class AOLConv(nnx.Module):
                        f"{self.in_features} channels), got shape {x.shape}.")
     batch_shape = x.shape[:-(nd + 1)]
     x = batch_reshape(x, (-1,) + x.shape[-(nd + 1):])
-    kernel = _kernel_value(self)
     bias = None if self.bias is None else self.bias[...]
-    x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, kernel, bias), dtype=self.dtype)
     pad = self.padding
     if pad == "CIRCULAR":
       x = padding_lib.circular_pad(x, self.kernel_size, self.kernel_dilation)
       pad = "VALID"
     spatial = "DHW"[3 - nd:]
-    y = jax.lax.conv_general_dilated(
-        x, kernel, window_strides=self.strides, padding=pad,
-        rhs_dilation=self.kernel_dilation,
-        dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
-        feature_group_count=self.feature_group_count, precision=self.precision)
+
+    def op(x, kernel):
+      x, kernel = nnx.nn.dtypes.promote_dtype((x, kernel), dtype=self.dtype)
+      return jax.lax.conv_general_dilated(
+          x, kernel, window_strides=self.strides, padding=pad,
+          rhs_dilation=self.kernel_dilation,
+          dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
+          feature_group_count=self.feature_group_count, precision=self.precision)
+
+    y = _apply_kernel(self, op, x)
     if bias is not None:
+      y, bias = nnx.nn.dtypes.promote_dtype((y, bias), dtype=self.dtype)
       y = y + bias
     return batch_reshape(y, batch_shape + y.shape[1:])

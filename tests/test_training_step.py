@@ -3,6 +3,8 @@
 The jitted steps are built once per module (fixtures) so each compiles once.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,19 +81,35 @@ def test_one_and_eight_devices_agree(eight):
   assert int(state8.step) == int(state1.step) == STEPS
 
 
-def test_step_is_data_parallel(eight):
-  """Each device convolves only its share of the batch; the only collective is the
-  all-reduce (of the gradients and metrics): the batch is never gathered."""
+def _collectives(step, setup):
   import re
-  state = eight.fresh()[1]
-  images, labels = training.global_batch(eight.mesh, *batches(1)[0])
-  with jax.set_mesh(eight.mesh):
-    hlo = eight.step.jitted.lower(state, images, labels).compile().as_text()
-  collectives = set(re.findall(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|"
-                               r"collective-permute)\(", hlo))
-  assert collectives == {"all-reduce"}
+  state = setup.fresh()[1]
+  images, labels = training.global_batch(setup.mesh, *batches(1)[0])
+  with jax.set_mesh(setup.mesh):
+    hlo = step.jitted.lower(state, images, labels).compile().as_text()
+  found = re.findall(r"= (f32\[[\d,]*\]|\([^)]*\))\S* (all-reduce|all-gather|reduce-scatter|"
+                     r"all-to-all|collective-permute)\(", hlo)
+  return hlo, found
+
+
+def test_step_is_data_parallel(eight):
+  """Each device convolves only its share of the batch; the batch is never gathered. With
+  the rescaling split (the default on 8 devices) the only all-gathers are of the AOL
+  factors, one vector per layer, and the gradients of the rescaling and of the batch shares
+  share the one all-reduce; replicated rescaling leaves the all-reduce alone."""
+  hlo, found = _collectives(eight.step, eight)
+  kinds = {kind for _, kind in found}
+  assert kinds == {"all-reduce", "all-gather"}
+  kernels = [leaf for leaf in jax.tree.leaves(eight.fresh()[1].params) if leaf.ndim >= 2]
+  assert kernels
+  # Factors of n input features, gathered from 8 blocks of ceil(n / 8).
+  gathered = sorted(shape for shape, kind in found if kind == "all-gather")
+  assert gathered == sorted(f"f32[{-(-k.shape[-2] // 8) * 8}]" for k in kernels)
   conv_batches = {int(m) for m in re.findall(r"= f32\[(\d+),[\d,]*\]\{[^}]*\} convolution\(", hlo)}
   assert BATCH // 8 in conv_batches and BATCH not in conv_batches
+  replicated = training.make_train_step(eight.graphdef, eight.optimizer, eight.mesh,
+                                        shard_rescaling=False)
+  assert {kind for _, kind in _collectives(replicated, eight)[1]} == {"all-reduce"}
 
 
 def test_step_matches_an_unsharded_reference(eight):
@@ -181,3 +199,60 @@ def test_make_data_mesh(monkeypatch):
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   with pytest.raises(ValueError, match="must span all 8 devices"):
     training.make_data_mesh(4)
+
+
+# ---- split (sharded) against replicated rescaling ----------------------------------------
+
+SPLIT_STEPS = 5
+
+
+def _run(setup, step, data, state=None):
+  state = setup.fresh()[1] if state is None else state
+  losses = []
+  for images, labels in data:
+    state, metrics = step(state, *training.global_batch(setup.mesh, images, labels))
+    losses.append(float(metrics["loss"]))
+  return state, losses
+
+
+def _assert_states_close(a, b):
+  # Different per-device splits of the same sums: float32 rounding, nothing more.
+  np.testing.assert_allclose(flat(a.params), flat(b.params), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(flat(a.opt_state), flat(b.opt_state), rtol=1e-5, atol=1e-6)
+  assert int(a.step) == int(b.step)
+  np.testing.assert_array_equal(np.asarray(a.key), np.asarray(b.key))
+
+
+@pytest.fixture(scope="module")
+def replicated_step(eight):
+  return training.make_train_step(eight.graphdef, eight.optimizer, eight.mesh,
+                                  shard_rescaling=False)
+
+
+def test_split_and_replicated_rescaling_train_alike(eight, replicated_step):
+  """5 steps with the rescaling split over 8 devices (the default) and computed whole on
+  each: the same losses, parameters and optimiser state to float32 rounding."""
+  data = batches(SPLIT_STEPS, seed=3)
+  split_state, split_losses = _run(eight, eight.step, data)
+  rep_state, rep_losses = _run(eight, replicated_step, data)
+  np.testing.assert_allclose(split_losses, rep_losses, rtol=2e-6, atol=1e-7)
+  assert np.abs(flat(split_state.params) - flat(eight.fresh()[1].params)).max() > 1e-3
+  _assert_states_close(split_state, rep_state)
+
+
+@pytest.mark.parametrize("first", ["split", "replicated"])
+def test_checkpoint_resumes_across_rescaling_modes(eight, replicated_step, tmp_path, first):
+  """A checkpoint written after 2 split (replicated) steps resumes in the other mode and
+  reaches the state of 5 uninterrupted steps."""
+  steps = {"split": eight.step, "replicated": replicated_step}
+  second = "replicated" if first == "split" else "split"
+  data = batches(SPLIT_STEPS, seed=4)
+  state, _ = _run(eight, steps[first], data[:2])
+  with training.Checkpointer(tmp_path) as ckpt:
+    ckpt.save(2, state)
+    ckpt.wait()
+    restored, step, _ = ckpt.restore_latest(eight.fresh()[1])
+  assert step == 2
+  resumed, _ = _run(eight, steps[second], data[2:], state=restored)
+  uninterrupted, _ = _run(eight, steps[first], data)
+  _assert_states_close(resumed, uninterrupted)

@@ -20,8 +20,8 @@ def make_data_mesh(num_devices: int | None = None) -> Mesh:
   The axis is ``AxisType.Explicit``, so shardings are part of the array types inside
   ``jax.jit`` rather than left to the compiler to guess; the AOL layers' and blocks'
   reshapes keep the batch sharding (``aol_jax.sharding.batch_reshape``), so a model runs on
-  batch-sharded arrays as they are. In a multi-process job the mesh spans every device of the job (``num_devices``
-  None or the global device count).
+  batch-sharded arrays as they are. In a multi-process job the mesh spans every device of
+  the job (``num_devices`` None or the global device count).
   """
   available = jax.device_count()
   n = available if num_devices is None else num_devices

@@ -2,12 +2,15 @@
 
 Data parallelism on a one-axis mesh (:mod:`aol_jax.training.mesh`): the state is replicated
 (``P()``), each batch is split over ``'data'`` (``P('data')``), and ``jax.jit`` inserts the
-all-reduce of the gradients. The step donates the state it receives, so the caller must use
-the state it returns and drop the old one.
+all-reduce of the gradients. The AOL rescaling, which does not depend on the batch, is split
+over ``'data'`` too (:func:`aol_jax.sharding.sharded_rescaling`) when the mesh has more than
+one device, so every device does ``1/n`` of it. The step donates the state it receives, so
+the caller must use the state it returns and drop the old one.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -18,8 +21,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from aol_jax.losses import offset_cross_entropy
+from aol_jax.sharding import sharded_rescaling
 from aol_jax.training.augment import AugmentConfig, augment as augment_images
-from aol_jax.training.mesh import check_batch_size, data_sharding, replicated_sharding
+from aol_jax.training.mesh import (DATA_AXIS, check_batch_size, data_sharding,
+                                   replicated_sharding)
 
 
 class TrainState(NamedTuple):
@@ -96,7 +101,8 @@ def to_inputs(images: jax.Array) -> jax.Array:
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     mesh: Mesh, *,
                     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = offset_cross_entropy,
-                    augment: bool | AugmentConfig = True
+                    augment: bool | AugmentConfig = True,
+                    shard_rescaling: bool | None = None
                     ) -> Callable[[TrainState, jax.Array, jax.Array],
                                   tuple[TrainState, dict[str, jax.Array]]]:
   """The jitted step ``(state, images, labels) -> (state, metrics)``.
@@ -116,8 +122,14 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   (loss and gradient are finite). A non-finite step returns the state it was given,
   unchanged, so the state never holds NaNs; the caller should stop on ``finite == False``
   (:func:`check_finite`) with its last checkpoint intact.
+
+  ``shard_rescaling`` (default: whenever the mesh has more than one device) splits the AOL
+  layers' rescaling over ``'data'`` (:func:`aol_jax.sharding.sharded_rescaling`): the same
+  results, ``1/n`` of the rescaling work per device. ``False`` computes all of it on every
+  device.
   """
   config = AugmentConfig() if augment is True else augment or None
+  rescaling_context = _rescaling_context(mesh, shard_rescaling)
 
   def step(state: TrainState, images: jax.Array, labels: jax.Array
            ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -127,7 +139,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
       x = augment_images(key, x, config=config)
 
     def loss_and_logits(params, x, labels):
-      logits = nnx.merge(graphdef, params, state.rest)(x)
+      with rescaling_context():
+        logits = nnx.merge(graphdef, params, state.rest)(x)
       return loss_fn(logits, labels), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_and_logits, has_aux=True)(
@@ -156,12 +169,28 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh
+def _rescaling_context(mesh: Mesh, shard: bool | None) -> Callable[[], Any]:
+  """A factory of the context the model runs in: split rescaling, or nothing to change."""
+  if shard is None:
+    shard = mesh.devices.size > 1
+  if shard and DATA_AXIS not in mesh.axis_names:
+    raise ValueError(f"shard_rescaling needs a mesh axis {DATA_AXIS!r}, the mesh has "
+                     f"{mesh.axis_names}; build it with make_data_mesh.")
+  return (lambda: sharded_rescaling(mesh, DATA_AXIS)) if shard else contextlib.nullcontext
+
+
+def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, *,
+                   shard_rescaling: bool | None = None
                    ) -> Callable[[TrainState, jax.Array], jax.Array]:
-  """The jitted ``(state, images) -> logits``, no augmentation; logits sharded on ``'data'``."""
+  """The jitted ``(state, images) -> logits``, no augmentation; logits sharded on ``'data'``.
+
+  ``shard_rescaling`` as in :func:`make_train_step`.
+  """
+  rescaling_context = _rescaling_context(mesh, shard_rescaling)
 
   def logits(state: TrainState, images: jax.Array) -> jax.Array:
-    return merge_model(graphdef, state)(to_inputs(images))
+    with rescaling_context():
+      return merge_model(graphdef, state)(to_inputs(images))
 
   jitted = jax.jit(logits, in_shardings=(replicated_sharding(mesh), data_sharding(mesh)),
                    out_shardings=data_sharding(mesh))
@@ -171,6 +200,7 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh
     with jax.set_mesh(mesh):
       return jitted(state, images)
 
+  eval_step.jitted = jitted  # the jax.jit object (for .lower(...)); call it under jax.set_mesh
   return eval_step
 
 
