@@ -44,6 +44,13 @@ def _tuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
 _RESCALED = "aol_rescaled_kernel"
 
 
+def _kernel_value(layer) -> jax.Array:
+  """The kernel the layer applies: precomputed by freeze, or rescaled now."""
+  if isinstance(layer.kernel, RescaledKernel):
+    return layer.kernel[...]
+  return layer.rescale(layer.kernel[...])
+
+
 def _apply_kernel(layer, op: Callable[[jax.Array, jax.Array], jax.Array],
                   x: jax.Array) -> jax.Array:
   """``op(x, kernel)`` with the kernel the layer applies: rescaled now, or frozen.
