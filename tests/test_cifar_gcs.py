@@ -47,7 +47,8 @@ def test_a_run_in_a_bucket_writes_everything_there_and_skips_a_corrupt_checkpoin
   assert history == out["history"] and [r["step"] for r in history] == [5, 10, 15]
   results = json.loads((root / "results.json").read_text())
   assert results["num_examples"] == 8 and results["clean_accuracy"] == out["clean_accuracy"]
-  assert "| model | n | clean | 36/255 | 72/255 | 108/255 | 1 |" in (root / "results.md").read_text()
+  table = (root / "results.md").read_text()
+  assert "| model | n | clean | 36/255 | 72/255 | 108/255 | 1 |" in table
   for name in ("training_curves.png", "certified_accuracy.png"):
     image = matplotlib.image.imread(io.BytesIO((root / name).read_bytes()), format="png")
     assert image.ndim == 3 and min(image.shape[:2]) > 100

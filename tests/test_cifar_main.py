@@ -218,3 +218,12 @@ def test_every_preset_validates_on_8_devices(tmp_path, preset, flags):
   if preset == "paper":
     with pytest.raises(configs.ConfigError, match="batch_size 250 is not divisible by the 8"):
       train.validate(configs.get_config(preset), str(tmp_path / "work"))
+
+
+def test_help_lists_every_config_field(capsys):
+  with pytest.raises(SystemExit) as err:
+    main(["--help"])
+  assert err.value.code == 0
+  printed = capsys.readouterr().out
+  for field in dataclasses.fields(configs.Config):
+    assert f"--config.{field.name}: " in printed

@@ -167,6 +167,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     _define(values, ["experiments.cifar"])
     print(__doc__)
     print(values.get_help())
+    paper = configs.get_config("paper")
+    print("\nConfig fields (--config.<field>=<value>; the paper preset's value in brackets):")
+    for field in dataclasses.fields(configs.Config):
+      kind = getattr(field.type, "__name__", None) if isinstance(field.type, type) else None
+      print(f"  --config.{field.name}: {kind or field.type} [{getattr(paper, field.name)!r}]")
     sys.exit(0)
   try:
     values, config, set_by = parse_flags(argv)

@@ -255,14 +255,15 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       raise ConfigError(f"Checkpoint step {step} is not at an epoch boundary of "
                         f"{steps_per_epoch} steps: the batch size or dataset changed.")
     history = [r for r in meta["history"] if r["epoch"] <= step // steps_per_epoch]
-    print(f"Resumed from {checkpointer.directory} at step {step} (epoch {step // steps_per_epoch}).",
-          flush=True)
+    print(f"Resumed from {checkpointer.directory} at step {step} "
+          f"(epoch {step // steps_per_epoch}).", flush=True)
   step = int(state.step)
   last_saved = step if restored is not None else None
   print(f"{config.model} on {config.dataset}: {n_train} "
         f"training / {len(data.test_labels)} test images, {mesh.devices.size} "
         f"{mesh.devices.flat[0].platform} device(s), batch {config.batch_size}, "
-        f"{steps_per_epoch} steps per epoch, data {'on device' if batches.on_device else 'on host'}.",
+        f"{steps_per_epoch} steps per epoch, "
+        f"data {'on device' if batches.on_device else 'on host'}.",
         flush=True)
 
   def save() -> None:
