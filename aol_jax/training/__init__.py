@@ -1,5 +1,9 @@
 """Reusable training machinery: mesh, augmentation, optimiser, sharded steps, checkpoints.
 
+On a mesh of more than one device the steps split the AOL rescaling over ``'data'``
+(:func:`aol_jax.sharding.sharded_rescaling`): each device computes ``1/n`` of every Gram
+product and of its gradient; the results are those of the unsplit step.
+
 Typical use (one process or many; see :mod:`aol_jax.training.distributed`)::
 
   maybe_initialize()                      # before any other JAX call
