@@ -125,7 +125,7 @@ def train(recipe: Recipe, loss: LossSetting, *, seed: int, plain: bool = False) 
   metrics = None
   for epoch in range(recipe.epochs):
     order = rng.permutation(len(images))[:steps_per_epoch * recipe.batch_size]
-    for i, batch in enumerate(order.reshape(steps_per_epoch, recipe.batch_size)):
+    for batch in order.reshape(steps_per_epoch, recipe.batch_size):
       state, metrics = step(state, *training.global_batch(mesh, images[batch], labels[batch]))
     training.check_finite(metrics, step=(epoch + 1) * steps_per_epoch)
   final_loss = float(metrics["loss"])
