@@ -10,7 +10,6 @@ and the largest local Lipschitz constant found by power iteration at a few test 
 
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -65,12 +64,7 @@ def run(config: AblationConfig, out_dir: str) -> dict:
         entry[kind]["certified"] = list(cert.cra)
         entry[kind]["certified_clean"] = cert.clean_accuracy
     results["datasets"][recipe.dataset] = entry
-  text = markdown(results)
-  report.write_text(os.path.join(out_dir, f"{NAME}.md"), text)
-  report.write_json(os.path.join(out_dir, f"{NAME}.json"), results)
-  plot(results, os.path.join(out_dir, f"{NAME}.png"))
-  print(text, flush=True)
-  return results
+  return report.publish(out_dir, NAME, results, markdown, plot)
 
 
 def markdown(results: dict) -> str:

@@ -8,7 +8,6 @@ means is compared with the paper's, radius by radius.
 
 from __future__ import annotations
 
-import os
 
 from experiments.ablations import report, trainer
 from experiments.ablations.config import (LOSS_SETTINGS, PAPER_OFFSET_TEMPERATURE, PAPER_RADII,
@@ -72,12 +71,7 @@ def run(config: AblationConfig, out_dir: str) -> dict:
     results["datasets"][recipe.dataset] = {"columns": columns, "radii": list(recipe.radii),
                                            "epochs": recipe.epochs,
                                            "settings": per_setting, "ordering": orders}
-  text = markdown(results)
-  report.write_text(os.path.join(out_dir, f"{NAME}.md"), text)
-  report.write_json(os.path.join(out_dir, f"{NAME}.json"), results)
-  plot(results, os.path.join(out_dir, f"{NAME}.png"))
-  print(text, flush=True)
-  return results
+  return report.publish(out_dir, NAME, results, markdown, plot)
 
 
 def markdown(results: dict) -> str:

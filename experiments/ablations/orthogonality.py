@@ -21,7 +21,6 @@ networks at initialisation, this measures
 
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -111,12 +110,7 @@ def run(config: AblationConfig, out_dir: str) -> dict:
                   f"{min(r['power_iteration'] for r in rows):.4f}.."
                   f"{max(r['power_iteration'] for r in rows):.4f}")
     results["datasets"][recipe.dataset] = entry
-  text = markdown(results)
-  report.write_text(os.path.join(out_dir, f"{NAME}.md"), text)
-  report.write_json(os.path.join(out_dir, f"{NAME}.json"), results)
-  plot(results, os.path.join(out_dir, f"{NAME}.png"))
-  print(text, flush=True)
-  return results
+  return report.publish(out_dir, NAME, results, markdown, plot)
 
 
 def markdown(results: dict) -> str:

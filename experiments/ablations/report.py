@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import matplotlib
 import numpy as np
@@ -45,6 +45,18 @@ def save_figure(fig: plt.Figure, path: str) -> None:
     _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
   finally:
     plt.close(fig)
+
+
+def publish(out_dir: str, name: str, results: dict, markdown: Callable[[dict], str],
+            plot: Callable[[dict, str], None]) -> dict:
+  """Writes ``<name>.md``, ``.json`` and ``.png`` into ``out_dir`` (each atomically) and
+  prints the Markdown; returns ``results``."""
+  text = markdown(results)
+  write_text(os.path.join(out_dir, f"{name}.md"), text)
+  write_json(os.path.join(out_dir, f"{name}.json"), results)
+  plot(results, os.path.join(out_dir, f"{name}.png"))
+  print(text, flush=True)
+  return results
 
 
 def radius_label(eps: float) -> str:
