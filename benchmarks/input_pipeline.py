@@ -41,17 +41,18 @@ def run(size_name: str, *, warmup: int, repeats: int, on_device: bool | None
   n = steps * size.batch
   images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, n).astype(np.int32)
-  batches = input_pipeline.TrainBatches(mesh, images, labels, max_value=255.0,
-                                        global_batch_size=size.batch, on_device=on_device)
+  order = input_pipeline.DataOrder(n, size.batch, seed=0)
+  batches = input_pipeline.TrainBatches(mesh, images, labels, max_value=255.0, order=order,
+                                        on_device=on_device)
   optimizer = training.make_optimizer(training.paper_schedule(1e-3, steps, 1000))
   graphdef, state = training.create_train_state(nets.aol_net(size), optimizer, key=0, mesh=mesh)
   train_step = training.make_train_step(graphdef, optimizer, mesh, augment=True)
   holder = {"state": state, "epoch": 0}
-  fixed = batches.batch(batches.epoch_order(0, 0)[0])
+  fixed = batches.batch(batches.epoch_order(0)[0])
 
   def epoch():
     metrics = []
-    for i, indices in enumerate(batches.epoch_order(0, holder["epoch"])):
+    for i, indices in enumerate(batches.epoch_order(holder["epoch"])):
       holder["state"], m = train_step(holder["state"], *batches.batch(indices))
       metrics.append(m)
       if (i + 1) % LOG_EVERY == 0:
