@@ -230,6 +230,9 @@ def _factor_rows(rows: jax.Array, kernel: jax.Array, table: np.ndarray, num_offs
   """Factors of the features in ``rows``, and ``sign(G)`` of their Gram rows as int8."""
   gram = _gram_rows(rows, kernel, table, num_offsets)
   d = jax.lax.rsqrt(jnp.abs(gram).sum(axis=(0, 2)) + eps)
+  # The TPU compiler stores these int8 signs. XLA:CPU fuses sign() into its use in the
+  # backward pass and keeps the float32 Gram alive instead (an optimization_barrier does
+  # not stop it), so on CPU the residual is still G.
   return d, jnp.sign(gram).astype(jnp.int8)
 
 
@@ -262,10 +265,6 @@ def _factors(kernel: jax.Array, ksize: tuple[int, ...], eps: float,
   """AOL factors ``d_i = (sum_{s, j} |G[s, i, j]| + eps) ** -1/2`` of a ``(*ksize, in, out)``
   kernel (``ksize = ()`` for dense).
 
-  The backward pass keeps the kernel as it was given (a reshape to ``(taps, in, out)``
-  happens inside, in both passes), so that its residual is the parameter itself and not
-  a copy in another layout (on TPU, a leading unit axis is a new tiled buffer).
-
   Reverse mode keeps ``sign(G)`` as int8 (not ``G`` or the tap pairs) and spends one GEMM
   (:func:`_factor_rows_vjp`), as the forward does. With ``shard = (mesh, axis)`` or
   ``(None, axis)``, each device of ``axis`` (size ``n``) computes the Gram rows of its block
@@ -280,6 +279,10 @@ def _factors(kernel: jax.Array, ksize: tuple[int, ...], eps: float,
     that completes it is the transpose of the ``pcast`` that made it varying, the one that
     also sums the per-device gradients of the layer's batch share. An invariant kernel is
     made varying here.
+
+  The backward pass keeps the kernel as it was given (the reshape to ``(taps, in, out)``
+  happens inside, in both passes), so that its residual is the parameter itself and not a
+  copy in another layout (on TPU, a leading unit axis is a new tiled buffer).
   """
   if shard is not None and shard[0] is None and shard[1] not in _varying_axes(kernel):
     kernel = jax.lax.pcast(kernel, shard[1], to="varying")

@@ -31,7 +31,7 @@ CASES = [((3, 3, 16, 10), 1), ((3, 3, 5, 7), 1), ((2, 3), None), ((20, 9), None)
          ((3, 6, 8), 2), ((1, 1, 48, 16), 1), ((2, 2, 2, 3, 4), 1)]
 
 
-def _rescale(shape, g):
+def _rescale(g):
   if g is None:
     return lambda k, **kw: rescaling.rescale_dense(k, **kw)
   return lambda k, **kw: rescaling.rescale_conv(k, feature_group_count=g, **kw)
@@ -48,7 +48,7 @@ def test_split_rescaling_matches_the_unsplit(mesh, shape, g):
   rng = np.random.default_rng(sum(shape))
   kernel = jnp.asarray(rng.normal(size=shape), jnp.float32)
   weights = jnp.asarray(rng.normal(size=shape), jnp.float32)
-  rescale = _rescale(shape, g)
+  rescale = _rescale(g)
   want_loss, want_grad = _loss_and_grad(rescale, weights)(kernel)
   want_value = rescale(kernel)
 
@@ -89,8 +89,8 @@ def test_custom_derivative_matches_autodiff_of_the_reference():
   pairs = [
       (lambda k: rescaling.conv_factors(k), lambda k: rescaling.conv_factors(k, method="conv"),
        conv),
-      (lambda k: rescaling.conv_factors(k, feature_group_count=5 // 5),
-       lambda k: rescaling.conv_factors(k, q=jnp.ones(6)), conv),
+      (lambda k: rescaling.conv_factors(k), lambda k: rescaling.conv_factors(k, q=jnp.ones(6)),
+       conv),
       (lambda k: rescaling.dense_factors(k), lambda k: rescaling.dense_factors(k, q=jnp.ones(7)),
        dense),
   ]
