@@ -1,6 +1,6 @@
 """aol_jax: certifiably robust Lipschitz networks from Almost-Orthogonal Lipschitz layers."""
 
-from aol_jax import attacks, bounds, lipschitz, models
+from aol_jax import attacks, bounds, lipschitz, models, sharding
 from aol_jax.attacks import pgd_l2
 from aol_jax.blocks import (ConcatenationPooling, FirstChannels, Flatten, GroupSort, MaxMin,
                             ZeroChannelPad)
@@ -16,6 +16,7 @@ from aol_jax.models import MODELS, AOLNetwork
 from aol_jax.rescaling import conv_factors, conv_gram, dense_factors, rescale_conv, rescale_dense
 from aol_jax.results import CertificationResult, certification_markdown
 from aol_jax.rounding import RoundingTerms, rounding_allowance
+from aol_jax.sharding import sharded_rescaling
 from aol_jax.worst_case import WorstCaseTerms
 
 __all__ = [
@@ -26,7 +27,7 @@ __all__ = [
     "certified_robust_accuracy", "certify", "certify_dataset", "conv_factors", "conv_gram",
     "dense_factors", "freeze", "lipschitz", "margins", "models", "offset_cross_entropy",
     "pgd_l2", "register_exact_map", "rescale_conv", "rescale_dense", "rounding_allowance",
-    "rounding_terms",
+    "rounding_terms", "sharded_rescaling", "sharding",
 ]
 
 __version__ = "0.1.0"

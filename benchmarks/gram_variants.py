@@ -118,12 +118,6 @@ def rescale_lowmem(kernel: jax.Array, *, eps: float = 1e-6) -> jax.Array:
   return (kernel.astype(d.dtype) * d[:, None]).astype(kernel.dtype)
 
 
-# Names for benchmarks.aol_vs_plain (whose body another change is editing): the former
-# prototypes "gemm" and "symvjp" are the core's formulation now, so they are the core.
-rescale_conv_gemm = rescaling.rescale_conv
-rescale_dense_sym = rescaling.rescale_dense
-rescale_conv_lowmem = rescale_dense_lowmem = rescale_lowmem
-
 CONV_METHODS = (*rescaling.GRAM_METHODS, "autodiff", "lowmem")
 DENSE_METHODS = ("matmul", "autodiff", "lowmem")
 

@@ -4,6 +4,12 @@ No global matmul precision: certify_dataset must force 'highest' itself (test_ce
 that it does), and a test that needs exact float32 products asks for them in its own scope.
 """
 
-import jax
+import os
+
+# pytest-xdist workers each load libtpu for the TPU compile tests; without this the second
+# process to load it stops on libtpu's lock file.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import jax  # noqa: E402  (after the environment above)
 
 jax.config.update("jax_num_cpu_devices", 8)
