@@ -56,6 +56,8 @@ def test_end_to_end_writes_metrics_results_plots_and_checkpoints(tmp_path, archi
   cells = [c.strip() for c in row.strip("|").split("|")]
   assert cells[1] == "8"  # the whole test set
   results = json.loads((work / "results.json").read_text())
+  assert results["rounding"] == "probabilistic"  # the mode is named in both files
+  assert "probabilistic rounding allowance included" in table
   want = [results["clean_accuracy"]] + list(results["cra"].values())
   assert [float(c) for c in cells[2:]] == pytest.approx([100 * v for v in want], abs=0.051)
   assert all(a >= b for a, b in zip(want, want[1:]))  # CRA cannot grow with the radius

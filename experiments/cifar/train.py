@@ -356,11 +356,12 @@ def _write_results(workdir: str, config: Config, table: CertificationResult,
       f"Certified robust accuracy (%) on the {table.num_examples} test images after epoch "
       f"{last.get('epoch', '?')} (step {last.get('step', '?')}), from "
       f"`aol_jax.certify_dataset` (l2, Lipschitz constant {table.lipschitz_constant:g}, "
-      f"float32 rounding allowance included).\n\n"
+      f"{table.rounding} rounding allowance included).\n\n"
       f"{certification_markdown(table, name=config.model)}\n\n"
       f"Config:\n\n```json\n{json.dumps(dataclasses.asdict(config), indent=2)}\n```\n")
   storage.write_atomic(storage.join(workdir, "results.md"), text)
   data = {"model": config.model, "dataset": config.dataset, "epoch": last.get("epoch"),
-          "num_examples": table.num_examples, "clean_accuracy": table.clean_accuracy,
+          "num_examples": table.num_examples, "rounding": table.rounding,
+          "clean_accuracy": table.clean_accuracy,
           "cra": {f"{r:.6f}": a for r, a in zip(table.eps_list, table.cra)}}
   storage.write_atomic(storage.join(workdir, "results.json"), json.dumps(data, indent=2) + "\n")
