@@ -2,15 +2,16 @@
 
 The core (:mod:`aol_jax.rescaling`) forms the Gram of a dense kernel ``P`` as ``P P^T`` and
 that of a conv kernel from ONE matrix product over all pairs of taps, ``Kf Kf^T`` with ``Kf``
-the ``(taps * in, out)`` kernel, and differentiates ``a a^T`` with one product,
-``(dG + dG^T) a`` (``_outer_gram``). The benchmarks take all of that from the core. Kept
-here is only what the core does not do:
+the ``(taps * in, out)`` kernel, and differentiates the factors with a hand-written backward
+pass of one product that keeps only ``sign(G)`` as int8 (since the split rescaling of issue
+9). The benchmarks take all of that from the core. Kept here:
 
 * ``autodiff``: the same factors with JAX's own derivative of ``a a^T``, two products
   (``dG a + dG^T a``) in the backward pass: the baseline the core's one-product derivative
   is measured against (``benchmarks.gram``).
-* ``lowmem``: the same factors with a backward pass whose only residual besides the kernel is
-  ``sign(G)`` as int8, a quarter of ``G``'s float32 bytes (``aol_vs_plain --memory-variants``).
+* ``lowmem``: the prototype of the core's current backward (one product, ``sign(G)`` as
+  int8), written before the core adopted it and now measuring the same idea again
+  (``aol_vs_plain --memory-variants``); a candidate for removal.
 
 Both work on dense ``(in, out)`` and conv ``(*spatial, in, out)`` kernels alike: a dense
 kernel is a conv kernel with one tap. ``tests/test_benchmarks.py`` checks that they give the
