@@ -50,7 +50,8 @@ class CertificationResult:
     return tuple(c / self.num_examples for c in self.num_certified)
 
 
-def _eps_label(eps: float) -> str:
+def radius_label(eps: float) -> str:
+  """``36/255`` for multiples of 1/255 (except 1), else ``1``, ``1.58``: a table's column."""
   k = eps * 255
   if eps != 1.0 and abs(k - round(k)) < 1e-6:
     return f"{round(k)}/255"
@@ -70,7 +71,7 @@ def certification_markdown(result: CertificationResult, *, name: str = "model",
 
     Rounding: probabilistic (float32 forward pass, probabilistic rounding model ...).
   """
-  header = ["model", "n", "clean"] + [_eps_label(e) for e in result.eps_list]
+  header = ["model", "n", "clean"] + [radius_label(e) for e in result.eps_list]
   pct = lambda v: f"{100 * v:.{digits}f}"
   row = [name, str(result.num_examples), pct(result.clean_accuracy)]
   row += [pct(v) for v in result.cra]

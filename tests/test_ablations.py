@@ -14,8 +14,9 @@ import pytest
 
 from aol_jax.certify import certify_dataset
 from experiments.ablations import __main__ as ablations_main
-from experiments.ablations import report, trainer
+from experiments.ablations import trainer
 from experiments.ablations.config import LOSS_SETTINGS, SMALL
+from experiments.cifar import storage
 
 CHECK_FILES = ("offset_temperature", "orthogonality", "aol_vs_plain")
 
@@ -124,15 +125,14 @@ def test_unknown_dataset_is_refused_with_the_choices():
     ablations_main.main(["offset", "--small", "--datasets=cifar10", "--out_dir=/nonexistent"])
 
 
-def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
   path = str(tmp_path / "table.md")
-  report.write_text(path, "old\n")
+  storage.write_atomic(path, "old\n")
 
-  def half_then_fail(tmp):
-    with open(tmp, "w") as f:
-      f.write("half a tab")
+  def fail(src, dst):
     raise OSError("disk full")
 
+  monkeypatch.setattr(os, "replace", fail)  # the temporary is written, the swap fails
   with pytest.raises(OSError, match="disk full"):
-    report._atomic(path, half_then_fail)
+    storage.write_atomic(path, "new, never seen\n")
   assert os.listdir(tmp_path) == ["table.md"] and open(path).read() == "old\n"

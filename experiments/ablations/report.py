@@ -1,4 +1,5 @@
-"""Writing results: Markdown tables, JSON and PNG plots, each written atomically."""
+"""Writing results: Markdown tables, JSON and PNG plots, each written all at once
+(:mod:`experiments.cifar.storage`)."""
 
 from __future__ import annotations
 
@@ -12,59 +13,27 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 
-
-def _atomic(path: str, write) -> None:
-  """Call ``write(tmp_path)``, then rename the temporary file over ``path``; on an error the
-  temporary file is removed and ``path`` is left as it was."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-def write_text(path: str, text: str) -> None:
-  """Write ``text`` to ``path`` atomically."""
-  def write(tmp):
-    with open(tmp, "w") as f:
-      f.write(text)
-  _atomic(path, write)
+from aol_jax.results import radius_label  # noqa: E402,F401  (the tables' column names)
+from experiments.cifar import storage  # noqa: E402
+from experiments.cifar.plotting import save_figure  # noqa: E402,F401  (the checks' plots)
 
 
 def write_json(path: str, data: object) -> None:
-  """Write ``data`` as indented JSON to ``path`` atomically."""
-  write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-def save_figure(fig: plt.Figure, path: str) -> None:
-  """Write ``fig`` as a PNG to ``path`` atomically and close it."""
-  try:
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-  finally:
-    plt.close(fig)
+  """Write ``data`` as indented JSON to ``path`` all at once (:func:`storage.write_atomic`)."""
+  storage.write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def publish(out_dir: str, name: str, results: dict, markdown: Callable[[dict], str],
             plot: Callable[[dict, str], None]) -> dict:
   """Writes ``<name>.md``, ``.json`` and ``.png`` into ``out_dir`` (each atomically) and
   prints the Markdown; returns ``results``."""
+  storage.makedirs(out_dir)
   text = markdown(results)
-  write_text(os.path.join(out_dir, f"{name}.md"), text)
+  storage.write_atomic(os.path.join(out_dir, f"{name}.md"), text)
   write_json(os.path.join(out_dir, f"{name}.json"), results)
   plot(results, os.path.join(out_dir, f"{name}.png"))
   print(text, flush=True)
   return results
-
-
-def radius_label(eps: float) -> str:
-  """``36/255`` for multiples of 1/255 (except 1), else ``1``, ``1.58``."""
-  k = eps * 255
-  if eps != 1.0 and abs(k - round(k)) < 1e-6:
-    return f"{round(k)}/255"
-  return f"{eps:g}"
 
 
 def mean_spread(values: Sequence[float]) -> tuple[float, float]:

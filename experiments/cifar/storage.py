@@ -35,9 +35,13 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
   """Write ``data`` (text as UTF-8) to ``path`` all at once: never seen half-written."""
   data = data.encode() if isinstance(data, str) else data
   if is_local(path):
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
+    tmp = f"{os.fspath(path)}.{os.getpid()}.tmp"
+    try:
+      with open(tmp, "wb") as f:
+        f.write(data)
+      os.replace(tmp, path)
+    finally:  # on an error the target is left as it was, and no temporary stays behind
+      if os.path.exists(tmp):
+        os.remove(tmp)
   else:
     epath.Path(path).write_bytes(data)
