@@ -356,6 +356,13 @@ def _batched_power_estimate(h: np.ndarray, iterations: int = 40) -> np.ndarray:
   return np.einsum("bni,bnm,bmi->b", v, h, v)
 
 
+def _estimate_batch_lambda_max(h: np.ndarray) -> float:
+  """A float estimate of the largest ``lambda_max`` of the PSD ``h[b]`` (no guarantee)."""
+  estimates = _batched_power_estimate(h)
+  top = int(np.argmax(estimates))
+  return max(float(estimates[top]), float(np.linalg.eigvalsh(h[top])[-1]))
+
+
 _CHUNK_ENTRIES = 2 ** 22  # Gram entries per chunk of samples (32 MiB of float64)
 
 
@@ -393,10 +400,7 @@ def _symbol_bound(taps: np.ndarray, n: int) -> float:
     p = np.swapaxes(stack_xy, 1, 2) @ stack_xy  # X^T X + Y^T Y
     q = np.swapaxes(np.concatenate([x, -y], axis=1), 1, 2) @ np.concatenate([y, x], axis=1)
     gram = np.block([[p, -q], [q, p]])  # Gram of [[X, -Y], [Y, X]], (S, 2 side, 2 side)
-    estimates = _batched_power_estimate(gram)
-    top = int(np.argmax(estimates))
-    estimate = max(float(estimates[top]), float(np.linalg.eigvalsh(gram[top])[-1]))
-    lam = _lambda_max_upper(gram, estimate)
+    lam = _lambda_max_upper(gram, _estimate_batch_lambda_max(gram))
     for i in range(gram.shape[0]):
       gram_err = _up(_up(g * _sq_frobenius_up(stack_xy[i])) * 2.0 +
                      8 * side * side * inner * _UNDERFLOW)

@@ -20,7 +20,7 @@ import scipy.optimize
 
 import aol_jax
 from aol_jax import padding as padding_lib
-from aol_jax import worst_case
+from aol_jax import spectral_bounds, worst_case
 from aol_jax.lipschitz import circular_conv_singular_values, operator_norm
 from aol_jax.spectral_bounds import conv_norm_bound, default_grid_size, dense_norm_bound
 
@@ -58,6 +58,15 @@ def test_dense_bound_is_above_exact_norm_and_tight(name, kernel):
     assert exact <= bound <= exact * (1 + DENSE_TIGHTNESS), (name, dtype, exact, bound)
 
 
+def test_dense_bound_large_kernel():
+  """From 512 wide on, the shift comes from Lanczos (scipy's eigsh) instead of eigvalsh."""
+  rng = np.random.default_rng(5)
+  raw = jnp.asarray(rng.standard_normal((700, 600)), jnp.float32)
+  for w in (np.asarray(aol_jax.rescale_dense(raw)), np.asarray(raw).T):
+    exact = _exact(w)
+    assert exact <= dense_norm_bound(w) <= exact * (1 + DENSE_TIGHTNESS)
+
+
 @pytest.mark.parametrize("scale", [1e-300, 2.0 ** -1060, 1e-30, 1e30, 1e300])
 def test_dense_bound_at_extreme_magnitudes(scale):
   rng = np.random.default_rng(1)
@@ -86,6 +95,24 @@ def test_dense_never_above_schur():
   for _ in range(5):
     w = np.asarray(aol_jax.rescale_dense(jnp.asarray(rng.standard_normal((20, 30)), jnp.float32)))
     assert dense_norm_bound(w) <= worst_case.dense_kernel_terms(w, None).lipschitz
+
+
+@pytest.mark.parametrize("wrong", [0.0, 0.5, 0.999, 1.5])
+def test_bounds_are_verified_not_estimated(monkeypatch, wrong):
+  """The eigenvalue estimate only places the shift; a wrong one must not weaken the bound."""
+  true_dense = spectral_bounds._estimate_lambda_max
+  true_batch = spectral_bounds._estimate_batch_lambda_max
+  monkeypatch.setattr(spectral_bounds, "_estimate_lambda_max", lambda h: wrong * true_dense(h))
+  monkeypatch.setattr(spectral_bounds, "_estimate_batch_lambda_max",
+                      lambda h: wrong * true_batch(h))
+  monkeypatch.setattr(spectral_bounds, "_schur_dense", lambda scaled, p: math.inf)
+  monkeypatch.setattr(spectral_bounds, "_schur_conv", lambda scaled, p, g: math.inf)
+  rng = np.random.default_rng(4)
+  for shape in [(6, 4), (30, 30), (70, 50)]:
+    w = rng.standard_normal(shape)
+    assert _exact(w) <= dense_norm_bound(w)
+  kernel = rng.standard_normal((3, 3, 3, 2))
+  assert _symbol_sup_estimate(kernel, 1) <= conv_norm_bound(kernel)
 
 
 @pytest.mark.parametrize("bad,match", [
