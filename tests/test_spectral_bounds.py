@@ -3,7 +3,7 @@
 Every bound must be >= the largest singular value of the explicit matrix of the map (dense:
 the kernel itself; conv: the Jacobian of ``jax.lax.conv_general_dilated`` as AOLConv calls
 it, for several input sizes per kernel), and close to it: dense within 1e-4 relative (the
-method's margin is 2^-20), conv within 1 % of the symbol's sup, measured by the circular conv
+method's margin is 2^-20), conv within 1.02 % of the symbol's sup, measured by the circular conv
 refined by a local search.
 """
 
@@ -22,9 +22,10 @@ import aol_jax
 from aol_jax import padding as padding_lib
 from aol_jax import spectral_bounds, worst_case
 from aol_jax.lipschitz import circular_conv_singular_values, operator_norm
-from aol_jax.spectral_bounds import conv_norm_bound, default_grid_size, dense_norm_bound
+from aol_jax.spectral_bounds import conv_norm_bound, dense_norm_bound
 
 DENSE_TIGHTNESS = 1e-4
+CONV_TOLERANCE = 0.0102 + 1e-5  # the second level's factor, and the shift's margin
 
 
 def _exact(w: np.ndarray) -> float:
@@ -204,7 +205,9 @@ def test_conv_bound_is_above_exact_norm_for_every_input_size(case):
       exact = operator_norm(f, (*size, c_in))
       assert exact <= bound, (case, size, exact, bound)
     sup = _symbol_sup_estimate(kernel.astype(np.float64), groups)
-    assert bound <= sup * 1.0101, (case, sup, bound)
+    # 3-D: the default budget stops at the first level (factor <= 1.1), see conv_norm_bound.
+    tolerance = CONV_TOLERANCE if len(ksize) < 3 else 0.1 + 1e-5
+    assert bound <= sup * (1 + tolerance), (case, sup, bound)
     schur = worst_case.conv_kernel_terms(kernel, None, feature_group_count=groups,
                                          output_positions=1).lipschitz
     assert bound <= schur
@@ -241,7 +244,8 @@ def test_conv_extreme_magnitudes_and_dtypes():
   base = rng.standard_normal((3, 3, 2, 2))
   sup = _symbol_sup_estimate(base, 1)
   for scale in (1e-300, 1e300):
-    assert sup * scale * (1 - 1e-9) <= conv_norm_bound(base * scale) <= sup * scale * 1.0101
+    assert sup * scale * (1 - 1e-9) <= conv_norm_bound(base * scale) <= sup * scale * (
+        1 + CONV_TOLERANCE)
   for dtype in (ml_dtypes.bfloat16, np.float16, np.float32):
     k = base.astype(dtype)
     stored = k.astype(np.float64)
@@ -252,16 +256,8 @@ def test_conv_extreme_magnitudes_and_dtypes():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(padding="REFLECT"), "REFLECT"), (dict(strides=0), "strides"),
     (dict(kernel_dilation=(1,)), "kernel_dilation"), (dict(feature_group_count=3), "feature_group"),
-    (dict(grid_size=1), "grid_size")])
+    (dict(grid_size=1), "grid_size"), (dict(tolerance=0.0), "tolerance"),
+    (dict(max_samples=0), "max_samples")])
 def test_conv_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     conv_norm_bound(np.ones((3, 3, 2, 4)), **kwargs)
-
-
-def test_default_grid_size_meets_the_one_percent_target():
-  for ksize in [(3,), (3, 3), (5, 5), (3, 3, 3), (7,)]:
-    n = default_grid_size(ksize)
-    theta = math.pi / n * sum(k - 1 for k in ksize) / 2
-    assert 1 / (1 - theta ** 2 / 2) <= 1.01
-    theta = math.pi / (n - 1) * sum(k - 1 for k in ksize) / 2
-    assert n == 4 or 1 / (1 - theta ** 2 / 2) > 1.01
