@@ -104,6 +104,11 @@ def _up(x: float) -> float:
   return math.nextafter(float(x), math.inf)
 
 
+def _vup(x: np.ndarray) -> np.ndarray:
+  """:func:`_up` elementwise."""
+  return np.nextafter(np.asarray(x, np.float64), np.inf)
+
+
 def _gamma(k: int) -> float:
   """An upper bound on ``gamma_k = k u / (1 - k u)``."""
   if k * _U >= 0.01:
@@ -188,12 +193,14 @@ def _lambda_max_upper(h: np.ndarray, estimate: float) -> np.ndarray:
     diag = s - np.diagonal(sym[pending], axis1=1, axis2=2)  # (len(pending), n), rounded once
     a[:, np.arange(n), np.arange(n)] = diag
     ok = _cholesky_succeeds(a)
-    for j, b in enumerate(pending):
-      if ok[j]:
-        d_term = _up(2.0 * _U * float(np.max(np.abs(diag[j]))))
-        f_term = _up(_up(g * _sum_up(np.abs(diag[j]))) / (1.0 - g))
-        out[b] = _up(_up(_up(s + d_term) + f_term) + n ** 3 * _UNDERFLOW)
-    pending = [b for j, b in enumerate(pending) if not ok[j]]
+    absdiag = np.abs(diag)
+    d_term = _vup(2.0 * _U * np.max(absdiag, axis=1))
+    trace = _vup(_vup(np.sum(absdiag, axis=1) * _up(1.0 + 2.0 * _gamma(n + 1))) + n * _UNDERFLOW)
+    f_term = _vup(_vup(g * trace) / (1.0 - g))
+    bound = _vup(_vup(_vup(s + d_term) + f_term) + n ** 3 * _UNDERFLOW)
+    idx = np.asarray(pending)
+    out[idx[ok]] = bound[ok]
+    pending = list(idx[~ok])
     margin *= 4.0
   for b in pending:
     out[b] = _gershgorin_up(sym[b])
@@ -354,7 +361,7 @@ def _estimate_batch_lambda_max(h: np.ndarray) -> float:
 
 _CHUNK_ENTRIES = 2 ** 22  # Gram entries per chunk of samples (32 MiB of float64)
 _TOLERANCE = 2e-3  # default: refine boxes until the bound is within 0.2 % of the largest sample
-_MAX_SAMPLES = 2048  # default: samples per group at most (then the bound is returned as it is)
+_MAX_SAMPLES = 2048  # default budget of samples per group beyond the first two levels
 
 
 def _sample_bounds(taps: np.ndarray, points: np.ndarray, n: int) -> np.ndarray:
@@ -391,15 +398,16 @@ def _sample_bounds(taps: np.ndarray, points: np.ndarray, n: int) -> np.ndarray:
     q = np.swapaxes(np.concatenate([x, -y], axis=1), 1, 2) @ np.concatenate([y, x], axis=1)
     gram = np.block([[p, -q], [q, p]])  # Gram of [[X, -Y], [Y, X]], (S, 2 side, 2 side)
     lam = _lambda_max_upper(gram, _estimate_batch_lambda_max(gram))
-    for i in range(gram.shape[0]):
-      gram_err = _up(_up(g * _sq_frobenius_up(stack_xy[i])) * 2.0 +
-                     8 * side * side * inner * _UNDERFLOW)
-      out[start + i] = _up(_up(math.sqrt(_up(lam[i] + gram_err))) + dft_err)
+    size = stack_xy[0].size
+    sq = _vup(_vup(np.sum(stack_xy * stack_xy, axis=(1, 2)) * _up(1.0 + 2.0 * _gamma(size + 1)))
+              + size * _UNDERFLOW)  # ||[X; Y]||_F^2, as _sq_frobenius_up
+    gram_err = _vup(_vup(g * sq) * 2.0 + 8 * side * side * inner * _UNDERFLOW)
+    out[start:start + len(lam)] = _vup(_vup(np.sqrt(_vup(lam + gram_err))) + dft_err)
   return out
 
 
 def _symbol_bound(taps: np.ndarray, grid_size: int | None, tolerance: float,
-                  max_samples: int) -> float:
+                  max_samples: int | None) -> float:
   """Rigorous upper bound on ``sup_w ||K^(w)||_2`` (one group; every spatial size ``> 1``).
 
   With ``grid_size``: the uniform grid and its factor. Otherwise cells: the torus is tiled by
@@ -408,7 +416,8 @@ def _symbol_bound(taps: np.ndarray, grid_size: int | None, tolerance: float,
   nearest sample), so ``S <= max_boxes`` of that. A box whose bound exceeds ``(1 + tolerance)``
   times the largest sample is split into ``3^d`` boxes (the centre sample is kept), from
   ``N_0`` with factor ``<= 1.1`` down to factor ``<= 1 + tolerance / 2``, while at most
-  ``max_samples`` samples are spent. Boxes of one half of the torus suffice
+  ``max_samples`` samples are spent (default: enough to split every first-level box once,
+  and at least 2048). Boxes of one half of the torus suffice
   (``||K^(-w)|| = ||K^(w)||``).
   """
   ksize = taps.shape[:-2]
@@ -428,6 +437,8 @@ def _symbol_bound(taps: np.ndarray, grid_size: int | None, tolerance: float,
   values = _sample_bounds(taps, centres, n)
   level = np.zeros(len(values), int)
   spent = len(values)
+  if max_samples is None:
+    max_samples = max(_MAX_SAMPLES, 3 ** nd * len(values))
   offsets = np.array(list(np.ndindex(*(3,) * nd))) - 1
   offsets = offsets[np.any(offsets != 0, axis=1)]
   while True:
@@ -465,7 +476,7 @@ def _trimmed(kernel: np.ndarray, nd: int) -> np.ndarray:
 def conv_norm_bound(kernel: ArrayLike, *, strides: int | Sequence[int] = 1,
                     kernel_dilation: int | Sequence[int] = 1, feature_group_count: int = 1,
                     padding: padding_lib.PaddingLike = "SAME",
-                    tolerance: float = _TOLERANCE, max_samples: int = _MAX_SAMPLES,
+                    tolerance: float = _TOLERANCE, max_samples: int | None = None,
                     grid_size: int | None = None) -> float:
   """A rigorous upper bound on the l2 operator norm of a convolution, for any input size.
 
@@ -479,8 +490,8 @@ def conv_norm_bound(kernel: ArrayLike, *, strides: int | Sequence[int] = 1,
   3^d-fold) where it exceeds ``1 + tolerance`` times the largest sample, each sample bounded
   rigorously in float64 (Cholesky-verified, rounding included). The first level has
   ``1 / (1 - theta^2 / 2) <= 1.1``, the second ``<= 1.0102``: once every box is split once
-  (``3^d - 1`` new samples per first-level box; the default budget allows that for 1-D and
-  3x3 kernels, not for 3-D ones, which stay within 10 %) the result is within 1.02 % of ``S``, and within ``tolerance`` if ``max_samples``
+  (``3^d - 1`` new samples per first-level box, which the default budget allows) the result
+  is within 1.02 % of ``S``, and within ``tolerance`` if ``max_samples``
   allows the boxes near the maximum to be split further. A spent budget only loosens it. Strides are not exploited (the bound is that of stride 1). The result is never above the AOL row-sum (Schur) bound; an all-zero kernel
   gives 0.
 
@@ -492,7 +503,8 @@ def conv_norm_bound(kernel: ArrayLike, *, strides: int | Sequence[int] = 1,
       (:func:`aol_jax.padding.normalize_padding`); reflect-type paddings are refused.
     tolerance: relative target above the largest sample (default 0.2 %).
     max_samples: symbol samples per group at most (each costs a Gram and a Cholesky of
-      size ``2 min(c_in, c_out) / g``).
+      size ``2 min(c_in / g, c_out / g)``); default: every first-level box split once, and
+      at least 2048.
     grid_size: if given, one uniform grid of that size with its factor, no refinement.
 
   Returns:
@@ -522,7 +534,7 @@ def conv_norm_bound(kernel: ArrayLike, *, strides: int | Sequence[int] = 1,
                      f"dividing c_out={k.shape[-1]}.")
   if not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
     raise ValueError(f"conv_norm_bound: tolerance must be in (0, 1), got {tolerance!r}.")
-  if not isinstance(max_samples, int) or max_samples < 1:
+  if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
     raise ValueError(f"conv_norm_bound: max_samples must be a positive int, got "
                      f"{max_samples!r}.")
   if grid_size is not None and (not isinstance(grid_size, int) or grid_size < 2):

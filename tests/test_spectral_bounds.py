@@ -205,9 +205,7 @@ def test_conv_bound_is_above_exact_norm_for_every_input_size(case):
       exact = operator_norm(f, (*size, c_in))
       assert exact <= bound, (case, size, exact, bound)
     sup = _symbol_sup_estimate(kernel.astype(np.float64), groups)
-    # 3-D: the default budget stops at the first level (factor <= 1.1), see conv_norm_bound.
-    tolerance = CONV_TOLERANCE if len(ksize) < 3 else 0.1 + 1e-5
-    assert bound <= sup * (1 + tolerance), (case, sup, bound)
+    assert bound <= sup * (1 + CONV_TOLERANCE), (case, sup, bound)
     schur = worst_case.conv_kernel_terms(kernel, None, feature_group_count=groups,
                                          output_positions=1).lipschitz
     assert bound <= schur
