@@ -361,7 +361,6 @@ def _estimate_batch_lambda_max(h: np.ndarray) -> float:
 
 _CHUNK_ENTRIES = 2 ** 22  # Gram entries per chunk of samples (32 MiB of float64)
 _TOLERANCE = 2e-3  # default: refine boxes until the bound is within 0.2 % of the largest sample
-_MAX_SAMPLES = 2048  # default budget of samples per group beyond the first two levels
 
 
 def _sample_bounds(taps: np.ndarray, points: np.ndarray, n: int) -> np.ndarray:
@@ -416,8 +415,7 @@ def _symbol_bound(taps: np.ndarray, grid_size: int | None, tolerance: float,
   nearest sample), so ``S <= max_boxes`` of that. A box whose bound exceeds ``(1 + tolerance)``
   times the largest sample is split into ``3^d`` boxes (the centre sample is kept), from
   ``N_0`` with factor ``<= 1.1`` down to factor ``<= 1 + tolerance / 2``, while at most
-  ``max_samples`` samples are spent (default: enough to split every first-level box once,
-  and at least 2048). Boxes of one half of the torus suffice
+  ``max_samples`` samples are spent (default: enough to split every first-level box once). Boxes of one half of the torus suffice
   (``||K^(-w)|| = ||K^(w)||``).
   """
   ksize = taps.shape[:-2]
@@ -438,7 +436,7 @@ def _symbol_bound(taps: np.ndarray, grid_size: int | None, tolerance: float,
   level = np.zeros(len(values), int)
   spent = len(values)
   if max_samples is None:
-    max_samples = max(_MAX_SAMPLES, 3 ** nd * len(values))
+    max_samples = 3 ** nd * len(values)
   offsets = np.array(list(np.ndindex(*(3,) * nd))) - 1
   offsets = offsets[np.any(offsets != 0, axis=1)]
   while True:
@@ -501,10 +499,11 @@ def conv_norm_bound(kernel: ArrayLike, *, strides: int | Sequence[int] = 1,
     feature_group_count: ``g``, dividing ``c_out``.
     padding: 'SAME', 'VALID', 'CIRCULAR', or explicit zero padding
       (:func:`aol_jax.padding.normalize_padding`); reflect-type paddings are refused.
-    tolerance: relative target above the largest sample (default 0.2 %).
+    tolerance: relative target above the largest sample (default 0.2 %), reached only if
+      ``max_samples`` allows.
     max_samples: symbol samples per group at most (each costs a Gram and a Cholesky of
-      size ``2 min(c_in / g, c_out / g)``); default: every first-level box split once, and
-      at least 2048.
+      size ``2 min(c_in / g, c_out / g)``); default: every first-level box split once (1017
+      samples for a 3x3 kernel); a larger budget lets ``tolerance`` be approached.
     grid_size: if given, one uniform grid of that size with its factor, no refinement.
 
   Returns:
