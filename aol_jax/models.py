@@ -8,6 +8,7 @@ product of what its layers state (:mod:`aol_jax.certification.protocol`), times
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -110,9 +111,11 @@ class AOLNetwork(nnx.Module):
     """The layers' :class:`~aol_jax.certification.probabilistic.RoundingTerms` composed in
     order (:func:`~aol_jax.certification.probabilistic.compose`), the normalisation first."""
     self._check_declared("rounding_terms")
-    return probabilistic.compose(self._terms_in_order(
+    terms = probabilistic.compose(self._terms_in_order(
         lambda path, layer: protocol.rounding_terms(layer, path),
         probabilistic.normalisation_terms(self.input_std)))
+    # The same constant as lipschitz_bound(), whatever the order of the products.
+    return dataclasses.replace(terms, lipschitz=max(terms.lipschitz, self.lipschitz_bound()))
 
   def worst_case_terms(self, input_shape: Sequence[int]) -> WorstCaseTerms:
     """The layers' :class:`~aol_jax.certification.worst_case.WorstCaseTerms` chained by

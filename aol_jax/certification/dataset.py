@@ -252,6 +252,7 @@ def certify_dataset(model: nnx.Module, images: ArrayLike, labels: ArrayLike, *,
 def _certify_dataset(model, images, labels, eps_arr, batch_size, mesh, rounding):
   n = images.shape[0]
   image_shape = images.shape[1:]
+  protocol.lipschitz_bound(model)  # refuses an undeclared layer by its path, before any trace
   frozen = _float32_copy(model, image_shape)
   graphdef, state = nnx.split(frozen)
   x_struct = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)

@@ -7,6 +7,8 @@ rounding can push an AOL kernel's norm above 1). Every certificate of a frozen l
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 from flax import nnx
 
@@ -39,6 +41,15 @@ def applied_kernel_bound(layer: nnx.Module) -> float:
   dilation, zero or circular padding.
   """
   kernel = applied_kernel(layer)
-  if kernel.ndim == 2:
-    return worst_case.dense_kernel_norm_bound(kernel)
-  return worst_case.conv_kernel_norm_bound(kernel, feature_group_count=layer.feature_group_count)
+  groups = 1 if kernel.ndim == 2 else layer.feature_group_count
+  # Keyed by the kernel's bytes: the same kernel always gets the same bound, computed once.
+  key = (kernel.shape, groups, hashlib.sha256(kernel.tobytes()).hexdigest())
+  if key not in _BOUNDS:
+    if len(_BOUNDS) > 4096:
+      _BOUNDS.clear()
+    _BOUNDS[key] = (worst_case.dense_kernel_norm_bound(kernel) if kernel.ndim == 2 else
+                    worst_case.conv_kernel_norm_bound(kernel, feature_group_count=groups))
+  return _BOUNDS[key]
+
+
+_BOUNDS: dict = {}

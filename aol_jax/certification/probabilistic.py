@@ -39,7 +39,7 @@ class RoundingTerms:
 
   Attributes:
     lipschitz: ``L``, an upper bound on the l2 Lipschitz constant of ``f`` (exact
-      arithmetic, the kernels it applies).
+      arithmetic, the kernels it applies), at least what ``f.lipschitz_bound()`` states.
     forward: ``S_f``: the float32 output errs by at most ``u S_f M`` (probabilistic model,
       normal range). A dense or conv layer states ``sqrt(n + 1) max(1, L)``, ``n`` its
       fan-in (+1 the bias); an input normalisation 2; an exact map 0.
@@ -50,14 +50,14 @@ class RoundingTerms:
     amplification: ``K >= 1``: an absolute error anywhere inside ``f`` reaches its output
       multiplied by at most ``K`` (``prod max(1, L_k)`` over its steps).
   """
-  lipschitz: float = 1.0
+  lipschitz: float
   forward: float = 0.0
   rescale: float = 0.0
   prefix: float = 1.0
   amplification: float = 1.0
 
   @classmethod
-  def exact(cls, lipschitz: float = 1.0) -> RoundingTerms:
+  def exact(cls, lipschitz: float) -> RoundingTerms:
     """A map that float arithmetic evaluates exactly (a permutation, max / min, a reshape)."""
     lip = float(lipschitz)
     return cls(lipschitz=lip, prefix=max(1.0, lip), amplification=max(1.0, lip))

@@ -154,7 +154,13 @@ def rounding_terms(layer: Any, path: Path = ()) -> RoundingTerms:
   lip = _registered(layer)
   if lip is not None:
     return RoundingTerms.exact(lip)
-  return _stated(layer, "rounding_terms", path, RoundingTerms)
+  terms = _stated(layer, "rounding_terms", path, RoundingTerms)
+  lip = lipschitz_bound(layer, path)
+  if not terms.lipschitz >= lip:
+    raise ValueError(f"{type(layer).__name__} at path {path} states lipschitz "
+                     f"{terms.lipschitz!r} in rounding_terms() but {lip!r} in "
+                     "lipschitz_bound(); the rounding terms must use at least that constant.")
+  return terms
 
 
 def worst_case_terms(layer: Any, input_shape: Sequence[int], path: Path = ()) -> WorstCaseTerms:

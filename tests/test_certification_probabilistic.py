@@ -1,0 +1,46 @@
+"""The probabilistic rounding model: the counting formulas, composition, and the allowance against a float64 evaluation."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import aol_jax
+from aol_jax import models
+from aol_jax.certification.protocol import rounding_terms
+from certification_support import SMALL_FAMILIES, float64_logit_error, trained_like
+
+def test_rounding_terms_count_fan_in_and_gram_lengths():
+  model = models.aol_small(2, rngs=nnx.Rngs(0), channels=8, conv_depth=1, dense_depth=2,
+                           width=2, image_size=8, pool=4)
+  terms = rounding_terms(model)
+  # 1x1 conv 48 -> 8, one 3x3 conv 8 -> 8, 1x1 conv 8 -> 8, two dense 8 -> 8.
+  forward = math.sqrt(48 + 1) + math.sqrt(72 + 1) + math.sqrt(8 + 1) + 2 * math.sqrt(8 + 1)
+  rescale = (math.sqrt(8 + 48) + math.sqrt(72 + 25 * 8) + math.sqrt(8 + 8)
+             + 2 * math.sqrt(8 + 8))
+  assert terms.forward == pytest.approx(forward)
+  assert terms.rescale == pytest.approx(rescale)
+  normalised = models.aol_small(2, rngs=nnx.Rngs(0), channels=8, conv_depth=1, dense_depth=2,
+                                width=2, image_size=8, pool=4, input_std=(0.5, 0.5, 0.5))
+  assert rounding_terms(normalised).forward == pytest.approx(forward + 2)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_FAMILIES))
+def test_allowance_exceeds_measured_float32_error(name):
+  """The float32 logits of the frozen model differ from a float64 evaluation of the same
+  kernels by far less than the modelled bound ``u S_f M`` the allowance is built from, at
+  the paper's init and with perturbed kernels (trained weights: test_attacks.py)."""
+  model = models.MODELS[name](10, rngs=nnx.Rngs(0), in_channels=3, **SMALL_FAMILIES[name])
+  x = jax.random.uniform(jax.random.key(2), (8, 16, 16, 3), jnp.float32)
+  for weights in ("init", "perturbed"):
+    if weights == "perturbed":
+      model = trained_like(model, 0.05, seed=1)
+    err, bound = float64_logit_error(aol_jax.freeze(model), x)
+    assert err.max() > 0  # float32 really rounded, so the comparison is not vacuous
+    ratio = bound.min() / err.max()
+    print(f"{name} ({weights}): max f32-vs-f64 logit error {err.max():.2e}, min u*S_f*M "
+          f"{bound.min():.2e}, ratio {ratio:.0f}")
+    assert ratio > 100
