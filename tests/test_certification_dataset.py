@@ -179,3 +179,86 @@ def test_certify_dataset_any_batch_size_on_a_mesh():
       assert dataclasses.replace(got, max_allowance=want.max_allowance) == want
   print("any batch size on a mesh:", want)
   assert 0 < want.num_certified[-1] < want.num_correct < 1203
+
+
+@pytest.mark.parametrize("change,argument,match", [
+    (lambda a: {**a, "images": np.where(a["images"] > 0.5, np.nan, a["images"])}, "images",
+     "non-finite"),
+    (lambda a: {**a, "images": np.where(a["images"] > 0.5, np.inf, a["images"])}, "images",
+     "non-finite"),
+    (lambda a: {**a, "images": (a["images"] * 255).astype(np.uint8)}, "images", "uint8"),
+    (lambda a: {**a, "images": a["images"] * 255}, "images", r"\[0, 1\]"),
+    (lambda a: {**a, "images": a["images"] - 0.5}, "images", r"\[0, 1\]"),
+    (lambda a: {**a, "eps_list": (float("nan"),)}, "eps_list", "finite"),
+    (lambda a: {**a, "eps_list": (0.1, float("inf"))}, "eps_list", "finite"),
+    (lambda a: {**a, "eps_list": (-0.1,)}, "eps_list", ">= 0"),
+    (lambda a: {**a, "batch_size": 2.5}, "batch_size", "int"),
+    (lambda a: {**a, "batch_size": True}, "batch_size", "int"),
+    (lambda a: {**a, "batch_size": 0}, "batch_size", ">= 1"),
+    (lambda a: {**a, "model": np.zeros(3)}, "model", "nnx.Module"),
+    (lambda a: {**a, "rounding": "exact"}, "rounding", "probabilistic"),
+])
+def test_bad_input_is_refused_naming_the_argument(change, argument, match):
+  images, labels = digits_like(6, seed=20)
+  args = change({"model": tiny_std_model(), "images": images, "labels": labels,
+                 "eps_list": (0.1,), "batch_size": 4, "rounding": "probabilistic"})
+  with pytest.raises(ValueError, match=match) as info:
+    certify_dataset(args.pop("model"), args.pop("images"), args.pop("labels"), **args)
+  assert argument in str(info.value)
+
+
+class _AttributeBound(aol_jax.ExactMap, nnx.Module):
+  lipschitz_bound = 1.0  # an attribute where a method belongs
+
+  def __call__(self, x):
+    return x
+
+
+class _NanBound(aol_jax.ExactMap, nnx.Module):
+  def lipschitz_bound(self):
+    return float("nan")
+
+  def __call__(self, x):
+    return x
+
+
+def test_a_bound_stated_as_an_attribute_or_nan_is_refused():
+  images, labels = digits_like(4, seed=21)
+  base = list(tiny_std_model().layers)
+  with pytest.raises(aol_jax.UndeclaredBoundError, match="attribute where a method"):
+    certify_dataset(models.AOLNetwork([_AttributeBound(), *base]), images, labels,
+                    batch_size=4)
+  with pytest.raises(ValueError, match="finite number >= 0"):
+    certify_dataset(models.AOLNetwork([_NanBound(), *base]), images, labels, batch_size=4)
+
+
+class _UnderstatedTerms(aol_jax.ExactMap, nnx.Module):
+  """States L = 2 but rounding terms computed with L = 1."""
+  lipschitz = 2.0
+
+  def rounding_terms(self):
+    return aol_jax.RoundingTerms.exact(1.0)
+
+  def __call__(self, x):
+    return 2 * x
+
+
+def test_rounding_terms_below_the_stated_constant_are_refused():
+  images, labels = digits_like(4, seed=22)
+  model = models.AOLNetwork([_UnderstatedTerms(), *tiny_std_model().layers])
+  with pytest.raises(ValueError, match="rounding_terms"):
+    certify_dataset(model, images, labels, batch_size=4)
+
+
+@pytest.mark.parametrize("rounding", ["probabilistic", "worst_case"])
+def test_a_model_with_lipschitz_constant_zero_is_certified(rounding):
+  """A zero kernel: the logits are the bias whatever the input, so every radius holds."""
+  dense = AOLDense(64, 3, kernel_init=nnx.initializers.zeros_init(), rngs=nnx.Rngs(0))
+  dense.bias[...] = jnp.array([1.0, 0.0, -1.0])
+  model = models.AOLNetwork([aol_jax.Flatten(), dense])
+  images, _ = digits_like(5, seed=23)
+  labels = np.zeros(5, np.int64)
+  result = certify_dataset(model, images, labels, eps_list=(0.5, 100.0), batch_size=5,
+                           rounding=rounding)
+  assert result.lipschitz_constant == 0.0
+  assert result.num_certified == (5, 5)
