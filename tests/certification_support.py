@@ -94,7 +94,7 @@ def reference_counts(model, images, labels, eps_list):
   for e in eps_list:
     allow = (math.sqrt(2) * u * (1 + 2 ** -10) * (terms.forward * (2 * bound + terms.prefix * e)
                                                   + terms.rescale * lip * e)
-             + 2 * math.sqrt(2) * terms.amplification * ops * tiny)
+             + 2 * math.sqrt(2) * terms.amplification * ops * tiny * (1 + 2 ** -10))
     # The rule's own rounding: 8 u above the threshold, plus the smallest normal.
     threshold = (math.sqrt(2) * lip * e + allow) * (1 + 8 * u) + np.finfo(np.float32).tiny
     counts.append(int(np.sum(m > threshold)))

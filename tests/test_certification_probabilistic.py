@@ -44,3 +44,23 @@ def test_allowance_exceeds_measured_float32_error(name):
     print(f"{name} ({weights}): max f32-vs-f64 logit error {err.max():.2e}, min u*S_f*M "
           f"{bound.min():.2e}, ratio {ratio:.0f}")
     assert ratio > 100
+
+
+def test_composition_tracks_the_largest_prefix_and_every_absolute_error():
+  """[x2, x0.5]: L = 1, yet the middle value is twice the input, so M grows with P = 2, not
+  max(1, L) = 1; an error made after the x2 is not amplified, one before it is."""
+  from aol_jax.certification.probabilistic import RoundingTerms, compose, rounding_allowance
+  double, halve = RoundingTerms.exact(2.0), RoundingTerms.exact(0.5)
+  noisy = RoundingTerms(lipschitz=1.0, forward=3.0, prefix=1.0, amplification=1.0)
+  terms = compose([noisy, double, halve])
+  assert (terms.lipschitz, terms.prefix, terms.amplification) == (1.0, 2.0, 2.0)
+  assert terms.forward == 3.0  # after it: 2 * 0.5 = 1
+  assert compose([double, noisy, halve]).forward == 3.0  # after it: 0.5, never below 1
+  assert compose([halve, noisy, double]).forward == 6.0  # after it: 2
+  # A network of exact maps still gets the underflow term; the allowance grows with P eps.
+  exact = compose([double, halve])
+  a0 = float(rounding_allowance(exact, 0.0, 0.0, operations=100))
+  assert a0 >= 2 * math.sqrt(2) * 2.0 * 100 * 2.0 ** -126
+  a1 = float(rounding_allowance(terms, 1.0, 1.0, operations=0))
+  a0 = float(rounding_allowance(terms, 1.0, 0.0, operations=0))
+  assert a1 - a0 == pytest.approx(math.sqrt(2) * 2.0 ** -24 * 3.0 * 2.0, rel=1e-3)

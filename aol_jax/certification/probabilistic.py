@@ -161,7 +161,7 @@ def rounding_allowance(terms: RoundingTerms, activation_norm: ArrayLike, eps: Ar
                        unit_roundoff: float = FLOAT32_UNIT_ROUNDOFF) -> jax.Array:
   """Margin slack ``A`` so that ``m > sqrt(2) L eps + A`` survives float32 rounding.
 
-  ``A = sqrt(2) u [S_f (2 M + P eps) + S_r L eps] (1 + 2^-10) + 2 sqrt(2) K N 2^-126``, with
+  ``A = {sqrt(2) u [S_f (2 M + P eps) + S_r L eps] + 2 sqrt(2) K N 2^-126} (1 + 2^-10)``, with
   ``L, S_f, S_r, P, K`` the network's :class:`RoundingTerms`, ``M`` an upper bound on the
   largest l2 norm of a value the float32 forward pass at ``x`` computes (nested networks
   included), and ``N`` = ``operations``, the :func:`operation_count` of one example's
@@ -199,4 +199,5 @@ def rounding_allowance(terms: RoundingTerms, activation_norm: ArrayLike, eps: Ar
   eps = jnp.asarray(eps, jnp.float32)
   relative = math.sqrt(2) * unit_roundoff * (1 + SELF_ROUNDING) * (
       terms.forward * (2 * m + terms.prefix * eps) + terms.rescale * terms.lipschitz * eps)
-  return relative + 2 * math.sqrt(2) * terms.amplification * operations * FLOAT32_TINY
+  absolute = 2 * math.sqrt(2) * terms.amplification * operations * FLOAT32_TINY
+  return relative + absolute * (1 + SELF_ROUNDING)
