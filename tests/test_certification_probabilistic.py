@@ -55,6 +55,7 @@ def test_composition_tracks_the_largest_prefix_and_every_absolute_error():
   terms = compose([noisy, double, halve])
   assert (terms.lipschitz, terms.prefix, terms.amplification) == (1.0, 2.0, 2.0)
   assert terms.forward == 3.0  # after it: 2 * 0.5 = 1
+  assert compose([double, double]).prefix == 4.0  # the products, not the largest factor
   assert compose([double, noisy, halve]).forward == 3.0  # after it: 0.5, never below 1
   assert compose([halve, noisy, double]).forward == 6.0  # after it: 2
   # A network of exact maps still gets the underflow term; the allowance grows with P eps.

@@ -162,3 +162,23 @@ def test_worst_case_mode_certifies_around_the_float64_image_not_its_rounding():
                                rounding="worst_case")
   assert ok.num_certified == (1,)
 
+
+
+def test_probabilistic_mode_certifies_float64_images_at_the_radius_their_rounding_adds():
+  """The float64 margin is 2.9e-8 below what float32 rounds it to, 1e-8 below sqrt(2) eps:
+  certifying the rounded image at eps would be false; at eps + ||x - x32|| it is refused."""
+  net = models.AOLNetwork([aol_jax.Flatten(), aol_jax.FirstChannels(2)])
+  a32, b32 = np.float32(0.75), np.float32(0.75) - np.float32(2.0 ** -13)
+  x = np.zeros((1, 2, 2, 1), np.float64)
+  x[0, 0, 0, 0], x[0, 0, 1, 0] = float(a32) - 2.9e-8, float(b32)
+  assert np.float32(x[0, 0, 0, 0]) == a32  # rounds up to a32
+  m64 = x[0, 0, 0, 0] - x[0, 0, 1, 0]
+  eps = (m64 + 1e-8) / math.sqrt(2)
+  result = aol_jax.certify_dataset(net, x, np.array([0]), eps_list=(eps, 0.5 * eps),
+                                   batch_size=1)
+  assert result.num_certified == (0, 1)
+  # The float32 image a float32 evaluation may see flips within eps of the float64 image.
+  x_adv = x.copy()
+  x_adv[0, 0, 0, 0] -= eps / math.sqrt(2)
+  x_adv[0, 0, 1, 0] += eps / math.sqrt(2)
+  assert x_adv[0, 0, 0, 0] < x_adv[0, 0, 1, 0]
