@@ -170,7 +170,7 @@ def test_float_attack_fools_the_exact_rule_and_neither_rounding_mode(rounding, d
   assert np.array_equal(np.abs(w), np.full(w.shape, 1 / 64))  # rescaling left it exactly
   graphdef, state = nnx.split(frozen)
   rng = np.random.default_rng(0)
-  x = rng.uniform(0, 4, size=(12, FLOAT_ATTACK_DIM)).astype(np.float32)
+  x = rng.uniform(0, 1, size=(12, FLOAT_ATTACK_DIM)).astype(np.float32)  # images in [0, 1]
   with contextlib.ExitStack() as stack:
     if dtype == np.float64:
       stack.enter_context(jax.enable_x64(True))
@@ -210,5 +210,5 @@ def test_float_attack_fools_the_exact_rule_and_neither_rounding_mode(rounding, d
       flipped += search(i, max(certified))
   print(f"{rounding}: radius given up to rounding: max {max(radii):.3g}; flipped {flipped}")
   assert flipped == 0
-  # The sound modes give up little: A / sqrt(2) ~ 1e-3 (probabilistic) at ||x|| ~ 150.
+  # The sound modes give up little: A / sqrt(2) ~ 1e-3 (probabilistic) at ||x|| ~ 37.
   assert max(radii) < 5e-3
