@@ -1,33 +1,34 @@
 """aol_jax: certifiably robust Lipschitz networks from Almost-Orthogonal Lipschitz layers."""
 
-from aol_jax import attacks, bounds, lipschitz, models, sharding
+from aol_jax import attacks, certification, lipschitz, models, sharding
 from aol_jax.attacks import pgd_l2
 from aol_jax.blocks import (ConcatenationPooling, FirstChannels, Flatten, GroupSort, MaxMin,
                             ZeroChannelPad)
-from aol_jax.bounds import ExactMap, UndeclaredBoundError, register_exact_map, rounding_terms
-from aol_jax.certificates import STANDARD_RADII, certified_robust_accuracy, certify
-from aol_jax.certify import certify_dataset
+from aol_jax.certification.dataset import ROUNDING_MODES, certify_dataset
+from aol_jax.certification.margins import margins
+from aol_jax.certification.probabilistic import RoundingTerms, rounding_allowance
+from aol_jax.certification.protocol import (ExactMap, UndeclaredBoundError, register_exact_map,
+                                            rounding_terms)
+from aol_jax.certification.results import CertificationResult, certification_markdown
+from aol_jax.certification.rule import STANDARD_RADII, certified_robust_accuracy, certify
+from aol_jax.certification.worst_case import WorstCaseTerms
 from aol_jax.freeze import freeze
 from aol_jax.initializers import aol_init
 from aol_jax.layers import AOLConv, AOLDense, RescaledKernel
 from aol_jax.losses import offset_cross_entropy
-from aol_jax.margins import margins
 from aol_jax.models import MODELS, AOLNetwork
 from aol_jax.rescaling import conv_factors, conv_gram, dense_factors, rescale_conv, rescale_dense
-from aol_jax.results import CertificationResult, certification_markdown
-from aol_jax.rounding import RoundingTerms, rounding_allowance
 from aol_jax.sharding import sharded_rescaling
-from aol_jax.worst_case import WorstCaseTerms
 
 __all__ = [
     "AOLConv", "AOLDense", "AOLNetwork", "CertificationResult", "ConcatenationPooling",
-    "ExactMap", "FirstChannels", "Flatten", "GroupSort", "MODELS", "MaxMin", "RescaledKernel",
-    "RoundingTerms", "STANDARD_RADII", "UndeclaredBoundError", "WorstCaseTerms",
-    "ZeroChannelPad", "aol_init", "attacks", "bounds", "certification_markdown",
-    "certified_robust_accuracy", "certify", "certify_dataset", "conv_factors", "conv_gram",
-    "dense_factors", "freeze", "lipschitz", "margins", "models", "offset_cross_entropy",
-    "pgd_l2", "register_exact_map", "rescale_conv", "rescale_dense", "rounding_allowance",
-    "rounding_terms", "sharded_rescaling", "sharding",
+    "ExactMap", "FirstChannels", "Flatten", "GroupSort", "MODELS", "MaxMin", "ROUNDING_MODES",
+    "RescaledKernel", "RoundingTerms", "STANDARD_RADII", "UndeclaredBoundError",
+    "WorstCaseTerms", "ZeroChannelPad", "aol_init", "attacks", "certification",
+    "certification_markdown", "certified_robust_accuracy", "certify", "certify_dataset",
+    "conv_factors", "conv_gram", "dense_factors", "freeze", "lipschitz", "margins", "models",
+    "offset_cross_entropy", "pgd_l2", "register_exact_map", "rescale_conv", "rescale_dense",
+    "rounding_allowance", "rounding_terms", "sharded_rescaling", "sharding",
 ]
 
 __version__ = "0.1.0"

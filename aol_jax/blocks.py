@@ -2,7 +2,7 @@
 
 Each is evaluated exactly by floating-point arithmetic (a permutation, max / min, a reshape,
 a coordinate projection or embedding) and maps 0 to 0, so each states ``L = 1`` and no
-rounding through :class:`aol_jax.bounds.ExactMap`.
+rounding through :class:`aol_jax.ExactMap`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from aol_jax.bounds import ExactMap
+from aol_jax.certification.protocol import ExactMap
 from aol_jax.sharding import batch_reshape
 
 

@@ -32,6 +32,9 @@ def freeze(model: nnx.Module, *, dtype: Dtype | None = None) -> nnx.Module:
       ``nnx.Linear`` convention: ``None`` computes in the parameters' dtype). ``None``
       keeps every dtype as it is.
   """
+  if not isinstance(model, nnx.Module):
+    raise ValueError(f"freeze(model) needs an nnx.Module (an AOL layer or network), got "
+                     f"{type(model).__name__}.")
   frozen = nnx.clone(model)
   if dtype is not None:
     widen = lambda a: a.astype(dtype) if _narrower(a.dtype, dtype) else a

@@ -21,10 +21,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 from aol_jax import padding as padding_lib
 from aol_jax import rescaling
 from aol_jax.initializers import aol_init
-from aol_jax.rounding import RoundingTerms
 from aol_jax.sharding import (batch_reshape, rescaling_in_shard_map, rescaling_kwargs,
                               rescaling_shard)
-from aol_jax.worst_case import WorstCaseTerms, conv_kernel_terms, dense_kernel_terms
+from aol_jax.certification import kernel_bounds, probabilistic, worst_case
+from aol_jax.certification.probabilistic import RoundingTerms
+from aol_jax.certification.worst_case import WorstCaseTerms
 
 
 class RescaledKernel(nnx.Variable):
@@ -44,11 +45,17 @@ def _tuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
 _RESCALED = "aol_rescaled_kernel"
 
 
-def _kernel_value(layer) -> jax.Array:
-  """The kernel the layer applies: precomputed by freeze, or rescaled now."""
-  if isinstance(layer.kernel, RescaledKernel):
-    return layer.kernel[...]
-  return layer.rescale(layer.kernel[...])
+def _check_eps(eps: float) -> float:
+  """The AOL stabiliser: finite and >= 0, or the factors can exceed the bound."""
+  if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
+      math.isfinite(eps) and eps >= 0):
+    raise ValueError(f"eps (the AOL stabiliser) must be a finite number >= 0, got {eps!r}: a "
+                     "negative eps enlarges the factors and breaks the 1-Lipschitz bound.")
+  return float(eps)
+
+
+def _frozen(layer) -> bool:
+  return isinstance(layer.kernel, RescaledKernel)
 
 
 def _apply_kernel(layer, op: Callable[[jax.Array, jax.Array], jax.Array],
@@ -107,6 +114,7 @@ class AOLDense(nnx.Module):
     if in_features < 1 or out_features < 1:
       raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, "
                        f"{out_features}.")
+    eps = _check_eps(eps)
     kernel_init = aol_init() if kernel_init is None else kernel_init
     self.in_features, self.out_features = in_features, out_features
     self.use_bias, self.dtype, self.precision, self.eps = use_bias, dtype, precision, eps
@@ -120,18 +128,18 @@ class AOLDense(nnx.Module):
     return rescaling.rescale_dense(kernel, eps=self.eps, **rescaling_kwargs())
 
   def lipschitz_bound(self) -> float:
-    """1 (AOL, Theorem 1), in exact arithmetic; see :mod:`aol_jax.bounds`."""
-    return 1.0
+    """1 (AOL, Theorem 1, exact arithmetic); once frozen, a rigorous bound on the stored
+    kernel (:func:`~aol_jax.certification.kernel_bounds.applied_kernel_bound`)."""
+    return kernel_bounds.applied_kernel_bound(self) if _frozen(self) else 1.0
 
   def rounding_terms(self) -> RoundingTerms:
-    """Fan-in ``n = in``; Gram entries of length ``a = out``, ``b = in`` per factor."""
-    return RoundingTerms(forward=math.sqrt(self.in_features + 1),
-                         rescale=math.sqrt(self.out_features + self.in_features))
+    """:func:`aol_jax.certification.probabilistic.dense_terms`."""
+    return probabilistic.dense_terms(self.in_features, self.out_features,
+                                     self.lipschitz_bound(), frozen=_frozen(self))
 
   def worst_case_terms(self, input_shape: Sequence[int]) -> WorstCaseTerms:
-    """Rigorous float64 terms of the kernel the layer applies (freeze it first)."""
-    del input_shape
-    return dense_kernel_terms(_kernel_value(self), None if self.bias is None else self.bias[...])
+    """:func:`aol_jax.certification.worst_case.dense_layer_terms` (freeze the layer first)."""
+    return worst_case.dense_layer_terms(self, input_shape)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.shape[-1] != self.in_features:
@@ -184,6 +192,7 @@ class AOLConv(nnx.Module):
                        f"{out_features}.")
     if gram_method is not None and gram_method not in rescaling.GRAM_METHODS:
       raise ValueError(f"gram_method must be one of {rescaling.GRAM_METHODS}, got {gram_method!r}.")
+    eps = _check_eps(eps)
     kernel_init = aol_init(g) if kernel_init is None else kernel_init
     self.in_features, self.out_features, self.feature_group_count = in_features, out_features, g
     self.use_bias, self.dtype, self.precision, self.eps = use_bias, dtype, precision, eps
@@ -201,26 +210,19 @@ class AOLConv(nnx.Module):
                                   method=self.gram_method, **rescaling_kwargs())
 
   def lipschitz_bound(self) -> float:
-    """1 (AOL, Theorem 2), in exact arithmetic; see :mod:`aol_jax.bounds`."""
-    return 1.0
+    """1 (AOL, Theorem 2, exact arithmetic); once frozen, a rigorous bound on the stored
+    kernel (:func:`~aol_jax.certification.kernel_bounds.applied_kernel_bound`)."""
+    return kernel_bounds.applied_kernel_bound(self) if _frozen(self) else 1.0
 
   def rounding_terms(self) -> RoundingTerms:
-    """Kernel ``(*k, c_in/g, c_out)``: ``n = prod(k) c_in/g``, ``a = prod(k) c_out/g``,
-    ``b = prod(2k - 1) c_in/g``."""
-    g = self.feature_group_count
-    taps = math.prod(self.kernel_size)
-    n = taps * self.in_features // g
-    a = taps * self.out_features // g
-    b = math.prod(2 * k - 1 for k in self.kernel_size) * self.in_features // g
-    return RoundingTerms(forward=math.sqrt(n + 1), rescale=math.sqrt(a + b))
+    """:func:`aol_jax.certification.probabilistic.conv_terms`."""
+    return probabilistic.conv_terms(self.kernel_size, self.in_features, self.out_features,
+                                    self.feature_group_count, self.lipschitz_bound(),
+                                    frozen=_frozen(self))
 
   def worst_case_terms(self, input_shape: Sequence[int]) -> WorstCaseTerms:
-    """Rigorous float64 terms of the kernel the layer applies (freeze it first)."""
-    out = jax.eval_shape(self, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
-    positions = math.prod(out.shape[1:-1])
-    return conv_kernel_terms(_kernel_value(self), None if self.bias is None else self.bias[...],
-                             feature_group_count=self.feature_group_count,
-                             output_positions=positions)
+    """:func:`aol_jax.certification.worst_case.conv_layer_terms` (freeze the layer first)."""
+    return worst_case.conv_layer_terms(self, input_shape)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     nd = len(self.kernel_size)

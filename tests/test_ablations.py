@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from aol_jax.certify import certify_dataset
+from aol_jax.certification.dataset import certify_dataset
 from experiments.ablations import __main__ as ablations_main
 from experiments.ablations import trainer
 from experiments.ablations.config import LOSS_SETTINGS, SMALL

@@ -140,12 +140,12 @@ def test_network_runs_on_a_batch_sharded_input_under_an_explicit_mesh():
                                    FirstChannels(2), ZeroChannelPad(1), Flatten()])
 def test_blocks_state_one_lipschitz_and_no_rounding(block):
   """What each block states for certification: L = 1, exact in floating point."""
-  from aol_jax import bounds
-  from aol_jax.rounding import RoundingTerms
-  from aol_jax.worst_case import WorstCaseTerms
-  assert bounds.lipschitz_bound(block) == 1.0
-  assert bounds.rounding_terms(block) == RoundingTerms()
-  assert bounds.worst_case_terms(block, (4, 4, 6)) == WorstCaseTerms.exact(1.0)
+  from aol_jax.certification import protocol
+  from aol_jax.certification.probabilistic import RoundingTerms
+  from aol_jax.certification.worst_case import WorstCaseTerms
+  assert protocol.lipschitz_bound(block) == 1.0
+  assert protocol.rounding_terms(block) == RoundingTerms(lipschitz=1.0)
+  assert protocol.worst_case_terms(block, (4, 4, 6)) == WorstCaseTerms.exact(1.0)
   # Exact in float32 indeed: the float32 output equals the float64 output rounded.
   x = np.random.default_rng(0).normal(size=(2, 4, 4, 6))
   y32 = np.asarray(block(jnp.asarray(x, jnp.float32)))

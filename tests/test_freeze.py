@@ -104,3 +104,9 @@ def test_freeze_into_float32_widens_bfloat16_before_rescaling():
   np.testing.assert_allclose(y, nnx.jit(lambda m, v: m(v))(freeze(reference), x), rtol=1e-6,
                              atol=1e-6)
   assert model.dense[0].kernel[...].dtype == jnp.bfloat16  # the original is untouched
+
+
+@pytest.mark.parametrize("value", [np.zeros(3), [1, 2], None])
+def test_freeze_refuses_what_is_not_a_module(value):
+  with pytest.raises(ValueError, match="nnx.Module"):
+    freeze(value)

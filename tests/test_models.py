@@ -126,3 +126,42 @@ def test_lipschitz_bound_includes_input_normalisation():
   with pytest.raises(ValueError, match="positive"):
     models.aol_fc(10, rngs=nnx.Rngs(0), width=16, depth=1, image_size=4,
                   input_std=(0.2, 0.0, 0.3))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"input_std": (float("nan"),)}, "input_std"), ({"input_std": (0.5, float("inf"))}, "input_std"),
+    ({"input_std": -1.0}, "input_std"), ({"input_std": ()}, "input_std"),
+    ({"input_std": "abc"}, "input_std"), ({"input_mean": (float("nan"),)}, "input_mean"),
+])
+def test_bad_normalisation_values_are_refused(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    models.AOLNetwork([Flatten()], **kwargs)
+
+
+def test_a_scalar_normalisation_applies_to_every_channel():
+  model = models.AOLNetwork([Flatten()], input_mean=0.5, input_std=0.25)
+  assert model.input_std == (0.25,) and model.lipschitz_bound() == 4.0
+  x = jnp.full((1, 2, 2, 3), 0.75)
+  np.testing.assert_array_equal(np.asarray(model(x)), np.ones((1, 12)))
+
+
+def test_a_normalisation_for_other_channels_is_refused_not_broadcast():
+  model = models.AOLNetwork([Flatten()], input_mean=(0.5, 0.5, 0.5), input_std=(1.0, 1.0, 1.0))
+  with pytest.raises(ValueError, match="input_mean has 3 channels but the input has 1"):
+    model(jnp.zeros((1, 2, 2, 1)))
+  with pytest.raises(ValueError, match="input_std has 3 channels but the input has 2"):
+    models.AOLNetwork([Flatten()], input_std=(1.0, 1.0, 1.0)).worst_case_terms((2, 2, 2))
+
+
+def test_activation_norm_includes_nested_networks():
+  """A nested network's inner activations count towards M: here the inner layer's output
+  (norm 8 at the zero image, from its bias) is larger than anything the outer one sees."""
+  dense = AOLDense(4, 4, rngs=nnx.Rngs(0))
+  dense.bias[...] = jnp.array([4.0, 4.0, 4.0, 4.0])
+  cancel = AOLDense(4, 4, rngs=nnx.Rngs(1))
+  cancel.bias[...] = -4.0 * jnp.sum(cancel.rescale(cancel.kernel[...]), axis=0)
+  inner = models.AOLNetwork([dense, cancel])
+  outer = models.AOLNetwork([Flatten(), inner])
+  logits, act = outer.logits_and_activation_norm(jnp.zeros((1, 2, 2, 1)))
+  assert float(jnp.linalg.norm(logits)) < 1e-5
+  assert float(act[0]) == pytest.approx(8.0)

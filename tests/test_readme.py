@@ -12,6 +12,34 @@ README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
+def _api_kinds() -> dict[str, str]:
+  """The README's Public API list: kind (Classes, Functions, ...) -> names."""
+  section = README.read_text().split("### Public API", 1)[1].split("\n#", 1)[0]
+  kinds = {}
+  for kind, body in re.findall(r"- \*\*(\w+):\*\* (.*?)(?=\n- \*\*|\Z)", section, flags=re.S):
+    for name in re.findall(r"`(\w+)`", body):
+      kinds[name] = kind
+  return kinds
+
+
+def test_every_public_name_is_what_the_readme_says():
+  import inspect
+  import types
+
+  import aol_jax
+  kinds = _api_kinds()
+  assert set(kinds) == set(aol_jax.__all__)
+  for name, kind in kinds.items():
+    value = getattr(aol_jax, name)
+    is_module = isinstance(value, types.ModuleType)
+    is_class = inspect.isclass(value)
+    is_function = callable(value) and not is_class and not is_module
+    assert {"Classes": is_class, "Functions": is_function, "Modules": is_module,
+            "Constants": not (is_class or is_function or is_module)}[kind], (name, kind)
+  # The README's certify(logits, labels, eps, ...) is the function, not a submodule.
+  assert aol_jax.certify([[1.0, 0.0]], [0], 0.1, allowance=0.0)[0]
+
+
 def test_readme_has_examples():
   assert len(BLOCKS) >= 2, "README lost its Python examples"
 

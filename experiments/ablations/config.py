@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from aol_jax.certify import STANDARD_RADII
+from aol_jax.certification.rule import STANDARD_RADII
 
 SQRT2 = math.sqrt(2.0)
 

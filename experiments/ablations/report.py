@@ -13,7 +13,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 
-from aol_jax.results import radius_label  # noqa: E402,F401  (the tables' column names)
+from aol_jax.certification.results import radius_label  # noqa: E402,F401  (the tables' column names)
 from experiments.cifar import storage  # noqa: E402
 from experiments.cifar.plotting import save_figure  # noqa: E402,F401  (the checks' plots)
 

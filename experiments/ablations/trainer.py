@@ -20,7 +20,7 @@ from flax import nnx
 
 from aol_jax import training
 from aol_jax.attacks import pgd_l2
-from aol_jax.certify import CertificationResult, certify_dataset
+from aol_jax import CertificationResult, certify_dataset
 from aol_jax.freeze import freeze
 from aol_jax.initializers import aol_init
 from aol_jax.layers import AOLConv, AOLDense

@@ -9,7 +9,7 @@ none is ever seen half-written; checkpoints are orbax's, committed only when com
   from the newest one that verifies, exactly as if it had never stopped;
 * ``metrics.jsonl``: one JSON line per epoch (train loss / accuracy / gradient norm,
   learning rate, and every ``eval_every`` epochs the test accuracy and CRA at 36/255);
-* ``results.md``: the certification table of :func:`aol_jax.certify.certify_dataset`
+* ``results.md``: the certification table of :func:`aol_jax.certify_dataset`
   on the whole test set after the last epoch, and ``results.json``, the same as data;
 * ``training_curves.png`` and ``certified_accuracy.png``.
 """
@@ -31,8 +31,8 @@ import tqdm
 from flax import nnx
 
 from aol_jax import training
-from aol_jax.certify import (STANDARD_RADII, CertificationResult, certification_markdown,
-                             certified_robust_accuracy, certify_dataset)
+from aol_jax import (STANDARD_RADII, CertificationResult, certification_markdown,
+                     certified_robust_accuracy, certify_dataset)
 from aol_jax.losses import offset_cross_entropy
 from aol_jax.models import MODELS
 from experiments.cifar import configs, input_pipeline, plotting, storage

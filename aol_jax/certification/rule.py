@@ -5,7 +5,7 @@ the margin ``m(s) = s_y - max_{j != y} s_j`` is ``sqrt(2)``-Lipschitz in ``s`` (
 every ``x'`` with ``||x' - x||_2 <= eps`` keeps the label when ``m(f(x)) > sqrt(2) L eps``
 (AOL paper, Section 6; Tsuzuku et al., NeurIPS 2018). That is the exact-arithmetic
 certificate; the allowance that keeps it true for a floating-point evaluation comes from
-:mod:`aol_jax.rounding` or :mod:`aol_jax.worst_case`.
+:mod:`aol_jax.certification.probabilistic` or :mod:`aol_jax.certification.worst_case`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
-from aol_jax.margins import margins
+from aol_jax.certification.margins import margins
 
 STANDARD_RADII: tuple[float, ...] = (36 / 255, 72 / 255, 108 / 255, 1.0)
 """The radii of the AOL paper's tables."""
@@ -34,30 +35,51 @@ def _allowance_or_warn(allowance, caller: str):
   return allowance
 
 
+def _check_non_negative(value, name: str) -> None:
+  """``value`` (a number or an array) finite and >= 0; a traced value cannot be checked."""
+  if isinstance(value, jax.core.Tracer):
+    return
+  v = np.asarray(value, np.float64)
+  if not (np.all(np.isfinite(v)) and np.all(v >= 0)):
+    raise ValueError(f"{name} must be finite and >= 0, got {value!r}: a negative or NaN "
+                     f"{name} would certify misclassified examples.")
+
+
 def certify(logits: ArrayLike, labels: ArrayLike, eps: ArrayLike, *,
             lipschitz_constant: float = 1.0, allowance: ArrayLike | None = None) -> jax.Array:
-  """True where ``s_y - max_{j != y} s_j > sqrt(2) L eps + allowance`` (strict).
+  """True where ``s_y - max_{j != y} s_j > sqrt(2) L eps + allowance``, decided exactly.
 
   A certified example is correctly classified and keeps its label for every input
-  perturbation of l2 norm <= ``eps``. A tie is never certified, and with ``eps = 0`` this
-  is "correct with a strictly positive margin".
+  perturbation of l2 norm <= ``eps``. A tie is never certified, and with ``eps = 0`` and
+  no allowance this is "correct with a strictly positive margin". The comparison is made in
+  the logits' dtype with the threshold raised by ``8 u`` relative (``u`` that dtype's unit
+  roundoff) plus the smallest normal number when the exact threshold is positive, so that
+  the rounding of the margin and of the threshold can only refuse, never certify.
 
   Args:
     logits: ``(batch, classes)``.
     labels: ``(batch,)`` integer class ids.
-    eps: the l2 radius (scalar, or one per example).
-    lipschitz_constant: ``L`` of the network from input to logits (``model.lipschitz_bound()``,
-      which includes ``max(1 / std)`` for a normalising model).
-    allowance: margin slack for floating-point rounding, scalar or per example, from
-      :func:`rounding_allowance` (:func:`certify_dataset` computes it). ``None`` gives the
-      exact-arithmetic certificate and warns; pass ``0.0`` to ask for it explicitly.
+    eps: the l2 radius (scalar, or one per example), finite and >= 0.
+    lipschitz_constant: ``L >= 0`` of the network from input to logits
+      (``model.lipschitz_bound()``, which includes ``max(1 / std)`` for a normalising
+      model).
+    allowance: margin slack for floating-point rounding, scalar or per example, finite and
+      >= 0, from :func:`aol_jax.certification.probabilistic.rounding_allowance`
+      (:func:`aol_jax.certify_dataset` computes it). ``None`` gives the exact-arithmetic
+      certificate and warns; pass ``0.0`` to ask for it explicitly.
   """
   allowance = _allowance_or_warn(allowance, "certify")
-  if lipschitz_constant <= 0:
-    raise ValueError(f"lipschitz_constant must be positive, got {lipschitz_constant}.")
+  _check_non_negative(eps, "eps")
+  _check_non_negative(allowance, "allowance")
+  _check_non_negative(lipschitz_constant, "lipschitz_constant")
   m = margins(logits, labels)
-  threshold = math.sqrt(2) * lipschitz_constant * jnp.asarray(eps, m.dtype)
-  return m > threshold + jnp.asarray(allowance, m.dtype)
+  info = jnp.finfo(m.dtype)
+  eps = jnp.asarray(eps, m.dtype)
+  allowance = jnp.asarray(allowance, m.dtype)
+  threshold = math.sqrt(2) * lipschitz_constant * eps + allowance
+  positive = ((lipschitz_constant > 0) & (eps > 0)) | (allowance > 0)
+  threshold = jnp.where(positive, threshold * (1 + 8 * float(info.eps) / 2) + info.tiny, 0)
+  return m > threshold
 
 
 def certified_robust_accuracy(logits: ArrayLike, labels: ArrayLike, eps_list: Sequence[float], *,
@@ -75,6 +97,7 @@ def certified_robust_accuracy(logits: ArrayLike, labels: ArrayLike, eps_list: Se
     ``(clean_accuracy, cra)`` with ``cra`` of shape ``(len(eps_list),)``.
   """
   allowance = _allowance_or_warn(allowance, "certified_robust_accuracy")
+  _check_non_negative(np.asarray(eps_list, np.float64), "eps")
   m = margins(logits, labels)
   clean = jnp.mean(m > 0)
   cra = [jnp.mean(certify(logits, labels, eps, lipschitz_constant=lipschitz_constant,

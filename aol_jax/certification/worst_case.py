@@ -133,40 +133,30 @@ def _abs_norm_bound(row_sums: np.ndarray, col_sums: np.ndarray, terms: int) -> f
   return _inflate(math.sqrt(_inflate(row_sums.max() * col_sums.max(), terms)), 2)
 
 
-def dense_kernel_terms(kernel: ArrayLike, bias: ArrayLike | None) -> WorstCaseTerms:
-  """:class:`WorstCaseTerms` of ``y = x @ W + b`` with the stored kernel ``W`` ``(in, out)``.
+def dense_kernel_norm_bound(kernel: np.ndarray) -> float:
+  """Rigorous bound on ``||W||_2`` of a dense kernel ``(in, out)``, computed in float64.
 
   The Gram over the smaller side, ``G = W W^T`` (AOL's own, ``in <= out``) or ``W^T W``,
-  has the same nonzero spectrum ``||W||^2``. It is computed in float64: each entry, a dot
-  product of length ``k`` (the other side), errs by at most ``gamma_k (|W| |W|^T)_ij``, so
-  ``||W||^2 <= max_i ((|G^| + gamma' |W| |W|^T) q)_i / q_i`` (``gamma' = 2 gamma_{k+2}``
-  also covers computing ``|W| |W|^T q``), which is <= 1 when ``W`` is AOL-rescaled.
+  has the same nonzero spectrum ``||W||^2``. Each entry, a dot product of length ``k`` (the
+  other side), errs by at most ``gamma_k (|W| |W|^T)_ij``, so ``||W||^2 <= max_i ((|G^| +
+  gamma' |W| |W|^T) q)_i / q_i`` (``gamma' = 2 gamma_{k+2}`` also covers computing
+  ``|W| |W|^T q``), which is <= 1 when ``W`` is AOL-rescaled.
   """
   w = np.asarray(kernel, np.float64)
-  n_in, n_out = w.shape
-  side = w if n_in <= n_out else w.T
+  side = w if w.shape[0] <= w.shape[1] else w.T
   abss = np.abs(side)
   g = 2.0 * gamma(side.shape[1] + 2)
   gram = np.abs(side @ side.T)
-  lip = math.sqrt(_schur_bound(gram, lambda q: g * (abss @ (abss.T @ q))))
-  absw = np.abs(w)
-  abs_norm = _abs_norm_bound(absw.sum(0), absw.sum(1), max(n_in, n_out))
-  bias_norm = 0.0 if bias is None else _inflate(np.linalg.norm(np.asarray(bias, np.float64)),
-                                                n_out)
-  return WorstCaseTerms.affine(_inflate(lip, 2), abs_norm, bias_norm,
-                               n_in + (bias is not None))
+  return _inflate(math.sqrt(_schur_bound(gram, lambda q: g * (abss @ (abss.T @ q)))), 2)
 
 
-def conv_kernel_terms(kernel: ArrayLike, bias: ArrayLike | None, *, feature_group_count: int,
-                      output_positions: int) -> WorstCaseTerms:
-  """:class:`WorstCaseTerms` of a convolution with the stored kernel ``(*k, in // g, out)``.
+def conv_kernel_norm_bound(kernel: np.ndarray, *, feature_group_count: int) -> float:
+  """Rigorous bound on the l2 norm of a convolution with kernel ``(*k, in // g, out)``.
 
   Per group, the Gram ``G[s] = sum_{t - u = s} K_t K_u^T`` is computed in float64 with the
-  same error term as :func:`dense_kernel_terms`; the Schur test on ``sum_s |G[s]|`` bounds
-  the conv's norm for zero and circular padding, any stride and dilation (AOL Theorem 2).
-  ``|| |T| ||`` is bounded by its row sums (per output channel) and column sums (per input
-  channel), and the bias broadcast over ``output_positions`` has norm
-  ``sqrt(output_positions) ||b||``.
+  same error term as :func:`dense_kernel_norm_bound`; the Schur test on ``sum_s |G[s]|``
+  bounds the conv's norm for zero and circular padding, any input size, stride and
+  dilation (AOL Theorem 2).
   """
   k = np.asarray(kernel, np.float64)
   nd = k.ndim - 2
@@ -181,29 +171,81 @@ def conv_kernel_terms(kernel: ArrayLike, bias: ArrayLike | None, *, feature_grou
   for t in range(taps):
     for u in range(taps):
       offsets.setdefault(tuple(pos[t] - pos[u]), []).append((t, u))
-  length = taps * c_out_g  # products per Gram entry, at most
-  err = 2.0 * gamma(length + 2)
+  err = 2.0 * gamma(taps * c_out_g + 2)  # products per Gram entry, at most
   lip_sq = 0.0
   for group in range(g):
     kg = flat[:, :, group, :]  # (taps, in_g, out_g)
     rows = kg.reshape(taps * c_in_g, c_out_g)
     pairs = (rows @ rows.T).reshape(taps, c_in_g, taps, c_in_g).transpose(0, 2, 1, 3)
     abs_gram = sum(np.abs(sum(pairs[t, u] for t, u in tu)) for tu in offsets.values())
-    absk = np.abs(kg)
-    absk_sum = absk.sum(0)  # (in_g, out_g): sum over taps
+    absk_sum = np.abs(kg).sum(0)  # (in_g, out_g): sum over taps
     # sum_{s, j} (sum_{t - u = s} |K_t| |K_u|^T)_ij q_j = (sum_t |K_t|) (sum_u |K_u|)^T q.
     slack = lambda q, a=absk_sum: err * (a @ (a.T @ q))
     lip_sq = max(lip_sq, _schur_bound(abs_gram, slack))
+  return _inflate(math.sqrt(lip_sq), 2)
+
+
+def dense_kernel_terms(kernel: ArrayLike, bias: ArrayLike | None, *,
+                       lipschitz: float | None = None) -> WorstCaseTerms:
+  """:class:`WorstCaseTerms` of ``y = x @ W + b`` with the stored kernel ``W`` ``(in, out)``;
+  ``lipschitz`` (default :func:`dense_kernel_norm_bound`) a rigorous bound on ``||W||``."""
+  w = np.asarray(kernel, np.float64)
+  n_in, n_out = w.shape
+  lip = dense_kernel_norm_bound(w) if lipschitz is None else lipschitz
+  absw = np.abs(w)
+  abs_norm = _abs_norm_bound(absw.sum(0), absw.sum(1), max(n_in, n_out))
+  bias_norm = 0.0 if bias is None else _inflate(np.linalg.norm(np.asarray(bias, np.float64)),
+                                                n_out)
+  return WorstCaseTerms.affine(lip, abs_norm, bias_norm, n_in + (bias is not None))
+
+
+def conv_kernel_terms(kernel: ArrayLike, bias: ArrayLike | None, *, feature_group_count: int,
+                      output_positions: int, lipschitz: float | None = None) -> WorstCaseTerms:
+  """:class:`WorstCaseTerms` of a convolution with the stored kernel ``(*k, in // g, out)``.
+
+  ``lipschitz`` defaults to :func:`conv_kernel_norm_bound`. ``|| |T| ||`` is bounded by
+  its row sums (per output channel) and column sums (per input channel), and the bias
+  broadcast over ``output_positions`` has norm ``sqrt(output_positions) ||b||``.
+  """
+  k = np.asarray(kernel, np.float64)
+  nd = k.ndim - 2
+  taps = math.prod(k.shape[:nd])
+  c_in_g, c_out = k.shape[-2:]
+  g = feature_group_count
+  lip = (conv_kernel_norm_bound(k, feature_group_count=g) if lipschitz is None
+         else lipschitz)
   absk = np.abs(k)
   rows = absk.sum(axis=tuple(range(nd)) + (nd,))  # per output channel: sum over taps, inputs
-  cols = absk.reshape(taps, c_in_g, g, c_out_g).sum(axis=(0, 3)).reshape(-1)
+  cols = absk.reshape(taps, c_in_g, g, c_out // g).sum(axis=(0, 3)).reshape(-1)
   abs_norm = _abs_norm_bound(rows, cols, taps * max(c_in_g, c_out))
   bias_norm = 0.0
   if bias is not None:
     bias_norm = _inflate(math.sqrt(output_positions) * np.linalg.norm(
         np.asarray(bias, np.float64)), c_out + 2)
-  return WorstCaseTerms.affine(_inflate(math.sqrt(lip_sq), 2), abs_norm, bias_norm,
-                               taps * c_in_g + (bias is not None))
+  return WorstCaseTerms.affine(lip, abs_norm, bias_norm, taps * c_in_g + (bias is not None))
+
+
+def dense_layer_terms(layer, input_shape: Sequence[int]) -> WorstCaseTerms:
+  """:class:`WorstCaseTerms` of an ``AOLDense`` with the kernel it applies (freeze it first)."""
+  from aol_jax.certification import kernel_bounds  # noqa: PLC0415  (it imports this module)
+  del input_shape
+  return dense_kernel_terms(kernel_bounds.applied_kernel(layer), _bias(layer),
+                            lipschitz=kernel_bounds.applied_kernel_bound(layer))
+
+
+def conv_layer_terms(layer, input_shape: Sequence[int]) -> WorstCaseTerms:
+  """:class:`WorstCaseTerms` of an ``AOLConv`` with the kernel it applies, for one example
+  of ``input_shape``."""
+  from aol_jax.certification import kernel_bounds  # noqa: PLC0415  (it imports this module)
+  out = jax.eval_shape(layer, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
+  return conv_kernel_terms(kernel_bounds.applied_kernel(layer), _bias(layer),
+                           feature_group_count=layer.feature_group_count,
+                           output_positions=math.prod(out.shape[1:-1]),
+                           lipschitz=kernel_bounds.applied_kernel_bound(layer))
+
+
+def _bias(layer):
+  return None if layer.bias is None else layer.bias[...]
 
 
 def normalisation_terms(mean: Sequence[float] | None, std: Sequence[float] | None,

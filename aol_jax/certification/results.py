@@ -4,15 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-ROUNDING_MODES: dict[str, str] = {
-    "probabilistic": "float32 forward pass, probabilistic rounding model (aol_jax.rounding)",
-    "worst_case": "float64 forward pass of the float32 weights, worst-case rounding bounds "
-                  "(aol_jax.worst_case)",
-    "exact": "exact arithmetic only, no rounding allowance: not sound for a float forward pass",
-}
-"""Each rounding mode a certificate can come from, with the evaluation it holds for."""
-
-
 @dataclasses.dataclass(frozen=True)
 class CertificationResult:
   """The certification table as data.
@@ -25,7 +16,7 @@ class CertificationResult:
     lipschitz_constant: the ``L`` used.
     max_allowance: the largest rounding allowance applied, per radius.
     rounding: the rounding mode that produced the certificates, a key of
-      :data:`ROUNDING_MODES`.
+      :data:`aol_jax.certification.dataset.ROUNDING_MODES`.
   """
   num_examples: int
   num_correct: int
@@ -36,6 +27,7 @@ class CertificationResult:
   rounding: str
 
   def __post_init__(self):
+    from aol_jax.certification.dataset import ROUNDING_MODES  # noqa: PLC0415  (imports this)
     if self.rounding not in ROUNDING_MODES:
       raise ValueError(f"rounding must be one of {sorted(ROUNDING_MODES)}, got "
                        f"{self.rounding!r}.")
@@ -69,13 +61,14 @@ def certification_markdown(result: CertificationResult, *, name: str = "model",
     |---|---|---|---|---|---|---|
     | aol_small | 10000 | 70.3 | 62.9 | 55.0 | 47.7 | 22.3 |
 
-    Rounding: probabilistic (float32 forward pass, probabilistic rounding model ...).
+    Rounding: probabilistic (float32 forward pass, probabilistic rounding model (...)).
   """
+  from aol_jax.certification.dataset import mode_description  # noqa: PLC0415  (imports this)
   header = ["model", "n", "clean"] + [radius_label(e) for e in result.eps_list]
   pct = lambda v: f"{100 * v:.{digits}f}"
   row = [name, str(result.num_examples), pct(result.clean_accuracy)]
   row += [pct(v) for v in result.cra]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
            "| " + " | ".join(row) + " |", "",
-           f"Rounding: {result.rounding} ({ROUNDING_MODES[result.rounding]})."]
+           f"Rounding: {result.rounding} ({mode_description(result.rounding)})."]
   return "\n".join(lines)

@@ -8,10 +8,11 @@ A layer may sit in a certified network (:class:`aol_jax.AOLNetwork`,
   blocks state 1; ``AOLNetwork`` states the product over its layers (and ``max(1 / std)``
   for its input normalisation).
 * ``rounding_terms() -> RoundingTerms``: its part of the probabilistic float32 rounding model
-  (:mod:`aol_jax.rounding`); ``RoundingTerms()`` (zeros) for a map that float arithmetic
-  evaluates exactly (a permutation, max / min, a reshape, a channel selection).
+  (:mod:`aol_jax.certification.probabilistic`); ``RoundingTerms.exact(L)`` for a map that
+  float arithmetic evaluates exactly (a permutation, max / min, a reshape, a channel
+  selection).
 * ``worst_case_terms(input_shape) -> WorstCaseTerms``: its rigorous float64 terms
-  (:mod:`aol_jax.worst_case`), needed only by ``rounding='worst_case'``. ``input_shape`` is
+  (:mod:`aol_jax.certification.worst_case`), needed only by ``rounding='worst_case'``. ``input_shape`` is
   the shape of one example entering the layer.
 
 To certify with a layer of your own, write those methods on your ``nnx.Module``; a
@@ -26,7 +27,7 @@ Example::
 
   class Halve(nnx.Module):  # y = x / 2: exact in binary floating point
     def lipschitz_bound(self): return 0.5
-    def rounding_terms(self): return aol_jax.RoundingTerms()
+    def rounding_terms(self): return aol_jax.RoundingTerms.exact(0.5)
     def worst_case_terms(self, input_shape): return aol_jax.WorstCaseTerms.exact(0.5)
     def __call__(self, x): return x / 2
 """
@@ -36,14 +37,24 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
+import math
 
-from aol_jax.rounding import RoundingTerms
-from aol_jax.worst_case import WorstCaseTerms
+import jax
+import numpy as np
+
+from aol_jax.certification.probabilistic import RoundingTerms
+from aol_jax.certification.worst_case import WorstCaseTerms
 
 Path = tuple[Any, ...]
 
 _EXACT_MAPS: dict[Any, float] = {}
+
+
+def _check_lipschitz(value: Any, what: str) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+      math.isfinite(value) and value >= 0):
+    raise ValueError(f"{what} must be a finite number >= 0, got {value!r}.")
+  return float(value)
 
 
 def register_exact_map(fn_or_type: Any, lipschitz: float) -> None:
@@ -53,8 +64,7 @@ def register_exact_map(fn_or_type: Any, lipschitz: float) -> None:
   ``fn_or_type`` is a function used as a layer (``jax.nn.relu``) or a module class whose
   instances all have those properties. The claim is yours: a wrong one voids certificates.
   """
-  if not lipschitz > 0:
-    raise ValueError(f"lipschitz must be positive, got {lipschitz}.")
+  _check_lipschitz(lipschitz, f"register_exact_map({fn_or_type!r}, lipschitz)")
   _EXACT_MAPS[fn_or_type] = float(lipschitz)
 
 
@@ -72,7 +82,7 @@ class ExactMap:
     return float(self.lipschitz)
 
   def rounding_terms(self) -> RoundingTerms:
-    return RoundingTerms()
+    return RoundingTerms.exact(self.lipschitz)
 
   def worst_case_terms(self, input_shape: Sequence[int]) -> WorstCaseTerms:
     del input_shape
@@ -82,22 +92,24 @@ class ExactMap:
 class UndeclaredBoundError(TypeError):
   """A layer of a network to be certified does not state what certification needs."""
 
-  def __init__(self, path: Path, layer: Any, method: str):
-    self.path, self.layer, self.method = path, layer, method
+  def __init__(self, path: Path, layer: Any, method: str, reason: str | None = None):
+    self.path, self.layer, self.method, self.reason = path, layer, method, reason
     name = getattr(layer, "__name__", None) or type(layer).__name__
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+    why = reason or f"states no {method}()"
     super().__init__(
-        f"{name} at path {path} (model{where}) states no {method}(), so no certificate "
+        f"{name} at path {path} (model{where}) {why}, so no certificate "
         "can use it. A certified network may only contain layers that state their l2 "
         "Lipschitz constant and rounding. Fix: use the AOL counterpart (nnx.Linear -> "
         "aol_jax.AOLDense, nnx.Conv -> aol_jax.AOLConv); for your own layer define "
         "lipschitz_bound(), rounding_terms() and worst_case_terms(input_shape) (see "
-        "aol_jax.bounds), or call aol_jax.register_exact_map(fn, lipschitz) for a function "
+        "aol_jax.certification.protocol), or call aol_jax.register_exact_map(fn, lipschitz) for a function "
         "that floating point evaluates exactly.")
 
   def within(self, prefix: Path) -> UndeclaredBoundError:
     """The same error for the layer's path inside an enclosing model at ``prefix``."""
-    return UndeclaredBoundError(tuple(prefix) + self.path, self.layer, self.method)
+    return UndeclaredBoundError(tuple(prefix) + self.path, self.layer, self.method,
+                                self.reason)
 
 
 def _registered(layer: Any) -> float | None:
@@ -110,27 +122,45 @@ def _registered(layer: Any) -> float | None:
   return None
 
 
-def _stated(layer: Any, method: str, path: Path, *args) -> Any:
+def _stated(layer: Any, method: str, path: Path, kind: type, *args) -> Any:
   fn: Callable | None = getattr(layer, method, None)
   if fn is None:
     raise UndeclaredBoundError(path, layer, method)
+  if not callable(fn):
+    raise UndeclaredBoundError(path, layer, method, f"has {method} = {fn!r}, an attribute "
+                               f"where a method {method}() is needed")
   try:
-    return fn(*args)
+    value = fn(*args)
   except UndeclaredBoundError as e:  # a container reporting one of its own layers
     raise e.within(path) from None
+  if kind is float:
+    if isinstance(value, np.generic):
+      value = value.item()
+    return _check_lipschitz(value, f"{type(layer).__name__}.{method}() at path {path}")
+  if not isinstance(value, kind):
+    raise TypeError(f"{type(layer).__name__}.{method}() at path {path} must return a "
+                    f"{kind.__name__}, got {type(value).__name__}.")
+  return value
 
 
 def lipschitz_bound(layer: Any, path: Path = ()) -> float:
   """The l2 Lipschitz constant ``layer`` states; ``UndeclaredBoundError`` if it states none."""
   lip = _registered(layer)
-  return lip if lip is not None else float(_stated(layer, "lipschitz_bound", path))
+  return lip if lip is not None else _stated(layer, "lipschitz_bound", path, float)
 
 
 def rounding_terms(layer: Any, path: Path = ()) -> RoundingTerms:
-  """The :class:`RoundingTerms` ``layer`` states (for a network: summed over its layers)."""
-  if _registered(layer) is not None:
-    return RoundingTerms()
-  return _stated(layer, "rounding_terms", path)
+  """The :class:`RoundingTerms` ``layer`` states (for a network: composed over its layers)."""
+  lip = _registered(layer)
+  if lip is not None:
+    return RoundingTerms.exact(lip)
+  terms = _stated(layer, "rounding_terms", path, RoundingTerms)
+  lip = lipschitz_bound(layer, path)
+  if not terms.lipschitz >= lip:
+    raise ValueError(f"{type(layer).__name__} at path {path} states lipschitz "
+                     f"{terms.lipschitz!r} in rounding_terms() but {lip!r} in "
+                     "lipschitz_bound(); the rounding terms must use at least that constant.")
+  return terms
 
 
 def worst_case_terms(layer: Any, input_shape: Sequence[int], path: Path = ()) -> WorstCaseTerms:
@@ -138,4 +168,4 @@ def worst_case_terms(layer: Any, input_shape: Sequence[int], path: Path = ()) ->
   lip = _registered(layer)
   if lip is not None:
     return WorstCaseTerms.exact(lip)
-  return _stated(layer, "worst_case_terms", path, tuple(input_shape))
+  return _stated(layer, "worst_case_terms", path, WorstCaseTerms, tuple(input_shape))
