@@ -310,6 +310,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         shard_rescaling=False if args.replicated_rescaling else None)
       results.append(r)
       a, b = r["aol"], r["plain"]
+      max_peak = max([a["peak_bytes"], *a["peak_bytes_per_device_batch"].values()])
       rows.append([
           target, f"{r['devices']} ({r['hosts']})", model_name,
           f"{_gflop(a['flops'])} / {_gflop(b['flops'])}",
@@ -318,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           *[f"{_mib(a['peak_bytes_per_device_batch'][k])} / "
             f"{_mib(b['peak_bytes_per_device_batch'][k])} = "
             f"{r['peak_ratio_per_device_batch'][k]:.2f}" for k in per_device],
-          f"{100 * max([a['peak_bytes'], *a['peak_bytes_per_device_batch'].values()]) / r['hbm_bytes']:.1f}%",
+          f"{100 * max_peak / r['hbm_bytes']:.1f}%",
           f"{a['highest_ops']} / {b['highest_ops']}",
           _kernels_cell(a["kernels"]), _kernels_cell(b["kernels"]),
           _collectives_cell(a["collectives"]), _collectives_cell(b["collectives"]),
