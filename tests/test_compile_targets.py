@@ -3,9 +3,9 @@
 Compiler counts, not timings (``benchmarks.compile_targets``): the train step must compile
 for the 8-chip v5e 2x4, the 4-host, 16-chip v5e 4x4 and 8 x H100, fit the device's memory,
 keep its per-device FLOPs within 1.30x those of the same network with plain layers (TPU; the
-GPU compiler counts no FLOPs ahead of time), and hold no op at precision HIGHEST: training
-runs the Gram at the platform's fast precision, only ``freeze`` (certification) needs
-HIGHEST. About a minute of compiling per TPU topology on two cores, 25 s for the GPUs; the
+GPU compiler counts no FLOPs ahead of time), and hold no op at precision HIGHEST beyond those
+of the plain network (none on the GPUs): training runs the Gram at the platform's fast
+precision, only ``freeze`` (certification) needs HIGHEST. About a minute of compiling per TPU topology on two cores, 25 s for the GPUs; the
 certification step is compiled for AOL only (its frozen kernels cost what plain kernels
 cost). Needs ``JAX_PLATFORMS=cpu`` before JAX starts (``conftest.py``): the CUDA plugin
 offers its topology only then, on a machine without a GPU.
@@ -46,9 +46,12 @@ def test_aol_small_train_step_compiles_fits_and_meets_the_flops_target(topology)
   moved = lambda c: sum(v["bytes"] for v in c.values())
   assert moved(aol["collectives"]) <= 1.01 * moved(plain["collectives"]), (
       aol["collectives"], plain["collectives"])
-  # Training runs at the platform's fast precision; only freeze() needs HIGHEST.
-  assert plain["highest_ops"] == 0, (name, plain["highest_ops"])
-  assert aol["highest_ops"] == 0, (name, aol["highest_ops"])
+  # Training runs at the platform's fast precision; only freeze() needs HIGHEST. The TPU
+  # compiler itself sets one operand of the augmentation's batched dot (a convolution after
+  # compiling, in both networks) to HIGHEST, though the traced program asks for none: AOL
+  # must add no HIGHEST op to those of the plain network.
+  assert aol["highest_ops"] == plain["highest_ops"], (name, aol["highest_ops"],
+                                                      plain["highest_ops"])
 
 
 @pytest.mark.slow
