@@ -9,6 +9,9 @@ import os
 # pytest-xdist workers each load libtpu for the TPU compile tests; without this the second
 # process to load it stops on libtpu's lock file.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# CPU only, and said before JAX starts: the CUDA plugin (the gpu-compile extra) then compiles
+# for H100 targets (test_compile_targets) instead of failing to find a GPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (after the environment above)
 
