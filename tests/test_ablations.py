@@ -12,11 +12,11 @@ import os
 import numpy as np
 import pytest
 
-from aol_jax.certify import certify_dataset
+from aol_jax import certify_dataset
 from experiments.ablations import __main__ as ablations_main
 from experiments.ablations import trainer
 from experiments.ablations.config import LOSS_SETTINGS, SMALL
-from experiments.cifar import storage
+from experiments.common import storage
 
 CHECK_FILES = ("offset_temperature", "orthogonality", "aol_vs_plain")
 

@@ -16,7 +16,7 @@ from aol_jax.layers import AOLDense
 from aol_jax.attacks import pgd_l2
 from aol_jax.certify import (FLOAT32_UNIT_ROUNDOFF, certify, certify_dataset, margins,
                              rounding_allowance, rounding_terms)
-from helpers import digits_split, train
+from support.models import digits_split, train
 from test_certify import float64_logit_error
 
 

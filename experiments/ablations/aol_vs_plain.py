@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aol_jax.certify import certify_dataset
+from aol_jax import certify_dataset
 from aol_jax.lipschitz import power_iteration
 from experiments.ablations import report, trainer
 from experiments.ablations.config import PAPER_SETTING, PLAIN_LR_NOTE, AblationConfig

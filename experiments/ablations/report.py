@@ -1,5 +1,5 @@
 """Writing results: Markdown tables, JSON and PNG plots, each written all at once
-(:mod:`experiments.cifar.storage`)."""
+(:mod:`experiments.common.storage`)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 
-from aol_jax.results import radius_label  # noqa: E402,F401  (the tables' column names)
-from experiments.cifar import storage  # noqa: E402
-from experiments.cifar.plotting import save_figure  # noqa: E402,F401  (the checks' plots)
+from experiments.common.labels import radius_label  # noqa: E402,F401  (the tables' column names)
+from experiments.common import storage  # noqa: E402
+from experiments.common.plotting import save_figure  # noqa: E402,F401  (the checks' plots)
 
 
 def write_json(path: str, data: object) -> None:

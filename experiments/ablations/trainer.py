@@ -20,15 +20,15 @@ from flax import nnx
 
 from aol_jax import training
 from aol_jax.attacks import pgd_l2
-from aol_jax.certify import CertificationResult, certify_dataset
+from aol_jax import CertificationResult, certify_dataset
 from aol_jax.freeze import freeze
 from aol_jax.initializers import aol_init
 from aol_jax.layers import AOLConv, AOLDense
 from aol_jax.losses import offset_cross_entropy
 from aol_jax.models import MODELS, AOLNetwork
 from experiments.ablations.config import LossSetting, Recipe
-from experiments.cifar import input_pipeline
-from experiments.cifar.input_pipeline import Dataset
+from experiments.common import input_pipeline
+from experiments.common.input_pipeline import Dataset
 
 
 def log(message: str) -> None:

@@ -1,21 +1,5 @@
-"""Test helpers for servers on localhost: a free port, and a GCS-protocol server.
-
-:func:`gcs_emulator` starts ``gcp-storage-emulator`` (a Google Cloud Storage JSON-API server,
-in memory; ``tests/gcs_server.py`` adds the generation header tensorstore needs) in its own
-process and returns the environment that points every client of this
-project at it:
-
-* tensorstore's ``gcs`` driver (orbax's arrays): ``TENSORSTORE_GCS_HTTP_URL`` and a fixed
-  ``GOOGLE_AUTH_TOKEN_FOR_TESTING`` (no credential lookup);
-* gcsfs, behind ``etils.epath`` (orbax's metadata, the run's small files):
-  ``STORAGE_EMULATOR_HOST``; ``EPATH_USE_TF=false`` makes epath use gcsfs rather than
-  TensorFlow's GCS file system, which cannot be pointed at an emulator;
-  ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` skips gcsfs' bucket-type probe, which needs
-  real Google credentials.
-
-On a real TPU VM none of this is set: epath uses TensorFlow's or gcsfs' GCS client and
-tensorstore its own, both with the VM's service account.
-"""
+"""Servers on localhost for the tests: a free port, and the GCS server of
+:mod:`experiments.local_gcs` in its own process (:func:`gcs_emulator`)."""
 
 from __future__ import annotations
 
@@ -27,6 +11,10 @@ import sys
 import time
 import urllib.request
 
+from experiments import local_gcs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 BUCKET = "aol-test"
 
 
@@ -37,20 +25,13 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def gcs_environment(url: str) -> dict[str, str]:
-  """Environment variables that point tensorstore, gcsfs and epath at the server ``url``."""
-  return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-          "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test-token", "EPATH_USE_TF": "false",
-          "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-
-
 @contextlib.contextmanager
 def gcs_emulator(bucket: str = BUCKET):
   """Run a GCS-protocol server with ``bucket``; yields the environment for its clients."""
   port = free_port()
   url = f"http://127.0.0.1:{port}"
-  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_server.py")
-  server = subprocess.Popen([sys.executable, script, str(port), bucket],
+  server = subprocess.Popen([sys.executable, "-m", "experiments.local_gcs", f"--port={port}",
+                             f"--bucket={bucket}"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 60
@@ -62,7 +43,7 @@ def gcs_emulator(bucket: str = BUCKET):
         if server.poll() is not None or time.time() > deadline:
           raise RuntimeError(f"gcp-storage-emulator did not start on {url}") from None
         time.sleep(0.2)
-    yield gcs_environment(url)
+    yield local_gcs.environment(url)
   finally:
     server.terminate()
     server.wait(timeout=30)
@@ -93,3 +74,34 @@ def gcs_clients_in_this_process(env: dict[str, str]):
       else:
         os.environ[k] = v
     _clear_client_caches()
+
+
+@contextlib.contextmanager
+def forbidding_gcs_server():
+  """A GCS-protocol server that answers every request 403 (a bucket without permission);
+  yields the environment for its clients."""
+  import http.server
+  import threading
+
+  class Deny(http.server.BaseHTTPRequestHandler):
+    def _deny(self):
+      body = b'{"error": {"code": 403, "message": "no storage.objects.create access"}}'
+      self.send_response(403)
+      self.send_header("Content-Type", "application/json")
+      self.send_header("Content-Length", str(len(body)))
+      self.end_headers()
+      self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_DELETE = _deny
+
+    def log_message(self, *args):
+      pass
+
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Deny)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  try:
+    yield local_gcs.environment(f"http://127.0.0.1:{server.server_address[1]}")
+  finally:
+    server.shutdown()
+    server.server_close()
