@@ -38,7 +38,7 @@ def archive(tmp_path, monkeypatch):
   return path
 
 
-def test_end_to_end_writes_metrics_results_plots_and_checkpoints(tmp_path, archive):
+def test_end_to_end_writes_metrics_results_plots_and_checkpoints(tmp_path, archive, capsys):
   out = main(_flags(tmp_path))
   work = tmp_path / "work"
   # 40 training images, batch 8: 5 steps per epoch, 3 epochs.
@@ -49,6 +49,12 @@ def test_end_to_end_writes_metrics_results_plots_and_checkpoints(tmp_path, archi
     assert 0 <= r["test_cra_36"] <= r["test_accuracy"] <= 1
   assert history == out["history"]
   assert _checkpoint_steps(work) == [10, 15]  # max_to_keep=2
+  # One plain line per evaluation on the console; no progress bar off a terminal.
+  console = capsys.readouterr()
+  lines = [l for l in console.out.splitlines() if l.startswith("epoch ")]
+  assert [l.split()[1] for l in lines] == ["1/3", "2/3", "3/3"]
+  assert all("CRA(36/255)" in l and "ETA" in l for l in lines)
+  assert "\r" not in console.err and "step/s" not in console.err
 
   table = (work / "results.md").read_text()
   assert "| model | n | clean | 36/255 | 72/255 | 108/255 | 1 |" in table
@@ -60,6 +66,9 @@ def test_end_to_end_writes_metrics_results_plots_and_checkpoints(tmp_path, archi
   assert "probabilistic rounding allowance included" in table
   assert list(results["cra"]) == ["36/255", "72/255", "108/255", "1"]
   assert results["mode"] == "train" and results["step"] == 15
+  # The certificate of metrics.jsonl is the one of results.json (the same certify path).
+  assert history[-1]["test_cra_36"] == results["cra"]["36/255"]
+  assert history[-1]["test_accuracy"] == results["clean_accuracy"]
   want = [results["clean_accuracy"]] + list(results["cra"].values())
   assert [float(c) for c in cells[2:]] == pytest.approx([100 * v for v in want], abs=0.051)
   assert all(a >= b for a, b in zip(want, want[1:]))  # CRA cannot grow with the radius
@@ -93,8 +102,11 @@ def test_stop_request_checkpoints_and_a_non_finite_loss_keeps_that_checkpoint(
   assert open(os.path.join(work, "metrics.jsonl")).read() == lines
   # The same workdir refuses a checkpoint of differently shaped parameters.
   wider = {"width": 8, "channels": 16, "conv_depth": 1, "dense_depth": 2}
-  with pytest.raises(configs.ConfigError, match="holds a different state"):
+  with pytest.raises(configs.ConfigError) as err:
     train.train_and_evaluate(dataclasses.replace(config, model_kwargs=wider), work)
+  assert str(err.value) == (
+      f"The checkpoints in {work}/checkpoints were made with a different model_kwargs "
+      f"(model_kwargs={config.model_kwargs!r}); use a new --workdir or the same settings.")
   assert _checkpoint_steps(work) == [5]
 
 
@@ -141,6 +153,10 @@ def test_signal_handler_records_the_request_and_restores_the_previous_handler():
     (["--config.augment=maybe"], "flag --config.augment=maybe: ('Non-boolean argument"),
     (["--config.epoch=3"], "unknown config field (Field epoch not found"),
     (["--epoch=3"], "Unknown command line flag 'epoch'"),
+    (["--config=/missing/config.py"], "--config=/missing/config.py: no such file; pass a "),
+    (["--mode=fit"], "flag --mode=fit: value should be one of <train|certify|export>"),
+    (["--mode=export"], "--mode='export': exporting the certified model is not available yet"),
+    (["--config.gram_precision=fp8"], "--config.gram_precision='fp8': must be one of default,"),
     (["--preset=fast"], "--preset=fast: unknown preset; choose one of paper, digits"),
     (["--config=experiments/cifar/configs/paper.py"], "--preset and --config both"),
     (["--epochs=3", "--config.epochs=4"], "--epochs and --config.epochs both set epochs"),

@@ -25,22 +25,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 4
 
 
-# `python -c KILL_AFTER STEP FLAGS...`: the entry point, killed by SIGKILL after STEP.
-KILL_AFTER = """
+# `python -c SIGNAL_AFTER STEP SIGNAL FLAGS...`: the entry point, sent SIGNAL after STEP.
+SIGNAL_AFTER = """
 import os, signal, sys
 from experiments.cifar.main import main
 
 def after_step(step, checkpointer):
   if step == int(sys.argv[1]):
     checkpointer.wait()  # the checkpoints started before this step are on disk
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), int(sys.argv[2]))
 
-main(sys.argv[2:], after_step=after_step)
+main(sys.argv[3:], after_step=after_step)
 """
 
 
-def _command(data_dir, workdir, kill_after=None):
-  start = (["-c", KILL_AFTER, str(kill_after)] if kill_after else ["-m", "experiments.cifar"])
+def _command(data_dir, workdir, kill_after=None, sig=signal.SIGKILL):
+  start = (["-c", SIGNAL_AFTER, str(kill_after), str(int(sig))] if kill_after
+           else ["-m", "experiments.cifar"])
   return [sys.executable, *start, "--accelerator=cpu", "--preset=tiny",
           f"--epochs={EPOCHS}", f"--data_dir={data_dir}", f"--workdir={workdir}"]
 
@@ -115,3 +116,20 @@ def test_resuming_with_another_batch_size_stops_at_once_and_keeps_every_record(
   out = main([*flags[:2], "--epochs=3", *flags[3:]])
   first = [json.loads(line) for line in before["metrics.jsonl"].decode().splitlines()]
   assert out["history"][:2] == first and [r["epoch"] for r in out["history"]] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_epoch_and_exits_143_with_quiet_logs(tmp_path, monkeypatch):
+  archive, _ = write_cifar10_archive(str(tmp_path / "manual"), per_file=8)
+  accept_archive(monkeypatch, archive)
+  data_dir = str(tmp_path / "data")
+  input_pipeline.prepare_tfds("cifar10", data_dir=data_dir, manual_dir=str(tmp_path / "manual"),
+                              download=False)
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  proc = subprocess.run(_command(data_dir, tmp_path / "work", kill_after=3, sig=signal.SIGTERM),
+                        cwd=ROOT, env=env, text=True, capture_output=True, timeout=300)
+  assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+  assert "Stopped at epoch 1; rerun the same command to resume." in proc.stdout
+  assert sorted(p.name for p in (tmp_path / "work" / "checkpoints").iterdir()) == ["5"]
+  # --accelerator=cpu kept jax off every other backend: no libtpu / CUDA start-up lines.
+  assert "TPU" not in proc.stderr and "E0000" not in proc.stderr, proc.stderr[-3000:]
