@@ -23,15 +23,15 @@ def write_json(path: str, data: object) -> None:
   storage.write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
-def publish(out_dir: str, name: str, results: dict, markdown: Callable[[dict], str],
+def publish(workdir: str, name: str, results: dict, markdown: Callable[[dict], str],
             plot: Callable[[dict, str], None]) -> dict:
-  """Writes ``<name>.md``, ``.json`` and ``.png`` into ``out_dir`` (each atomically) and
+  """Writes ``<name>.md``, ``.json`` and ``.png`` into ``workdir`` (each atomically) and
   prints the Markdown; returns ``results``."""
-  storage.makedirs(out_dir)
+  storage.makedirs(workdir)
   text = markdown(results)
-  storage.write_atomic(os.path.join(out_dir, f"{name}.md"), text)
-  write_json(os.path.join(out_dir, f"{name}.json"), results)
-  plot(results, os.path.join(out_dir, f"{name}.png"))
+  storage.write_atomic(storage.join(workdir, f"{name}.md"), text)
+  write_json(storage.join(workdir, f"{name}.json"), results)
+  plot(results, storage.join(workdir, f"{name}.png"))
   print(text, flush=True)
   return results
 
