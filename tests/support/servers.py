@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 from experiments import local_gcs
@@ -27,23 +26,25 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def gcs_emulator(bucket: str = BUCKET):
-  """Run a GCS-protocol server with ``bucket``; yields the environment for its clients."""
+  """Run ``python -m experiments.local_gcs`` with ``bucket``; yields the environment that it
+  printed (its ``export NAME=VALUE`` lines), so the tests use what a user would export."""
   port = free_port()
   url = f"http://127.0.0.1:{port}"
   server = subprocess.Popen([sys.executable, "-m", "experiments.local_gcs", f"--port={port}",
-                             f"--bucket={bucket}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             f"--bucket={bucket}"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
   try:
-    deadline = time.time() + 60
-    while True:
-      try:
-        urllib.request.urlopen(f"{url}/storage/v1/b/{bucket}", timeout=2).close()
+    env = {}
+    for line in server.stdout:  # the exports, then one comment line once it serves
+      if line.startswith("export "):
+        name, _, value = line[len("export "):].strip().partition("=")
+        env[name] = value
+      elif line.startswith("#"):
         break
-      except OSError:
-        if server.poll() is not None or time.time() > deadline:
-          raise RuntimeError(f"gcp-storage-emulator did not start on {url}") from None
-        time.sleep(0.2)
-    yield local_gcs.environment(url)
+    if not env or server.poll() is not None:
+      raise RuntimeError(f"python -m experiments.local_gcs did not start on {url}")
+    urllib.request.urlopen(f"{url}/storage/v1/b/{bucket}", timeout=10).close()
+    yield env
   finally:
     server.terminate()
     server.wait(timeout=30)
