@@ -269,3 +269,13 @@ def test_help_lists_every_config_field(capsys):
   printed = capsys.readouterr().out
   for field in dataclasses.fields(configs.Config):
     assert f"--config.{field.name}: " in printed
+
+
+def test_gram_precision_is_set_on_every_aol_layer():
+  import aol_jax
+  from flax import nnx
+  config = configs.get_config("tiny", gram_precision="bfloat16")
+  model = train.build_model(config, 10, (32, 32, 3))
+  layers = [m for _, m in nnx.iter_modules(model)
+            if isinstance(m, (aol_jax.AOLDense, aol_jax.AOLConv))]
+  assert len(layers) >= 4 and {m.gram_precision for m in layers} == {"bfloat16"}
