@@ -475,8 +475,8 @@ def _write_results(run: Run, table: aol_jax.CertificationResult) -> None:
 
 
 def _describe(run: Run) -> None:
-  print(f"{run.config.model} on {run.config.dataset}: {len(run.data.train_labels)} training "
-        f"images here / {len(run.data.test_labels)} test images, {run.mesh.devices.size} "
+  print(f"{run.config.model} on {run.config.dataset}: {run.batches.order.num_examples} "
+        f"training / {len(run.data.test_labels)} test images, {run.mesh.devices.size} "
         f"{run.mesh.devices.flat[0].platform} device(s), batch {run.config.batch_size}, "
         f"{run.steps_per_epoch} steps per epoch, "
         f"data {'on device' if run.batches.on_device else 'on host'}.", flush=True)
