@@ -11,9 +11,7 @@ interleaved in one process (``benchmarks.timing``), so their ratio is what to re
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from benchmarks import timing
@@ -26,8 +24,7 @@ BATCH = 64
 
 def _digits_model():
   """The small AOL net of tests/test_attacks.py, trained on digits; its test split."""
-  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-  from helpers import digits_split, train  # the tests' fixture, so the rows match them
+  from tests.support.models import digits_split, train  # the tests' fixture: same rows
   from flax import nnx
   from aol_jax import models
   x_train, y_train, x_test, y_test = digits_split()

@@ -19,7 +19,7 @@ compiler counts, not timings.
 
 The train step is ``aol_jax.training.make_train_step`` (augmentation on, SGD Nesterov with
 the paper's schedule, state replicated, batch on ``'data'``). The certification step is the
-frozen model's forward pass and :func:`aol_jax.certify.margins` on a batch sharded on
+frozen model's forward pass and :func:`aol_jax.margins` on a batch sharded on
 ``'data'`` (the core of ``certify_dataset``'s per-batch function; the rounding allowance
 adds only elementwise work on ``(batch,)`` vectors).
 
@@ -54,7 +54,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 from aol_jax import models, training  # noqa: E402
-from aol_jax.certify import margins  # noqa: E402
+from aol_jax.certification.margins import margins  # noqa: E402
 from aol_jax.freeze import freeze  # noqa: E402
 from aol_jax.training.mesh import DATA_AXIS  # noqa: E402
 from benchmarks import nets, timing  # noqa: E402

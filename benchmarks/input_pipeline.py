@@ -1,7 +1,7 @@
 """Epoch wall time of the experiment's training loop against the sum of its step times.
 
 The epoch runs the loop of ``experiments.cifar.train.train_and_evaluate``: batches from
-``experiments.cifar.input_pipeline.TrainBatches`` (gathered on device from the stored
+``experiments.common.input_pipeline.TrainBatches`` (gathered on device from the stored
 training share, or on the host) fed to ``aol_jax.training.make_train_step`` (paper
 optimiser, on-device augmentation), the last metrics fetched every ``log_every`` steps and
 all of them at the end. The baseline runs the same number of steps of the same compiled
@@ -32,7 +32,7 @@ def run(size_name: str, *, warmup: int, repeats: int, on_device: bool | None
   import numpy as np
   from aol_jax import training
   from benchmarks import nets
-  from experiments.cifar import input_pipeline
+  from experiments.common import input_pipeline
 
   size = nets.SIZES[size_name]
   steps = STEPS[size_name]

@@ -12,11 +12,11 @@ import os
 import numpy as np
 import pytest
 
-from aol_jax.certification.dataset import certify_dataset
+from aol_jax import certify_dataset
 from experiments.ablations import __main__ as ablations_main
 from experiments.ablations import trainer
 from experiments.ablations.config import LOSS_SETTINGS, SMALL
-from experiments.cifar import storage
+from experiments.common import storage
 
 CHECK_FILES = ("offset_temperature", "orthogonality", "aol_vs_plain")
 
@@ -24,7 +24,8 @@ CHECK_FILES = ("offset_temperature", "orthogonality", "aol_vs_plain")
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   out_dir = str(tmp_path_factory.mktemp("ablations"))
-  results = ablations_main.main(["all", "--small", f"--out_dir={out_dir}"])
+  results = ablations_main.main(["all", "--small", "--accelerator=cpu",
+                                 f"--workdir={out_dir}"])
   return out_dir, results
 
 
@@ -120,9 +121,20 @@ def test_plain_network_cannot_be_certified():
     certify_dataset(model, data.test_inputs()[:8], data.test_labels[:8], batch_size=8)
 
 
-def test_unknown_dataset_is_refused_with_the_choices():
+def test_unknown_dataset_is_refused_with_the_choices(tmp_path):
   with pytest.raises(SystemExit, match="cifar10.*digits"):
-    ablations_main.main(["offset", "--small", "--datasets=cifar10", "--out_dir=/nonexistent"])
+    ablations_main.main(["offset", "--small", "--datasets=cifar10", "--accelerator=cpu",
+                         f"--workdir={tmp_path}"])
+
+
+def test_an_unwritable_workdir_is_refused_before_anything_runs(tmp_path):
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(SystemExit) as err:
+    ablations_main.main(["offset", "--small", "--accelerator=cpu",
+                         f"--workdir={tmp_path / 'file' / 'wd'}"])
+  assert str(err.value) == (f"error: --workdir={tmp_path / 'file' / 'wd'}: lies under the "
+                            f"file {tmp_path / 'file'}, not a directory; pass a directory this "
+                            f"process can write.")
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):

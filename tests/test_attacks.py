@@ -16,7 +16,7 @@ from aol_jax.layers import AOLDense
 from aol_jax.attacks import pgd_l2
 from aol_jax import certify, certify_dataset, margins, rounding_allowance, rounding_terms
 from aol_jax.certification.probabilistic import FLOAT32_UNIT_ROUNDOFF, operation_count
-from helpers import digits_split, train
+from support.models import digits_split, train
 from certification_support import float64_logit_error
 
 

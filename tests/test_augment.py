@@ -19,7 +19,7 @@ augment_jit = jax.jit(augment)
 warp, to_hsv, to_rgb = jax.jit(affine_warp), jax.jit(pix.rgb_to_hsv), jax.jit(pix.hsv_to_rgb)
 
 N = 32
-# AOL section 5 (/work/shared/reference/aol.md; Keras RandomRotation(5/360),
+# The paper's augmentation (AOL, Prach & Lampert 2022, section 5: Keras RandomRotation(5/360),
 # RandomTranslation(0.1, 0.1), tf.image colour jitter, random_flip_left_right).
 PAPER = dict(flip=True, translate=0.1, rotate_degrees=5.0, hue=0.02, saturation=(0.3, 2.0),
              brightness=0.1, contrast=(0.5, 2.0))

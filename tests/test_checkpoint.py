@@ -47,6 +47,7 @@ def data_files(step_dir):
 def test_save_restore_roundtrip_and_retention(tmp_path):
   ckpt = training.Checkpointer(tmp_path, max_to_keep=2)
   assert ckpt.restore_latest(make_state(0)) is None
+  assert ckpt.latest_metadata() is None
   for step in (1, 2, 3):
     assert ckpt.save(step, make_state(step), metadata={"epoch": step, "note": "x"})
   ckpt.wait()
@@ -56,6 +57,7 @@ def test_save_restore_roundtrip_and_retention(tmp_path):
     ckpt.save(4, make_state(4), metadata={"loss": float("nan")})
   state, step, meta = ckpt.restore_latest(jax.eval_shape(lambda: make_state(0)))
   assert step == 3 and meta == {"epoch": 3, "note": "x"}
+  assert ckpt.latest_metadata() == (3, meta)  # the same, without loading the arrays
   assert_trees_equal(state, make_state(3))
   ckpt.close()
 

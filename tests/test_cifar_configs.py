@@ -70,6 +70,9 @@ def test_bad_presets_and_fields_are_refused(preset, fields, match):
     ("momentum", 1.0, r"in \[0, 1\)"),
     ("epochs", 2.5, "has type float"),
     ("augment", 1, "has type int"),
+    ("mode", "fit", "must be one of train, certify, export, got 'fit'"),
+    ("rounding", "exact", "must be one of probabilistic, worst_case, got 'exact'"),
+    ("gram_precision", "float16", "must be one of default, high, highest, bfloat16"),
 ])
 def test_field_errors_name_the_field(field, value, match):
   config = dataclasses.replace(configs.get_config("tiny"), **{field: value})

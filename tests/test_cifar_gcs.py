@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from etils import epath
 
-from cifar_testdata import accept_archive, write_cifar10_archive
-from experiments.cifar.__main__ import main
-from local_servers import BUCKET, gcs_clients_in_this_process, gcs_emulator
+from support.cifar_archive import accept_archive, write_cifar10_archive
+from experiments.cifar.main import main
+from support.servers import (BUCKET, forbidding_gcs_server, gcs_clients_in_this_process,
+                             gcs_emulator)
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +74,24 @@ def test_a_run_in_a_bucket_writes_everything_there_and_skips_a_corrupt_checkpoin
   assert [r["epoch"] for r in again["history"]] == [1, 2, 3, 4]
   assert again["history"][:2] == history[:2]
   assert _steps(root) == [15, 20]  # epoch 3 retrained and saved again, then epoch 4
+
+
+def _refusal(tmp_path, workdir) -> str:
+  with pytest.raises(SystemExit) as err:
+    main(["--accelerator=cpu", "--preset=tiny", f"--data_dir={tmp_path / 'data'}",
+          f"--workdir={workdir}"])
+  assert not (tmp_path / "data").exists()  # refused before anything ran
+  return str(err.value)
+
+
+def test_a_missing_bucket_is_refused_before_anything_runs(tmp_path, gcs):
+  assert _refusal(tmp_path, "gs://nobucket/run") == (
+      "error: --workdir=gs://nobucket/run: the bucket nobucket does not exist; create it or "
+      "fix the name; pass a directory this process can write.")
+
+
+def test_a_bucket_without_permission_is_refused_before_anything_runs(tmp_path):
+  with forbidding_gcs_server() as env, gcs_clients_in_this_process(env):
+    assert _refusal(tmp_path, f"gs://{BUCKET}/run") == (
+        f"error: --workdir=gs://{BUCKET}/run: no permission to write there; pass a directory "
+        f"this process can write.")

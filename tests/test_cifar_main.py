@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from aol_jax import training
-from cifar_testdata import accept_archive, write_cifar10_archive
+from support.cifar_archive import accept_archive, write_cifar10_archive
 from experiments.cifar import configs, train
-from experiments.cifar.__main__ import main
+from experiments.cifar.main import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +38,7 @@ def archive(tmp_path, monkeypatch):
   return path
 
 
-def test_end_to_end_writes_metrics_results_plots_and_checkpoints(tmp_path, archive):
+def test_end_to_end_writes_metrics_results_plots_and_checkpoints(tmp_path, archive, capsys):
   out = main(_flags(tmp_path))
   work = tmp_path / "work"
   # 40 training images, batch 8: 5 steps per epoch, 3 epochs.
@@ -49,6 +49,12 @@ def test_end_to_end_writes_metrics_results_plots_and_checkpoints(tmp_path, archi
     assert 0 <= r["test_cra_36"] <= r["test_accuracy"] <= 1
   assert history == out["history"]
   assert _checkpoint_steps(work) == [10, 15]  # max_to_keep=2
+  # One plain line per evaluation on the console; no progress bar off a terminal.
+  console = capsys.readouterr()
+  lines = [l for l in console.out.splitlines() if l.startswith("epoch ")]
+  assert [l.split()[1] for l in lines] == ["1/3", "2/3", "3/3"]
+  assert all("CRA(36/255)" in l and "ETA" in l for l in lines)
+  assert "/3:" not in console.err and "step/s" not in console.err  # (tfds' own bars may show)
 
   table = (work / "results.md").read_text()
   assert "| model | n | clean | 36/255 | 72/255 | 108/255 | 1 |" in table
@@ -58,6 +64,11 @@ def test_end_to_end_writes_metrics_results_plots_and_checkpoints(tmp_path, archi
   results = json.loads((work / "results.json").read_text())
   assert results["rounding"] == "probabilistic"  # the mode is named in both files
   assert "probabilistic rounding allowance included" in table
+  assert list(results["cra"]) == ["36/255", "72/255", "108/255", "1"]
+  assert results["mode"] == "train" and results["step"] == 15
+  # The certificate of metrics.jsonl is the one of results.json (the same certify path).
+  assert history[-1]["test_cra_36"] == results["cra"]["36/255"]
+  assert history[-1]["test_accuracy"] == results["clean_accuracy"]
   want = [results["clean_accuracy"]] + list(results["cra"].values())
   assert [float(c) for c in cells[2:]] == pytest.approx([100 * v for v in want], abs=0.051)
   assert all(a >= b for a, b in zip(want, want[1:]))  # CRA cannot grow with the radius
@@ -91,8 +102,11 @@ def test_stop_request_checkpoints_and_a_non_finite_loss_keeps_that_checkpoint(
   assert open(os.path.join(work, "metrics.jsonl")).read() == lines
   # The same workdir refuses a checkpoint of differently shaped parameters.
   wider = {"width": 8, "channels": 16, "conv_depth": 1, "dense_depth": 2}
-  with pytest.raises(configs.ConfigError, match="holds a different state"):
+  with pytest.raises(configs.ConfigError) as err:
     train.train_and_evaluate(dataclasses.replace(config, model_kwargs=wider), work)
+  assert str(err.value) == (
+      f"The checkpoints in {work}/checkpoints were made with a different model_kwargs "
+      f"(model_kwargs={config.model_kwargs!r}); use a new --workdir or the same settings.")
   assert _checkpoint_steps(work) == [5]
 
 
@@ -100,9 +114,12 @@ def test_resuming_refuses_another_dataset_even_when_the_shapes_agree(capsys):
   saved = dataclasses.asdict(configs.get_config("tiny"))
   # CIFAR-100 changes only FirstChannels(num_classes): the parameters would load silently.
   with pytest.raises(configs.ConfigError, match="different dataset"):
-    train._check_resumable(saved, configs.get_config("tiny", dataset="cifar100"))
-  train._check_resumable(saved, configs.get_config("tiny", epochs=5, data_dir="/elsewhere"))
-  assert "changed epochs;" in capsys.readouterr().out
+    train.check_resumable(saved, configs.get_config("tiny", dataset="cifar100"), "/w")
+  train.check_resumable(saved, configs.get_config("tiny", epochs=5, data_dir="/elsewhere",
+                                                  rounding="worst_case"), "/w")
+  assert capsys.readouterr().out.splitlines() == [
+      "Note: resuming with changed epochs; the run is no longer identical to an "
+      "uninterrupted one."]
 
 
 def test_signal_handler_records_the_request_and_restores_the_previous_handler():
@@ -136,6 +153,10 @@ def test_signal_handler_records_the_request_and_restores_the_previous_handler():
     (["--config.augment=maybe"], "flag --config.augment=maybe: ('Non-boolean argument"),
     (["--config.epoch=3"], "unknown config field (Field epoch not found"),
     (["--epoch=3"], "Unknown command line flag 'epoch'"),
+    (["--config=/missing/config.py"], "--config=/missing/config.py: no such file; pass a "),
+    (["--mode=fit"], "flag --mode=fit: value should be one of <train|certify|export>"),
+    (["--mode=export"], "--mode='export': exporting the certified model is not available yet"),
+    (["--config.gram_precision=fp8"], "--config.gram_precision='fp8': must be one of default,"),
     (["--preset=fast"], "--preset=fast: unknown preset; choose one of paper, digits"),
     (["--config=experiments/cifar/configs/paper.py"], "--preset and --config both"),
     (["--epochs=3", "--config.epochs=4"], "--epochs and --config.epochs both set epochs"),
@@ -148,13 +169,29 @@ def test_bad_inputs_stop_with_a_one_line_message_naming_the_flag(tmp_path, flags
   assert expected in message
 
 
-def test_a_workdir_that_is_a_file_is_refused_before_anything_runs(tmp_path):
+def _unwritable(tmp_path) -> str:
+  """A directory this process cannot write into (as root, chmod does not stop it: /sys)."""
+  if os.geteuid() == 0:
+    return "/sys/aol_jax_workdir"
+  (tmp_path / "ro").mkdir(mode=0o500)
+  return str(tmp_path / "ro" / "wd")
+
+
+@pytest.mark.parametrize("where,expected", [
+    ("file", "names the file {tmp}/file, not a directory"),
+    ("under_file", "lies under the file {tmp}/file, not a directory"),
+    ("proc", "cannot be created (the file system has no such place)"),
+    ("unwritable", "no permission to write there"),
+])
+def test_a_workdir_that_cannot_be_written_is_refused_before_anything_runs(
+    tmp_path, where, expected):
   (tmp_path / "file").write_text("x")
+  workdir = {"file": str(tmp_path / "file"), "under_file": str(tmp_path / "file" / "wd"),
+             "proc": "/proc/aol_jax_workdir", "unwritable": _unwritable(tmp_path)}[where]
   with pytest.raises(SystemExit) as err:
-    main([*_flags(tmp_path)[:-1], f"--workdir={tmp_path / 'file'}"])
-  assert str(err.value) == (f"error: --workdir={tmp_path / 'file'}: names an existing file, "
-                            f"{tmp_path / 'file'}, not a directory; pass a directory (it is "
-                            f"created if missing).")
+    main([*_flags(tmp_path)[:-1], f"--workdir={workdir}"])
+  assert str(err.value) == (f"error: --workdir={workdir}: {expected.format(tmp=tmp_path)}; "
+                            f"pass a directory this process can write.")
   assert not (tmp_path / "data").exists()  # nothing was read or prepared
 
 
@@ -168,14 +205,15 @@ def test_a_bad_flag_prints_one_line_and_no_traceback(tmp_path):
 
 
 def test_every_config_field_can_be_set_on_the_command_line():
-  from experiments.cifar.__main__ import parse_flags
+  from experiments.cifar.flags import parse_flags
   base = configs.get_config("paper")
   new = {"dataset": "cifar100", "data_dir": "gs://b/data", "manual_dir": "/m",
          "download": False, "model": "aol_large", "epochs": 7, "batch_size": 64,
          "learning_rate": 0.5, "momentum": 0.5, "nesterov": False, "weight_decay": 0.0,
          "loss_offset": 1.0, "loss_temperature": 0.5, "augment": False, "seed": 9,
          "num_devices": 2, "checkpoint_every": 3, "max_to_keep": 5, "eval_every": 4,
-         "eval_batch_size": 333, "log_every": 2}
+         "eval_batch_size": 333, "log_every": 2, "mode": "certify", "rounding": "worst_case",
+         "gram_precision": "bfloat16"}
   fields = {f.name for f in dataclasses.fields(configs.Config)}
   assert set(new) | {"model_kwargs"} == fields
   assert all(new[k] != getattr(base, k) for k in new)
@@ -190,8 +228,10 @@ def test_every_config_field_can_be_set_on_the_command_line():
   assert set_by["eval_batch_size"] == "--config.eval_batch_size"
   # The short flags of earlier versions set the same fields.
   _, short, set_by = parse_flags(["--accelerator=cpu", "--workdir=/w", "--preset=digits",
-                                  "--epochs=3", "--nodownload", "--learning_rate=0.25"])
+                                  "--epochs=3", "--nodownload", "--learning_rate=0.25",
+                                  "--mode=export", "--rounding=worst_case"])
   assert (short.epochs, short.download, short.learning_rate) == (3, False, 0.25)
+  assert (short.mode, short.rounding) == ("export", "worst_case")
   assert short.dataset == "digits" and set_by["epochs"] == "--epochs"
 
 
@@ -229,3 +269,13 @@ def test_help_lists_every_config_field(capsys):
   printed = capsys.readouterr().out
   for field in dataclasses.fields(configs.Config):
     assert f"--config.{field.name}: " in printed
+
+
+def test_gram_precision_is_set_on_every_aol_layer():
+  import aol_jax
+  from flax import nnx
+  config = configs.get_config("tiny", gram_precision="bfloat16")
+  model = train.build_model(config, 10, (32, 32, 3))
+  layers = [m for _, m in nnx.iter_modules(model)
+            if isinstance(m, (aol_jax.AOLDense, aol_jax.AOLConv))]
+  assert len(layers) >= 4 and {m.gram_precision for m in layers} == {"bfloat16"}

@@ -11,7 +11,7 @@ import sys
 import pytest
 from etils import epath
 
-from local_servers import BUCKET, free_port, gcs_clients_in_this_process, gcs_emulator
+from support.servers import BUCKET, free_port, gcs_clients_in_this_process, gcs_emulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

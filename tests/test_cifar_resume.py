@@ -1,9 +1,10 @@
 """A run killed with SIGKILL and restarted in the same workdir ends exactly like an
 uninterrupted one (separate processes, as in real life), on a local disk and in a bucket.
 
-The kill point is deterministic: ``AOL_JAX_KILL_AT_STEP=7`` makes the run SIGKILL itself
-right after step 7 (mid epoch 2, once epoch 1's checkpoint is written), whatever the speed
-of the machine.
+The kill point is deterministic: the run is started through :data:`KILL_AFTER`, which
+passes ``main`` an ``after_step`` callback that SIGKILLs the process right after step 7
+(mid epoch 2, once epoch 1's checkpoint is written), whatever the speed of the machine.
+A resume with another batch size stops at once, saying what changed, and changes nothing.
 """
 
 import contextlib
@@ -16,17 +17,32 @@ import sys
 import pytest
 from etils import epath
 
-from cifar_testdata import accept_archive, write_cifar10_archive
-from experiments.cifar import input_pipeline
-from experiments.cifar.train import KILL_AT_STEP_ENV
-from local_servers import BUCKET, gcs_clients_in_this_process, gcs_emulator
+from support.cifar_archive import accept_archive, write_cifar10_archive
+from experiments.common import input_pipeline
+from support.servers import BUCKET, gcs_clients_in_this_process, gcs_emulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 4
 
 
-def _command(data_dir, workdir):
-  return [sys.executable, "-m", "experiments.cifar", "--accelerator=cpu", "--preset=tiny",
+# `python -c SIGNAL_AFTER STEP SIGNAL FLAGS...`: the entry point, sent SIGNAL after STEP.
+SIGNAL_AFTER = """
+import os, signal, sys
+from experiments.cifar.main import main
+
+def after_step(step, checkpointer):
+  if step == int(sys.argv[1]):
+    checkpointer.wait()  # the checkpoints started before this step are on disk
+    os.kill(os.getpid(), int(sys.argv[2]))
+
+main(sys.argv[3:], after_step=after_step)
+"""
+
+
+def _command(data_dir, workdir, kill_after=None, sig=signal.SIGKILL):
+  start = (["-c", SIGNAL_AFTER, str(kill_after), str(int(sig))] if kill_after
+           else ["-m", "experiments.cifar"])
+  return [sys.executable, *start, "--accelerator=cpu", "--preset=tiny",
           f"--epochs={EPOCHS}", f"--data_dir={data_dir}", f"--workdir={workdir}"]
 
 
@@ -54,8 +70,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch,
       env.update(stack.enter_context(gcs_clients_in_this_process(
           stack.enter_context(gcs_emulator()))))
     base = f"gs://{BUCKET}" if where == "gcs" else str(tmp_path)
-    run = lambda workdir, **extra: subprocess.run(
-        _command(data_dir, workdir), cwd=ROOT, env=dict(env, **extra), text=True,
+    run = lambda workdir, kill_after=None: subprocess.run(
+        _command(data_dir, workdir, kill_after), cwd=ROOT, env=env, text=True,
         capture_output=True, timeout=300)
 
     reference = f"{base}/reference"
@@ -63,7 +79,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch,
     assert done.returncode == 0, done.stderr[-3000:]
 
     killed = f"{base}/killed"
-    proc = run(killed, **{KILL_AT_STEP_ENV: "7"})  # 5 steps per epoch: mid epoch 2
+    proc = run(killed, kill_after=7)  # 5 steps per epoch: mid epoch 2
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     root = epath.Path(killed)
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["5"]
@@ -74,3 +90,46 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch,
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "at step 5 (epoch 1)" in resumed.stdout
     assert _results(killed) == _results(reference)
+
+
+@pytest.mark.parametrize("batch_size", [4, 16])  # twice and half the steps per epoch
+def test_resuming_with_another_batch_size_stops_at_once_and_keeps_every_record(
+    tmp_path, monkeypatch, batch_size):
+  archive, _ = write_cifar10_archive(str(tmp_path / "manual"), per_file=8)
+  accept_archive(monkeypatch, archive)
+  from experiments.cifar.main import main
+  flags = ["--accelerator=cpu", "--preset=tiny", "--epochs=2", "--config.num_devices=1",
+           f"--data_dir={tmp_path / 'data'}", f"--manual_dir={tmp_path / 'manual'}",
+           f"--workdir={tmp_path / 'work'}"]
+  main(flags)
+  work = tmp_path / "work"
+  before = {str(p.relative_to(work)): p.read_bytes() for p in work.rglob("*") if p.is_file()}
+  with pytest.raises(SystemExit) as err:
+    main([*flags[:2], "--epochs=3", *flags[3:], f"--batch_size={batch_size}"])
+  assert str(err.value) == (
+      f"error: --batch_size={batch_size}: the checkpoints in {work / 'checkpoints'} count steps "
+      f"of batch_size 8 (an epoch has another number of steps now); resume with "
+      f"--batch_size=8, or start a new --workdir.")
+  after = {str(p.relative_to(work)): p.read_bytes() for p in work.rglob("*") if p.is_file()}
+  assert after == before  # every record kept, nothing rewritten
+  # The same settings resume and keep the records of the first run.
+  out = main([*flags[:2], "--epochs=3", *flags[3:]])
+  first = [json.loads(line) for line in before["metrics.jsonl"].decode().splitlines()]
+  assert out["history"][:2] == first and [r["epoch"] for r in out["history"]] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_epoch_and_exits_143_with_quiet_logs(tmp_path, monkeypatch):
+  archive, _ = write_cifar10_archive(str(tmp_path / "manual"), per_file=8)
+  accept_archive(monkeypatch, archive)
+  data_dir = str(tmp_path / "data")
+  input_pipeline.prepare_tfds("cifar10", data_dir=data_dir, manual_dir=str(tmp_path / "manual"),
+                              download=False)
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  proc = subprocess.run(_command(data_dir, tmp_path / "work", kill_after=3, sig=signal.SIGTERM),
+                        cwd=ROOT, env=env, text=True, capture_output=True, timeout=300)
+  assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+  assert "Stopped at epoch 1; rerun the same command to resume." in proc.stdout
+  assert sorted(p.name for p in (tmp_path / "work" / "checkpoints").iterdir()) == ["5"]
+  # --accelerator=cpu kept jax off every other backend: no libtpu / CUDA start-up lines.
+  assert "TPU" not in proc.stderr and "E0000" not in proc.stderr, proc.stderr[-3000:]

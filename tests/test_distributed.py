@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from local_servers import free_port
+from support.servers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES, DEVICES_PER_PROCESS, BATCH = 2, 2, 8

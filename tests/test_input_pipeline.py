@@ -1,4 +1,4 @@
-"""experiments.cifar.input_pipeline: digits, CIFAR through the real tfds builder, batches."""
+"""experiments.common.input_pipeline: digits, CIFAR through the real tfds builder, batches."""
 
 import os
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from aol_jax import training
-from cifar_testdata import accept_archive, write_cifar10_archive
-from experiments.cifar import input_pipeline
+from support.cifar_archive import accept_archive, write_cifar10_archive
+from experiments.common import input_pipeline
 
 
 def test_digits_split_is_fixed_stratified_and_disjoint():

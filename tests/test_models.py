@@ -9,7 +9,7 @@ from flax import nnx
 from aol_jax import lipschitz, models
 from aol_jax.blocks import ConcatenationPooling, FirstChannels, Flatten, MaxMin
 from aol_jax.layers import AOLConv, AOLDense
-from helpers import SMALL
+from support.models import SMALL
 
 
 def _num_params(model: nnx.Module) -> int:

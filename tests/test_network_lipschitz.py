@@ -15,7 +15,7 @@ from flax import nnx
 
 import aol_jax
 from aol_jax import lipschitz
-from helpers import SMALL, build_small, digits, train
+from support.models import SMALL, build_small, digits, train
 
 TOL = 1e-4
 

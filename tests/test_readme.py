@@ -81,9 +81,9 @@ def test_readme_experiment_command_gets_past_configuration_to_data_loading(
     index, tmp_path, monkeypatch):
   """Each command as written, on this machine's 8 simulated devices (the device count of a
   v5e-8 / v3-8) for a TPU command and on 1 device for a GPU command, on the CPU."""
-  from experiments.cifar import input_pipeline
-  from experiments.cifar.__main__ import main
-  from local_servers import gcs_clients_in_this_process, gcs_emulator
+  from experiments.common import input_pipeline
+  from experiments.cifar.main import main
+  from support.servers import gcs_clients_in_this_process, gcs_emulator
 
   args = COMMANDS[index]
   accelerator = next(a.split("=", 1)[1] for a in args if a.startswith("--accelerator="))

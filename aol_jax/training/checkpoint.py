@@ -237,6 +237,21 @@ class Checkpointer:
       raise ValueError(f"checksum mismatch: saved {expected[:12]}..., loaded {actual[:12]}...")
     return state, meta
 
+  def latest_metadata(self) -> tuple[int, dict] | None:
+    """``(step, metadata)`` of the newest step, without loading its arrays (unverified: the
+    arrays' checksum is checked by :meth:`restore`); None if there is no step."""
+    self.wait()
+    self._manager.reload()
+    for step in reversed(self.all_steps()):
+      try:
+        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      except Exception:  # noqa: BLE001  (damaged: restore_latest reports and skips it)
+        continue
+      meta = dict(meta["meta"] or {})
+      meta.pop(_CHECKSUM, None)
+      return step, meta
+    return None
+
   def restore_latest(self, abstract_state: Any) -> tuple[Any, int, dict] | None:
     """The newest checkpoint that verifies, as ``(state, step, metadata)``; None if none does.
 

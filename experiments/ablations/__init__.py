@@ -1,6 +1,6 @@
 """The paper's claims that carry over to data available offline, checked on digits and MNIST.
 
-``python -m experiments.ablations {offset,orthogonal,plain,all} [--small] [--out_dir=...]``:
+``python -m experiments.ablations {offset,orthogonal,plain,all} --accelerator=cpu --workdir=DIR [--small]``:
 
 * ``offset`` (:mod:`.offset_temperature`): the offset / temperature trade-off of the loss;
 * ``orthogonal`` (:mod:`.orthogonality`): per-layer norms and distance from orthogonal;

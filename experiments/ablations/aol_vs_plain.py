@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aol_jax.certification.dataset import certify_dataset
+from aol_jax import certify_dataset
 from aol_jax.lipschitz import power_iteration
 from experiments.ablations import report, trainer
 from experiments.ablations.config import PAPER_SETTING, PLAIN_LR_NOTE, AblationConfig
@@ -34,7 +34,7 @@ def local_lipschitz(model: nnx.Module, images: np.ndarray, *, iterations: int) -
   return max(float(norm(jnp.asarray(x[None]))) for x in images[:LIPSCHITZ_POINTS])
 
 
-def run(config: AblationConfig, out_dir: str) -> dict:
+def run(config: AblationConfig, workdir: str) -> dict:
   """Train both networks per dataset, attack both, certify AOL; write the files."""
   results = {"config": config.name, "seed": config.seed, "loss": PAPER_SETTING.name,
              "datasets": {}}
@@ -64,7 +64,7 @@ def run(config: AblationConfig, out_dir: str) -> dict:
         entry[kind]["certified"] = list(cert.cra)
         entry[kind]["certified_clean"] = cert.clean_accuracy
     results["datasets"][recipe.dataset] = entry
-  return report.publish(out_dir, NAME, results, markdown, plot)
+  return report.publish(workdir, NAME, results, markdown, plot)
 
 
 def markdown(results: dict) -> str:

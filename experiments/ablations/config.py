@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from aol_jax.certification.rule import STANDARD_RADII
+from experiments.common.labels import MNIST_RADIUS, STANDARD_RADII
 
 SQRT2 = math.sqrt(2.0)
 
@@ -45,14 +45,12 @@ PAPER_OFFSET_TEMPERATURE = {
 }
 PAPER_RADII = STANDARD_RADII
 
-# The radius of published l2-certified MNIST tables (trained on all 60,000 images).
-MNIST_RADIUS = 1.58
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
   """How one dataset is trained and evaluated; the same recipe trains AOL and plain nets."""
-  dataset: str  # 'digits' or 'mnist5k' (experiments.cifar.input_pipeline loaders)
+  dataset: str  # 'digits' or 'mnist5k' (experiments.common.input_pipeline loaders)
   model_kwargs: tuple[tuple[str, int], ...]  # aol_jax.models.aol_small sizes
   epochs: int  # passes over the training set
   batch_size: int  # images per step (the last partial batch of an epoch is dropped)

@@ -30,7 +30,7 @@ def separated(means: dict[str, float], spreads: dict[str, float]) -> bool:
   return all(means[a] - means[b] > spreads[a] + spreads[b] for a, b in zip(keys, keys[1:]))
 
 
-def run(config: AblationConfig, out_dir: str) -> dict:
+def run(config: AblationConfig, workdir: str) -> dict:
   """Train every (dataset, setting, seed), certify, and write the table, JSON and plot."""
   total = len(config.recipes) * len(LOSS_SETTINGS) * len(config.seeds)
   done = 0
@@ -71,7 +71,7 @@ def run(config: AblationConfig, out_dir: str) -> dict:
     results["datasets"][recipe.dataset] = {"columns": columns, "radii": list(recipe.radii),
                                            "epochs": recipe.epochs,
                                            "settings": per_setting, "ordering": orders}
-  return report.publish(out_dir, NAME, results, markdown, plot)
+  return report.publish(workdir, NAME, results, markdown, plot)
 
 
 def markdown(results: dict) -> str:

@@ -91,7 +91,7 @@ def measure(model: nnx.Module, recipe: Recipe, *, seed: int, spectrum: bool) -> 
   return out
 
 
-def run(config: AblationConfig, out_dir: str) -> dict:
+def run(config: AblationConfig, workdir: str) -> dict:
   """Measure the trained (paper's loss, ``config.seed``) and initial networks; write files."""
   results = {"config": config.name, "seed": config.seed, "loss": PAPER_SETTING.name,
              "datasets": {}}
@@ -110,7 +110,7 @@ def run(config: AblationConfig, out_dir: str) -> dict:
                   f"{min(r['power_iteration'] for r in rows):.4f}.."
                   f"{max(r['power_iteration'] for r in rows):.4f}")
     results["datasets"][recipe.dataset] = entry
-  return report.publish(out_dir, NAME, results, markdown, plot)
+  return report.publish(workdir, NAME, results, markdown, plot)
 
 
 def markdown(results: dict) -> str:

@@ -1,10 +1,9 @@
 """Writing results: Markdown tables, JSON and PNG plots, each written all at once
-(:mod:`experiments.cifar.storage`)."""
+(:mod:`experiments.common.storage`)."""
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 
 import matplotlib
@@ -13,9 +12,9 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 
-from aol_jax.certification.results import radius_label  # noqa: E402,F401  (the tables' column names)
-from experiments.cifar import storage  # noqa: E402
-from experiments.cifar.plotting import save_figure  # noqa: E402,F401  (the checks' plots)
+from experiments.common.labels import radius_label  # noqa: E402,F401  (the tables' column names)
+from experiments.common import storage  # noqa: E402
+from experiments.common.plotting import save_figure  # noqa: E402,F401  (the checks' plots)
 
 
 def write_json(path: str, data: object) -> None:
@@ -23,15 +22,15 @@ def write_json(path: str, data: object) -> None:
   storage.write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
-def publish(out_dir: str, name: str, results: dict, markdown: Callable[[dict], str],
+def publish(workdir: str, name: str, results: dict, markdown: Callable[[dict], str],
             plot: Callable[[dict, str], None]) -> dict:
-  """Writes ``<name>.md``, ``.json`` and ``.png`` into ``out_dir`` (each atomically) and
+  """Writes ``<name>.md``, ``.json`` and ``.png`` into ``workdir`` (each atomically) and
   prints the Markdown; returns ``results``."""
-  storage.makedirs(out_dir)
+  storage.makedirs(workdir)
   text = markdown(results)
-  storage.write_atomic(os.path.join(out_dir, f"{name}.md"), text)
-  write_json(os.path.join(out_dir, f"{name}.json"), results)
-  plot(results, os.path.join(out_dir, f"{name}.png"))
+  storage.write_atomic(storage.join(workdir, f"{name}.md"), text)
+  write_json(storage.join(workdir, f"{name}.json"), results)
+  plot(results, storage.join(workdir, f"{name}.png"))
   print(text, flush=True)
   return results
 

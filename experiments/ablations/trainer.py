@@ -27,8 +27,8 @@ from aol_jax.layers import AOLConv, AOLDense
 from aol_jax.losses import offset_cross_entropy
 from aol_jax.models import MODELS, AOLNetwork
 from experiments.ablations.config import LossSetting, Recipe
-from experiments.cifar import input_pipeline
-from experiments.cifar.input_pipeline import Dataset
+from experiments.common import input_pipeline
+from experiments.common.input_pipeline import Dataset
 
 
 def log(message: str) -> None:

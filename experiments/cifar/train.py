@@ -8,10 +8,15 @@ none is ever seen half-written; checkpoints are orbax's, committed only when com
   with the config and the per-epoch history; a rerun with the same ``workdir`` resumes
   from the newest one that verifies, exactly as if it had never stopped;
 * ``metrics.jsonl``: one JSON line per epoch (train loss / accuracy / gradient norm,
-  learning rate, and every ``eval_every`` epochs the test accuracy and CRA at 36/255);
-* ``results.md``: the certification table of :func:`aol_jax.certify_dataset`
-  on the whole test set after the last epoch, and ``results.json``, the same as data;
+  learning rate, and every ``eval_every`` epochs the test accuracy and the certified
+  robust accuracy at 36/255, ``test_cra_36``, from :func:`aol_jax.certify_dataset` with the
+  run's ``rounding``: the same certificate as ``results.md``);
+* ``results.md``: the certification table of :func:`aol_jax.certify_dataset` on the whole
+  test set, and ``results.json``, the same as data keyed by radius label (``36/255``);
 * ``training_curves.png`` and ``certified_accuracy.png``.
+
+``config.mode`` selects what runs: ``train`` (then certify), ``certify`` (re-certify the
+newest checkpoint, no training) or ``export``.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import signal
+import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -30,19 +36,21 @@ import numpy as np
 import tqdm
 from flax import nnx
 
+import aol_jax
 from aol_jax import training
-from aol_jax import (STANDARD_RADII, CertificationResult, certification_markdown,
-                     certified_robust_accuracy, certify_dataset)
 from aol_jax.losses import offset_cross_entropy
 from aol_jax.models import MODELS
-from experiments.cifar import configs, input_pipeline, plotting, storage
-from experiments.cifar.configs import STATE_FIELDS, Config, ConfigError
+from experiments.cifar import configs
+from experiments.cifar.configs import EPOCH_FIELDS, RUN_FIELDS, STATE_FIELDS, Config, ConfigError
+from experiments.common import input_pipeline, labels, plotting, storage
 
-# Radii of the certified-accuracy plot (the standard ones are added).
+# Radii of the certified-accuracy plot (the reported ones are added).
 CURVE_RADII = tuple(np.linspace(0.0, 1.5, 61).tolist())
-# For tests of preemption: the process SIGKILLs itself right after this training step
-# (once the checkpoints started before it are written), a deterministic kill point.
-KILL_AT_STEP_ENV = "AOL_JAX_KILL_AT_STEP"
+# The radius of the certificate in metrics.jsonl (test_cra_36).
+MONITOR_RADIUS = 36 / 255
+# Called after every training step with (step, checkpointer); tests use it to kill the
+# process at a chosen step. Never set by the command line.
+AfterStep = Callable[[int, training.Checkpointer], None]
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -55,7 +63,8 @@ def validate(config: Config, workdir: str, *, flag_names: dict[str, str] | None 
 
   Args:
     config: the config to run.
-    workdir: the run's directory (local or ``gs://``).
+    workdir: the run's directory (local or ``gs://``); it is created, and a probe file
+      written and removed, so that an unwritable place is named now.
     flag_names: ``{field: flag}`` naming the flag that set a field (default
       ``--config.<field>``), so that the error names what the user typed.
 
@@ -87,69 +96,173 @@ def validate(config: Config, workdir: str, *, flag_names: dict[str, str] | None 
       nnx.eval_shape(lambda: build_model(config, classes, shape))
     except ConfigError as e:
       errors["model_kwargs"] = str(e).rstrip(".")
+  if not errors and config.mode == "export":
+    try:
+      exporter()
+    except ConfigError as e:
+      errors["mode"] = str(e).rstrip(".")
   for field, why in errors.items():
     value = getattr(config, field, None)
     raise ConfigError(f"{flag(field)}={value!r}: {why}.")
-  for name, path in (("workdir", workdir), ("data_dir", config.data_dir),
-                     ("manual_dir", config.manual_dir)):
+  for name, path in (("data_dir", config.data_dir), ("manual_dir", config.manual_dir)):
     why = configs.path_error(path)
     if why:
-      shown = "--workdir" if name == "workdir" else flag(name)
-      raise ConfigError(f"{shown}={path}: {why}; pass a directory (it is created if missing).")
+      raise ConfigError(f"{flag(name)}={path}: {why}; pass a directory (it is created if "
+                        f"missing).")
+  why = storage.workdir_error(workdir)
+  if why:
+    raise ConfigError(f"--workdir={workdir}: {why}; pass a directory this process can write.")
 
 
 def build_model(config: Config, num_classes: int, image_shape: tuple[int, ...]) -> nnx.Module:
-  """``MODELS[config.model]`` for images of ``image_shape`` (H, W, C), seeded by the config."""
+  """``MODELS[config.model]`` for images of ``image_shape`` (H, W, C), seeded by the config,
+  with ``config.gram_precision`` set on every AOL layer."""
   height, width, channels = image_shape
   if height != width:
     raise ConfigError(f"The models need square images, got {height}x{width}.")
   try:
-    return MODELS[config.model](num_classes, image_size=height, in_channels=channels,
-                                rngs=nnx.Rngs(config.seed), **config.model_kwargs)
+    model = MODELS[config.model](num_classes, image_size=height, in_channels=channels,
+                                 rngs=nnx.Rngs(config.seed), **config.model_kwargs)
   except (TypeError, ValueError) as e:
     raise ConfigError(f"Cannot build {config.model} with {config.model_kwargs} for "
                       f"{height}x{width}x{channels} images: {e}") from e
+  for _, layer in nnx.iter_modules(model):  # read at call time by AOLDense / AOLConv
+    if isinstance(layer, (aol_jax.AOLDense, aol_jax.AOLConv)):
+      layer.gram_precision = config.gram_precision
+  return model
 
 
-def evaluate(eval_step, state: training.TrainState, mesh: jax.sharding.Mesh,
-             images: np.ndarray, labels: np.ndarray, *, batch_size: int,
-             lipschitz_constant: float) -> tuple[float, float]:
-  """Test accuracy and CRA at 36/255 (exact-arithmetic certificate, for monitoring only;
-  ``results.md`` comes from :func:`certify_dataset`, which adds the rounding allowance).
+def exporter() -> Callable[..., Any]:
+  """``aol_jax.export_certified``, the writer of the portable certified model.
 
-  Any ``batch_size`` on any device count: it is rounded up to a multiple of the devices,
-  and every batch is padded with zeros whose logits are dropped.
+  Raises:
+    ConfigError: the library has no exporter yet.
   """
-  processes, me = jax.process_count(), jax.process_index()
-  batch_size = round_up(batch_size, mesh.devices.size)
-  local = batch_size // processes
-  logits = []
-  for start in range(0, len(images), batch_size):
-    x = images[start:start + batch_size]
-    x = np.concatenate([x, np.zeros((batch_size - len(x),) + x.shape[1:], x.dtype)])
-    out = eval_step(state, *training.global_batch(mesh, x[me * local:(me + 1) * local]))
-    if processes > 1:
-      from jax.experimental import multihost_utils
-      out = multihost_utils.process_allgather(out, tiled=True)
-    logits.append(np.asarray(out))
-  logits = np.concatenate(logits)[:len(images)]
-  clean, cra = certified_robust_accuracy(logits, labels, [36 / 255],
-                                         lipschitz_constant=lipschitz_constant, allowance=0.0)
-  return float(clean), float(cra[0])
+  export_certified = getattr(aol_jax, "export_certified", None)
+  if export_certified is None:
+    raise ConfigError("exporting the certified model is not available yet (it needs "
+                      "aol_jax.export_certified); use --mode=certify for the certificate")
+  return export_certified
 
 
-def _certify(model: nnx.Module, dataset: input_pipeline.Dataset, mesh, batch_size: int
-             ) -> tuple[CertificationResult, CertificationResult]:
-  """The standard-radii table and the plot's curve, from one pass of certify_dataset."""
-  radii = sorted(set(CURVE_RADII) | set(STANDARD_RADII))
-  full = certify_dataset(model, dataset.test_inputs(), dataset.test_labels, eps_list=radii,
-                         batch_size=round_up(batch_size, mesh.devices.size), mesh=mesh)
-  keep = [radii.index(r) for r in STANDARD_RADII]
-  table = dataclasses.replace(
-      full, eps_list=tuple(STANDARD_RADII),
-      num_certified=tuple(full.num_certified[i] for i in keep),
-      max_allowance=tuple(full.max_allowance[i] for i in keep))
-  return table, full
+def export(model: nnx.Module, config: Config, workdir: str) -> str:
+  """Write the portable certified model of ``model`` into ``<workdir>/export/``."""
+  path = storage.join(workdir, "export")
+  shape, _ = input_pipeline.SHAPES[config.dataset]
+  exporter()(model, path, input_shape=shape, rounding=config.rounding)
+  return path
+
+
+def certify(model: nnx.Module, images: np.ndarray, test_labels: np.ndarray, config: Config,
+            mesh: jax.sharding.Mesh, radii) -> aol_jax.CertificationResult:
+  """:func:`aol_jax.certify_dataset` with the run's rounding mode: the only certificate."""
+  return aol_jax.certify_dataset(model, images, test_labels, eps_list=list(radii),
+                                 batch_size=round_up(config.eval_batch_size, mesh.devices.size),
+                                 mesh=mesh, rounding=config.rounding)
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a run builds before its first step."""
+  config: Config
+  workdir: str
+  mesh: jax.sharding.Mesh
+  data: input_pipeline.Dataset
+  batches: input_pipeline.TrainBatches | None
+  graphdef: nnx.GraphDef
+  state: training.TrainState
+  optimizer: Any
+  schedule: Callable[[int], Any]
+  checkpointer: training.Checkpointer
+  history: list[dict] = dataclasses.field(default_factory=list)
+  last_saved: int | None = None
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.batches.steps_per_epoch
+
+  def model(self) -> nnx.Module:
+    return training.merge_model(self.graphdef, self.state)
+
+
+def _load_data(config: Config, *, train: bool
+               ) -> tuple[input_pipeline.Dataset, input_pipeline.DataOrder | None]:
+  source = dict(data_dir=config.data_dir, manual_dir=config.manual_dir, download=config.download)
+  n_train = input_pipeline.num_train_examples(config.dataset, **source)
+  try:
+    order = input_pipeline.DataOrder(n_train, config.batch_size, config.seed)
+  except ValueError as e:
+    raise ConfigError(f"{e} Lower the batch size (--batch_size).") from None
+  indices = (lambda n: order.share(jax.process_index(), jax.process_count())) if train else (
+      lambda n: np.zeros(0, np.int64))
+  return input_pipeline.load(config.dataset, **source, train_indices=indices), order
+
+
+def setup(config: Config, workdir: str, *, train: bool = True) -> Run:
+  """Data, model, optimiser, state and checkpointer of ``config`` (nothing restored yet)."""
+  mesh = training.make_data_mesh(config.num_devices)
+  data, order = _load_data(config, train=train)
+  model = build_model(config, data.num_classes, data.test_images.shape[1:])
+  batches = (input_pipeline.TrainBatches(mesh, data.train_images, data.train_labels,
+                                         max_value=data.max_value, order=order)
+             if train else None)
+  steps = order.steps_per_epoch
+  schedule = training.paper_schedule(config.learning_rate, steps, config.epochs)
+  optimizer = training.make_optimizer(schedule, momentum=config.momentum,
+                                      nesterov=config.nesterov, weight_decay=config.weight_decay)
+  graphdef, state = training.create_train_state(model, optimizer,
+                                                key=jax.random.key(config.seed), mesh=mesh)
+  checkpointer = training.Checkpointer(storage.join(workdir, "checkpoints"),
+                                       max_to_keep=config.max_to_keep)
+  return Run(config, workdir, mesh, data, batches, graphdef, state, optimizer, schedule,
+             checkpointer)
+
+
+def check_resumable(saved: dict, config: Config, directory: str) -> None:
+  """Refuse a checkpoint made under another model, dataset or batch size (one line: what
+  changed and what to do); print a note for any other changed field."""
+  current = dataclasses.asdict(config)
+  changed = sorted(k for k in current if k in saved and saved[k] != current[k])
+  fatal = [k for k in changed if k in STATE_FIELDS]
+  if fatal:
+    raise ConfigError(
+        f"The checkpoints in {directory} were made with a different "
+        f"{', '.join(fatal)} ({', '.join(f'{k}={saved[k]!r}' for k in fatal)}); use a new "
+        f"--workdir or the same settings.")
+  steps = [k for k in changed if k in EPOCH_FIELDS]
+  if steps:
+    raise ConfigError(
+        f"--{steps[0]}={current[steps[0]]!r}: the checkpoints in {directory} count steps of "
+        f"{steps[0]} {saved[steps[0]]!r} (an epoch has another number of steps now); resume "
+        f"with --{steps[0]}={saved[steps[0]]!r}, or start a new --workdir.")
+  changed = [k for k in changed if k not in RUN_FIELDS]
+  if changed:
+    print(f"Note: resuming with changed {', '.join(changed)}; the run is no longer identical "
+          f"to an uninterrupted one.", flush=True)
+
+
+def restore(run: Run) -> int | None:
+  """Restore the newest verified checkpoint into ``run``; its step, or None if none."""
+  found = run.checkpointer.latest_metadata()
+  if found is not None:  # the saved config first: a changed model is named before any diff
+    check_resumable(found[1].get("config", {}), run.config, run.checkpointer.directory)
+  try:
+    restored = run.checkpointer.restore_latest(run.state)
+  except training.CheckpointMismatchError as e:
+    raise ConfigError(f"The checkpoints in {run.checkpointer.directory} hold another model; "
+                      f"use a new --workdir or the same settings.\n{e}") from None
+  if restored is None:
+    return None
+  run.state, step, meta = restored
+  if found[0] != step:  # the newest step was damaged and set aside: check the one restored
+    check_resumable(meta.get("config", {}), run.config, run.checkpointer.directory)
+  run.history = list(meta["history"])
+  if run.history and run.history[-1]["step"] != step:
+    raise ConfigError(f"Checkpoint step {step} in {run.checkpointer.directory} does not end "
+                      f"its history (last record: step {run.history[-1]['step']}); the "
+                      f"workdir was changed by hand: start a new --workdir.")
+  run.last_saved = step
+  return step
 
 
 class _StopRequest:
@@ -157,6 +270,7 @@ class _StopRequest:
 
   def __init__(self):
     self.requested = False
+    self.signal: int | None = None
     self._previous = {}
     if threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGINT, signal.SIGTERM):
@@ -165,7 +279,7 @@ class _StopRequest:
   def _handle(self, signum, frame) -> None:
     print(f"\nReceived signal {signum}: stopping after this epoch with a checkpoint "
           f"(send it again to stop at once).", flush=True)
-    self.requested = True
+    self.requested, self.signal = True, signum
     self.restore()
 
   def restore(self) -> None:
@@ -181,160 +295,47 @@ class _StopRequest:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
 
 
-def _check_resumable(saved: dict, config: Config) -> None:
-  """Refuse a checkpoint whose state shapes differ; note any other changed field."""
-  current = dataclasses.asdict(config)
-  changed = sorted(k for k in current if k in saved and saved[k] != current[k])
-  fatal = [k for k in changed if k in STATE_FIELDS]
-  if fatal:
-    raise ConfigError(
-        f"The checkpoints in this workdir were made with a different "
-        f"{', '.join(fatal)} ({', '.join(f'{k}={saved[k]!r}' for k in fatal)}); use a new "
-        f"--workdir or the same settings.")
-  changed = [k for k in changed if k not in ("data_dir", "manual_dir", "download", "log_every")]
-  if changed:
-    print(f"Note: resuming with changed {', '.join(changed)}; the run is no longer identical "
-          f"to an uninterrupted one.", flush=True)
+class _Progress:
+  """A tqdm bar when stderr is a terminal (none in a log file), and the ETA of the steps
+  measured from the second step on, so that compilation is not counted."""
 
+  def __init__(self, run: Run, first_step: int):
+    self.total = run.config.epochs * run.steps_per_epoch
+    self.writer = jax.process_index() == 0
+    self.use_bar = self.writer and sys.stderr.isatty()
+    self.bar = None
+    self.first_step = first_step
+    self.start: tuple[int, float] | None = None  # (step, time) after the first compiled step
 
-def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
-  """Train ``config`` in ``workdir`` (resuming if it holds a checkpoint), then certify.
+  def step(self, step: int, description: str) -> None:
+    if self.start is None:
+      self.start = (step, time.perf_counter())
+      if self.use_bar:
+        self.bar = tqdm.tqdm(total=self.total, initial=step, unit="step", dynamic_ncols=True,
+                             mininterval=0.5, desc=description)
+    elif self.bar is not None:
+      self.bar.set_description(description, refresh=False)
+      self.bar.update(1)
 
-  Returns:
-    ``{'history': [per-epoch records], 'clean_accuracy': float, 'cra': {radius: float}}``.
+  def postfix(self, **values) -> None:
+    if self.bar is not None:
+      self.bar.set_postfix(**values)
 
-  Raises:
-    ConfigError: unknown model or dataset, a batch size the devices do not divide, or a
-      workdir holding checkpoints of another model or dataset.
-    input_pipeline.DataMissingError: the dataset is neither prepared nor preparable.
-    aol_jax.training.NonFiniteLossError: the loss became NaN or infinite; nothing after the
-      last good checkpoint is saved.
-  """
-  validate(config, workdir)
-  writer = jax.process_index() == 0
-  storage.makedirs(workdir)
-  mesh = training.make_data_mesh(config.num_devices)
-  source = dict(data_dir=config.data_dir, manual_dir=config.manual_dir,
-                download=config.download)
-  n_train = input_pipeline.num_train_examples(config.dataset, **source)
-  try:
-    order = input_pipeline.DataOrder(n_train, config.batch_size, config.seed)
-  except ValueError as e:
-    raise ConfigError(f"{e} Lower the batch size (--batch_size).") from None
-  data = input_pipeline.load(config.dataset, **source, train_indices=lambda n: order.share(
-      jax.process_index(), jax.process_count()))
-  model = build_model(config, data.num_classes, data.train_images.shape[1:])
-  lipschitz = float(model.lipschitz_bound())
-  batches = input_pipeline.TrainBatches(mesh, data.train_images, data.train_labels,
-                                        max_value=data.max_value, order=order)
-  steps_per_epoch = batches.steps_per_epoch
-  kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0") or 0)
-  schedule = training.paper_schedule(config.learning_rate, steps_per_epoch, config.epochs)
-  optimizer = training.make_optimizer(schedule, momentum=config.momentum,
-                                      nesterov=config.nesterov, weight_decay=config.weight_decay)
-  graphdef, state = training.create_train_state(model, optimizer,
-                                                key=jax.random.key(config.seed), mesh=mesh)
-  loss_fn = functools.partial(offset_cross_entropy, offset=config.loss_offset,
-                              temperature=config.loss_temperature)
-  train_step = training.make_train_step(graphdef, optimizer, mesh, loss_fn=loss_fn,
-                                        augment=config.augment)
-  eval_step = training.make_eval_step(graphdef, mesh)
-  test_images = data.test_inputs()
+  def eta(self, step: int) -> str:
+    if self.start is None or step <= self.start[0]:
+      return "ETA after the next epoch"
+    rate = (time.perf_counter() - self.start[1]) / (step - self.start[0])
+    seconds = rate * (self.total - step)
+    return f"ETA {int(seconds // 60)}m{int(seconds % 60):02d}s"
 
-  checkpointer = training.Checkpointer(storage.join(workdir, "checkpoints"),
-                                       max_to_keep=config.max_to_keep)
-  history: list[dict] = []
-  try:
-    restored = checkpointer.restore_latest(state)
-  except training.CheckpointMismatchError as e:
-    raise ConfigError(str(e)) from None
-  if restored is not None:
-    state, step, meta = restored
-    _check_resumable(meta.get("config", {}), config)
-    if step % steps_per_epoch:
-      raise ConfigError(f"Checkpoint step {step} is not at an epoch boundary of "
-                        f"{steps_per_epoch} steps: the batch size or dataset changed.")
-    history = [r for r in meta["history"] if r["epoch"] <= step // steps_per_epoch]
-    print(f"Resumed from {checkpointer.directory} at step {step} "
-          f"(epoch {step // steps_per_epoch}).", flush=True)
-  step = int(state.step)
-  last_saved = step if restored is not None else None
-  print(f"{config.model} on {config.dataset}: {n_train} "
-        f"training / {len(data.test_labels)} test images, {mesh.devices.size} "
-        f"{mesh.devices.flat[0].platform} device(s), batch {config.batch_size}, "
-        f"{steps_per_epoch} steps per epoch, "
-        f"data {'on device' if batches.on_device else 'on host'}.",
-        flush=True)
+  def line(self, text: str) -> None:
+    if self.writer:
+      (self.bar.write if self.bar is not None else print)(text)
+      sys.stdout.flush()
 
-  def save() -> None:
-    meta = {"config": dataclasses.asdict(config), "history": history}
-    checkpointer.save(step, state, metadata=meta)
-
-  stop = _StopRequest()
-  bar = tqdm.tqdm(total=config.epochs * steps_per_epoch, initial=step, unit="step",
-                  disable=not writer, dynamic_ncols=True, mininterval=0.5)
-  try:
-    for epoch in range(step // steps_per_epoch, config.epochs):
-      bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
-      start_time = time.time()
-      metrics = []
-      for i, indices in enumerate(batches.epoch_order(epoch)):
-        state, m = train_step(state, *batches.batch(indices))
-        metrics.append(m)
-        bar.update(1)
-        if step + i + 1 == kill_at:
-          checkpointer.wait()
-          print(f"{KILL_AT_STEP_ENV}: killing this process after step {kill_at}.", flush=True)
-          os.kill(os.getpid(), signal.SIGKILL)
-        if (i + 1) % config.log_every == 0:
-          last = jax.device_get(m)
-          _check_finite(last, step + i + 1, last_saved, checkpointer.directory)
-          bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.3f}")
-      metrics = jax.device_get(metrics)
-      for i, m in enumerate(metrics):
-        _check_finite(m, step + i + 1, last_saved, checkpointer.directory)
-      step += steps_per_epoch
-      record = {"epoch": epoch + 1, "step": step,
-                "learning_rate": float(schedule(step - 1)),
-                **{f"train_{k}": float(np.mean([m[k] for m in metrics]))
-                   for k in ("loss", "accuracy", "grad_norm")}}
-      last_epoch = epoch + 1 == config.epochs
-      if (epoch + 1) % config.eval_every == 0 or last_epoch:
-        record["test_accuracy"], record["test_cra_36"] = evaluate(
-            eval_step, state, mesh, test_images, data.test_labels,
-            batch_size=config.eval_batch_size, lipschitz_constant=lipschitz)
-      record["seconds"] = round(time.time() - start_time, 3)
-      history.append(record)
-      bar.set_postfix(loss=f"{record['train_loss']:.4f}", acc=f"{record['train_accuracy']:.3f}")
-      if writer:
-        storage.write_atomic(storage.join(workdir, "metrics.jsonl"),
-                     "".join(json.dumps(r) + "\n" for r in history))
-      stopping = stop.agreed()
-      if (epoch + 1) % config.checkpoint_every == 0 or last_epoch or stopping:
-        save()
-        last_saved = step
-      if stopping:
-        checkpointer.close()
-        bar.close()
-        print(f"Stopped at epoch {epoch + 1}; rerun the same command to resume.", flush=True)
-        return {"history": history, "stopped": True}
-  finally:
-    bar.close()
-    stop.restore()
-    checkpointer.wait()  # even when stopping on an error, finish writing the last good save
-  checkpointer.close()
-
-  table, curve = _certify(training.merge_model(graphdef, state), data, mesh,
-                          config.eval_batch_size)
-  if writer:
-    _write_results(workdir, config, table, history)
-    plotting.plot_training_curves(history, storage.join(workdir, "training_curves.png"))
-    plotting.plot_certified_accuracy(curve.eps_list, curve.cra,
-                                     storage.join(workdir, "certified_accuracy.png"),
-                                     title=f"{config.model} on {config.dataset}")
-  print(certification_markdown(table, name=config.model), flush=True)
-  return {"history": history, "clean_accuracy": table.clean_accuracy,
-          "cra": dict(zip(table.eps_list, table.cra))}
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
 
 
 def _check_finite(metrics: dict, step: int, last_saved: int | None, directory: str) -> None:
@@ -347,21 +348,206 @@ def _check_finite(metrics: dict, step: int, last_saved: int | None, directory: s
     raise training.NonFiniteLossError(f"{e} {kept}; nothing after it is saved.") from None
 
 
-def _write_results(workdir: str, config: Config, table: CertificationResult,
-                   history: list[dict]) -> None:
-  """``results.md``: the certification table and how it was produced."""
-  last = history[-1] if history else {}
+def evaluate(run: Run) -> tuple[float, float]:
+  """Test accuracy and certified robust accuracy at 36/255 (:func:`certify`)."""
+  result = certify(run.model(), run.data.test_inputs(), run.data.test_labels, run.config,
+                   run.mesh, [MONITOR_RADIUS])
+  return float(result.clean_accuracy), float(result.cra[0])
+
+
+def train_epoch(run: Run, epoch: int, train_step, progress: _Progress,
+                after_step: AfterStep | None) -> dict:
+  """One pass over the training set; its record for ``metrics.jsonl`` (without evaluation)."""
+  config, step = run.config, int(run.state.step)
+  start_time = time.time()
+  metrics = []
+  for i, indices in enumerate(run.batches.epoch_order(epoch)):
+    run.state, m = train_step(run.state, *run.batches.batch(indices))
+    metrics.append(m)
+    if i == 0 and progress.start is None:
+      jax.block_until_ready(m)  # the first step compiles: the ETA starts after it
+    progress.step(step + i + 1, f"epoch {epoch + 1}/{config.epochs}")
+    if after_step is not None:
+      after_step(step + i + 1, run.checkpointer)
+    if (i + 1) % config.log_every == 0:
+      last = jax.device_get(m)
+      _check_finite(last, step + i + 1, run.last_saved, run.checkpointer.directory)
+      progress.postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.3f}")
+  metrics = jax.device_get(metrics)
+  for i, m in enumerate(metrics):
+    _check_finite(m, step + i + 1, run.last_saved, run.checkpointer.directory)
+  step += len(metrics)
+  return {"epoch": epoch + 1, "step": step, "learning_rate": float(run.schedule(step - 1)),
+          **{f"train_{k}": float(np.mean([m[k] for m in metrics]))
+             for k in ("loss", "accuracy", "grad_norm")},
+          "seconds": round(time.time() - start_time, 3)}
+
+
+def _summary(record: dict, config: Config, eta: str) -> str:
+  """The console line of an evaluated epoch."""
+  return (f"epoch {record['epoch']}/{config.epochs}  step {record['step']}  "
+          f"loss {record['train_loss']:.4f}  train acc {record['train_accuracy']:.3f}  "
+          f"test acc {record['test_accuracy']:.3f}  CRA(36/255) {record['test_cra_36']:.3f}  "
+          f"{record['seconds']:.1f} s/epoch  {eta}")
+
+
+def train(run: Run, *, after_step: AfterStep | None = None) -> int | None:
+  """Train from ``run.state`` to ``config.epochs``; the stop signal's number, if stopped."""
+  config = run.config
+  loss_fn = functools.partial(offset_cross_entropy, offset=config.loss_offset,
+                              temperature=config.loss_temperature)
+  train_step = training.make_train_step(run.graphdef, run.optimizer, run.mesh, loss_fn=loss_fn,
+                                        augment=config.augment)
+  writer = jax.process_index() == 0
+  stop = _StopRequest()
+  progress = _Progress(run, int(run.state.step))
+  try:
+    for epoch in range(int(run.state.step) // run.steps_per_epoch, config.epochs):
+      record = train_epoch(run, epoch, train_step, progress, after_step)
+      last_epoch = epoch + 1 == config.epochs
+      if (epoch + 1) % config.eval_every == 0 or last_epoch:
+        record["test_accuracy"], record["test_cra_36"] = evaluate(run)
+        progress.line(_summary(record, config, progress.eta(record["step"])))
+      run.history.append(record)
+      if writer:
+        storage.write_atomic(storage.join(run.workdir, "metrics.jsonl"),
+                             "".join(json.dumps(r) + "\n" for r in run.history))
+      stopping = stop.agreed()
+      if (epoch + 1) % config.checkpoint_every == 0 or last_epoch or stopping:
+        meta = {"config": dataclasses.asdict(config), "history": run.history}
+        run.checkpointer.save(record["step"], run.state, metadata=meta)
+        run.last_saved = record["step"]
+      if stopping:
+        progress.line(f"Stopped at epoch {epoch + 1}; rerun the same command to resume.")
+        return stop.signal or signal.SIGTERM
+  finally:
+    progress.close()
+    stop.restore()
+    run.checkpointer.wait()  # even when stopping on an error, finish writing the last good save
+  return None
+
+
+def report(run: Run) -> dict[str, Any]:
+  """Certify the model of ``run`` on the whole test set; write results, plots; return them."""
+  config = run.config
+  reported = labels.radii(config.dataset)
+  radii = sorted(set(CURVE_RADII) | set(reported))
+  full = certify(run.model(), run.data.test_inputs(), run.data.test_labels, config, run.mesh,
+                 radii)
+  keep = [radii.index(r) for r in reported]
+  table = dataclasses.replace(
+      full, eps_list=tuple(reported), num_certified=tuple(full.num_certified[i] for i in keep),
+      max_allowance=tuple(full.max_allowance[i] for i in keep))
+  if jax.process_index() == 0:
+    _write_results(run, table)
+    if run.history:
+      plotting.plot_training_curves(run.history, storage.join(run.workdir,
+                                                              "training_curves.png"))
+    plotting.plot_certified_accuracy(full.eps_list, full.cra,
+                                     storage.join(run.workdir, "certified_accuracy.png"),
+                                     title=f"{config.model} on {config.dataset}")
+  print(aol_jax.certification_markdown(table, name=config.model), flush=True)
+  return {"history": run.history, "clean_accuracy": table.clean_accuracy,
+          "cra": {labels.radius_label(r): a for r, a in zip(table.eps_list, table.cra)}}
+
+
+def _write_results(run: Run, table: aol_jax.CertificationResult) -> None:
+  """``results.md`` (the table and how it was produced) and ``results.json`` (the data)."""
+  config, last = run.config, (run.history[-1] if run.history else {})
+  step = int(run.state.step)
+  how = ("trained and certified" if config.mode == "train" else
+         f"re-certified from its checkpoint (--mode={config.mode})")
   text = (
       f"# {config.model} on {config.dataset}\n\n"
       f"Certified robust accuracy (%) on the {table.num_examples} test images after epoch "
-      f"{last.get('epoch', '?')} (step {last.get('step', '?')}), from "
+      f"{last.get('epoch', '?')} (step {step}), {how}, from "
       f"`aol_jax.certify_dataset` (l2, Lipschitz constant {table.lipschitz_constant:g}, "
       f"{table.rounding} rounding allowance included).\n\n"
-      f"{certification_markdown(table, name=config.model)}\n\n"
+      f"{aol_jax.certification_markdown(table, name=config.model)}\n\n"
       f"Config:\n\n```json\n{json.dumps(dataclasses.asdict(config), indent=2)}\n```\n")
-  storage.write_atomic(storage.join(workdir, "results.md"), text)
+  storage.write_atomic(storage.join(run.workdir, "results.md"), text)
   data = {"model": config.model, "dataset": config.dataset, "epoch": last.get("epoch"),
-          "num_examples": table.num_examples, "rounding": table.rounding,
-          "clean_accuracy": table.clean_accuracy,
-          "cra": {f"{r:.6f}": a for r, a in zip(table.eps_list, table.cra)}}
-  storage.write_atomic(storage.join(workdir, "results.json"), json.dumps(data, indent=2) + "\n")
+          "step": step, "mode": config.mode, "num_examples": table.num_examples,
+          "rounding": table.rounding, "clean_accuracy": table.clean_accuracy,
+          "cra": {labels.radius_label(r): a for r, a in zip(table.eps_list, table.cra)}}
+  storage.write_atomic(storage.join(run.workdir, "results.json"),
+                       json.dumps(data, indent=2) + "\n")
+
+
+def _describe(run: Run) -> None:
+  print(f"{run.config.model} on {run.config.dataset}: {run.batches.order.num_examples} "
+        f"training / {len(run.data.test_labels)} test images, {run.mesh.devices.size} "
+        f"{run.mesh.devices.flat[0].platform} device(s), batch {run.config.batch_size}, "
+        f"{run.steps_per_epoch} steps per epoch, "
+        f"data {'on device' if run.batches.on_device else 'on host'}.", flush=True)
+
+
+def train_and_evaluate(config: Config, workdir: str, *,
+                       after_step: AfterStep | None = None) -> dict[str, Any]:
+  """Run ``config.mode`` in ``workdir``: train (resuming from a checkpoint) then certify;
+  certify the newest checkpoint; or export it.
+
+  Args:
+    config: the run's config.
+    workdir: local path or ``gs://...``.
+    after_step: for tests only: called with ``(step, checkpointer)`` after each step.
+
+  Returns:
+    ``{'history': [per-epoch records], 'clean_accuracy': float, 'cra': {label: float}}``;
+    ``{'history', 'stopped': signal number}`` after a SIGINT / SIGTERM;
+    ``{'export': path}`` in export mode.
+
+  Raises:
+    ConfigError: a bad config or workdir, a workdir holding checkpoints of another model,
+      dataset or batch size, or (certify, export) a workdir without a checkpoint.
+    input_pipeline.DataMissingError: the dataset is neither prepared nor preparable.
+    aol_jax.training.NonFiniteLossError: the loss became NaN or infinite; nothing after the
+      last good checkpoint is saved.
+  """
+  validate(config, workdir)
+  run = setup(config, workdir, train=config.mode == "train")
+  try:
+    step = restore(run)
+    if config.mode != "train":
+      if step is None:
+        raise ConfigError(f"--mode={config.mode}: {run.checkpointer.directory} holds no "
+                          f"checkpoint; train first (--mode=train).")
+      if config.mode == "export":
+        return {"export": export(run.model(), config, workdir)}
+      return report(run)
+    if step is not None:
+      print(f"Resumed from {run.checkpointer.directory} at step {step} "
+            f"(epoch {step // run.steps_per_epoch}).", flush=True)
+    _describe(run)
+    stopped = train(run, after_step=after_step)
+    if stopped is not None:
+      return {"history": run.history, "stopped": stopped}
+  finally:
+    run.checkpointer.close()
+  return report(run)
+
+
+def load(workdir: str) -> tuple[nnx.Module, Config]:
+  """The model of the newest verified checkpoint in ``workdir``, and the config it ran with.
+
+  For notebooks: ``model, config = experiments.load('runs/digits')``, then e.g.
+  ``aol_jax.certify_dataset(model, images, labels, batch_size=500)``. Only the test split of
+  the config's dataset is read (for its image shape and classes).
+
+  Raises:
+    ConfigError: ``workdir`` holds no checkpoint.
+  """
+  directory = storage.join(workdir, "checkpoints")
+  with training.Checkpointer(directory) as checkpointer:
+    found = checkpointer.latest_metadata()
+  if found is None:
+    raise ConfigError(f"{directory} holds no checkpoint.")
+  config = Config(**found[1]["config"])
+  config.mode = "certify"
+  run = setup(config, workdir, train=False)
+  try:
+    if restore(run) is None:
+      raise ConfigError(f"{directory} holds no checkpoint that verifies.")
+  finally:
+    run.checkpointer.close()
+  return run.model(), config

@@ -55,7 +55,21 @@ class Config:
   eval_every: int = 10  # epochs between test-set evaluations in metrics.jsonl
   eval_batch_size: int = 500  # rows per evaluation / certification call (any size, padded)
   log_every: int = 50  # steps between loss / accuracy updates of the progress bar
+  mode: str = "train"  # 'train' (then certify), 'certify' (the newest checkpoint) or 'export'
+  rounding: str = "probabilistic"  # the certificate's rounding mode: 'probabilistic' or 'worst_case'
+  gram_precision: str = "default"  # matmul precision of the AOL Gram matrices: one of GRAM_PRECISIONS
 
+
+MODES = ("train", "certify", "export")
+# The certificates a run can report (aol_jax.results.ROUNDING_MODES without 'exact', which
+# holds for no float evaluation).
+ROUNDINGS = ("probabilistic", "worst_case")
+# The values of AOLDense / AOLConv's gram_precision, until the library exports its table.
+GRAM_PRECISIONS = ("default", "high", "highest", "bfloat16")
+# Fields that only select what a run does or how it reports: never a reason to refuse a resume.
+RUN_FIELDS = ("data_dir", "manual_dir", "download", "log_every", "mode", "rounding")
+# Fields that fix the steps of an epoch: a checkpoint's step counts only under the same.
+EPOCH_FIELDS = ("batch_size",)
 
 # Fields that fix the shapes of the saved state: a checkpoint only resumes under the same.
 STATE_FIELDS = ("dataset", "model", "model_kwargs")
@@ -119,6 +133,10 @@ def field_errors(config: Config) -> dict[str, str]:
     value = getattr(config, name)
     if name not in errors and not (math.isfinite(value) and value > 0):
       errors[name] = f"must be a finite number > 0, got {value!r}"
+  for name, choices in (("mode", MODES), ("rounding", ROUNDINGS),
+                        ("gram_precision", GRAM_PRECISIONS)):
+    if name not in errors and getattr(config, name) not in choices:
+      errors[name] = f"must be one of {', '.join(choices)}, got {getattr(config, name)!r}"
   if "momentum" not in errors and not 0 <= config.momentum < 1:
     errors["momentum"] = f"must be in [0, 1), got {config.momentum!r}"
   return errors

@@ -31,6 +31,44 @@ def makedirs(path: str | os.PathLike) -> None:
   epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
+def workdir_error(path: str | os.PathLike) -> str | None:
+  """Why a run cannot write into the directory ``path``, in a few words; None if it can.
+
+  Tried, not guessed: the directory is created (locally) and a small probe object written
+  and removed, so a missing bucket, missing permission, a read-only or virtual file system
+  (``/proc``) or a parent that is a file all show here, before anything runs.
+  """
+  path = os.fspath(path)
+  if is_local(path):
+    ancestor = os.path.abspath(path)
+    while not os.path.exists(ancestor):
+      ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+      where = "names" if ancestor == os.path.abspath(path) else "lies under"
+      return f"{where} the file {ancestor}, not a directory"
+  probe = epath.Path(path) / f".write_test.{os.getpid()}"
+  try:
+    if is_local(path):
+      makedirs(path)
+    probe.write_bytes(b"")
+    probe.unlink()
+  except FileNotFoundError:
+    if is_local(path):
+      return "cannot be created (the file system has no such place)"
+    bucket = path.split("://", 1)[1].split("/", 1)[0]
+    return f"the bucket {bucket} does not exist; create it or fix the name"
+  except OSError as e:
+    text = (str(e).strip().splitlines() or [""])[0]
+    # gcsfs reports HTTP 401 / 403 as an OSError whose message starts "Forbidden".
+    if isinstance(e, PermissionError) or text.startswith(("Forbidden", "Unauthorized")):
+      return "no permission to write there"
+    return f"cannot be written ({e.strerror or text or type(e).__name__})"
+  except Exception as e:  # noqa: BLE001  (object-store clients raise their own types)
+    text = str(e).strip().splitlines()
+    return f"cannot be written ({type(e).__name__}: {text[0] if text else ''})"
+  return None
+
+
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
   """Write ``data`` (text as UTF-8) to ``path`` all at once: never seen half-written."""
   data = data.encode() if isinstance(data, str) else data

@@ -10,8 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 
-from aol_jax.certification.rule import STANDARD_RADII  # noqa: E402
-from experiments.cifar.storage import write_atomic  # noqa: E402
+from aol_jax import STANDARD_RADII  # noqa: E402
+from experiments.common.storage import write_atomic  # noqa: E402
 
 
 def save_figure(fig: plt.Figure, path: str) -> None:

@@ -1,4 +1,4 @@
-"""Shared test helpers: small model sizes, scikit-learn's digits, a short training loop."""
+"""Test helpers: small model sizes of every family, scikit-learn's digits, a short training loop."""
 
 from __future__ import annotations
 

@@ -183,6 +183,9 @@ def _read_split(builder, split: str, indices: np.ndarray | None = None,
   source = builder.as_data_source(split=split)
   if indices is None:
     indices = np.arange(len(source))
+  if not len(indices):  # e.g. the training split of a run that only certifies
+    shape = builder.info.features["image"].shape
+    return np.zeros((0, *shape), np.uint8), np.zeros(0, np.int32)
   images, labels = [], []
   for start in range(0, len(indices), chunk):
     records = source.__getitems__([int(i) for i in indices[start:start + chunk]])
