@@ -17,7 +17,7 @@ from aol_jax.attacks import pgd_l2
 from aol_jax import certify, certify_dataset, margins, rounding_allowance, rounding_terms
 from aol_jax.certification.probabilistic import FLOAT32_UNIT_ROUNDOFF, operation_count
 from support.models import digits_split, train
-from certification_support import float64_logit_error
+from support.certification import float64_logit_error
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from aol_jax.certification.dataset import certify_dataset
 from aol_jax.certification.margins import margins
 from aol_jax.certification.rule import certify
 from aol_jax.layers import AOLDense
-from certification_support import (digits_like, numpy_margin, reference_counts, tiny_std_model,
+from support.certification import (digits_like, numpy_margin, reference_counts, tiny_std_model,
                                    trained_like)
 
 def test_certify_dataset_mesh_padding_and_masking():

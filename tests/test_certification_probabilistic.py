@@ -11,7 +11,7 @@ from flax import nnx
 import aol_jax
 from aol_jax import models
 from aol_jax.certification.protocol import rounding_terms
-from certification_support import SMALL_FAMILIES, float64_logit_error, trained_like
+from support.certification import SMALL_FAMILIES, float64_logit_error, trained_like
 
 def test_rounding_terms_count_fan_in_and_gram_lengths():
   model = models.aol_small(2, rngs=nnx.Rngs(0), channels=8, conv_depth=1, dense_depth=2,

@@ -9,7 +9,7 @@ import pytest
 import aol_jax
 from aol_jax.certification.margins import margins
 from aol_jax.certification.rule import certified_robust_accuracy, certify
-from certification_support import numpy_margin
+from support.certification import numpy_margin
 
 def test_certify_matches_independent_margin_under_jit():
   rng = np.random.default_rng(0)

@@ -12,7 +12,7 @@ import aol_jax
 from aol_jax import lipschitz, models
 from aol_jax.certification.dataset import certify_dataset
 from aol_jax.layers import AOLDense
-from certification_support import digits_like, numpy_margin, tiny_std_model, trained_like
+from support.certification import digits_like, numpy_margin, tiny_std_model, trained_like
 
 def _conv_matrix_norm(kernel: np.ndarray, groups: int, size: int, padding: str) -> float:
   conv = lambda x: jax.lax.conv_general_dilated(
