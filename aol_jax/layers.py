@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from aol_jax import padding as padding_lib
 from aol_jax import rescaling
+from aol_jax.gram import check_precision
 from aol_jax.initializers import aol_init
 from aol_jax.rounding import RoundingTerms
 from aol_jax.sharding import (batch_reshape, rescaling_in_shard_map, rescaling_kwargs,
@@ -48,7 +49,7 @@ def _kernel_value(layer) -> jax.Array:
   """The kernel the layer applies: precomputed by freeze, or rescaled now."""
   if isinstance(layer.kernel, RescaledKernel):
     return layer.kernel[...]
-  return layer.rescale(layer.kernel[...])
+  return layer.rescale(layer.kernel[...], gram_precision="highest")
 
 
 def _apply_kernel(layer, op: Callable[[jax.Array, jax.Array], jax.Array],
@@ -96,28 +97,35 @@ class AOLDense(nnx.Module):
   """``y = x @ (diag(d) P) + b``, 1-Lipschitz in l2 for every ``P`` (AOL, Theorem 1).
 
   Args mirror ``nnx.Linear``. ``eps`` is the AOL stabiliser inside the factor
-  ``(sum_j |P P^T|_ij + eps) ** -1/2``.
+  ``(sum_j |P P^T|_ij + eps) ** -1/2``. ``gram_precision`` (attribute of the same name, read
+  at every call) is the precision of the training-time Gram products, a key of
+  :data:`aol_jax.gram.GRAM_PRECISIONS`; :func:`aol_jax.freeze` ignores it (float32,
+  ``'highest'``).
   """
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
                dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
                precision: PrecisionLike = None, kernel_init: Initializer | None = None,
                bias_init: Initializer = nnx.initializers.zeros_init(), eps: float = 1e-6,
-               rngs: nnx.Rngs):
+               gram_precision: rescaling.GramPrecision = "default", rngs: nnx.Rngs):
     if in_features < 1 or out_features < 1:
       raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, "
                        f"{out_features}.")
     kernel_init = aol_init() if kernel_init is None else kernel_init
     self.in_features, self.out_features = in_features, out_features
     self.use_bias, self.dtype, self.precision, self.eps = use_bias, dtype, precision, eps
+    self.gram_precision = check_precision(gram_precision)
     self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
     self.bias = (nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
                  if use_bias else None)
 
-  def rescale(self, kernel: jax.Array) -> jax.Array:
-    """``diag(d) @ kernel`` (:func:`aol_jax.rescale_dense`), its work split over the mesh axis
-    of an enclosing :func:`aol_jax.sharding.sharded_rescaling`."""
-    return rescaling.rescale_dense(kernel, eps=self.eps, **rescaling_kwargs())
+  def rescale(self, kernel: jax.Array, *, gram_precision: str | None = None) -> jax.Array:
+    """``diag(d) @ kernel`` (:func:`aol_jax.rescale_dense`) at ``gram_precision`` (default:
+    the layer's), its work split over the mesh axis of an enclosing
+    :func:`aol_jax.sharding.sharded_rescaling`."""
+    precision = self.gram_precision if gram_precision is None else gram_precision
+    return rescaling.rescale_dense(kernel, eps=self.eps, gram_precision=precision,
+                                   **rescaling_kwargs())
 
   def lipschitz_bound(self) -> float:
     """1 (AOL, Theorem 1), in exact arithmetic; see :mod:`aol_jax.bounds`."""
@@ -157,6 +165,7 @@ class AOLConv(nnx.Module):
   'CIRCULAR', for any input size, stride and dilation; strides > 1 keep the bound but
   loosen it. Other padding modes raise ``ValueError``. As in ``nnx.Conv``, an int
   ``kernel_size`` means a 1D conv; inputs are ``(*batch, *spatial, in_features)``.
+  ``gram_precision`` as in :class:`AOLDense`.
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int],
@@ -166,7 +175,8 @@ class AOLConv(nnx.Module):
                param_dtype: Dtype = jnp.float32, precision: PrecisionLike = None,
                kernel_init: Initializer | None = None,
                bias_init: Initializer = nnx.initializers.zeros_init(), eps: float = 1e-6,
-               gram_method: rescaling.GramMethod | None = None, rngs: nnx.Rngs):
+               gram_method: rescaling.GramMethod | None = None,
+               gram_precision: rescaling.GramPrecision = "default", rngs: nnx.Rngs):
     ksize = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
     nd = len(ksize)
     if not 1 <= nd <= 3:
@@ -188,17 +198,21 @@ class AOLConv(nnx.Module):
     self.in_features, self.out_features, self.feature_group_count = in_features, out_features, g
     self.use_bias, self.dtype, self.precision, self.eps = use_bias, dtype, precision, eps
     self.gram_method = gram_method
+    self.gram_precision = check_precision(gram_precision)
     shape = (*self.kernel_size, in_features // g, out_features)
     self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
     self.bias = (nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
                  if use_bias else None)
 
-  def rescale(self, kernel: jax.Array) -> jax.Array:
-    """The rescaled kernel (:func:`aol_jax.rescale_conv`), its work split over the mesh axis
-    of an enclosing :func:`aol_jax.sharding.sharded_rescaling`."""
+  def rescale(self, kernel: jax.Array, *, gram_precision: str | None = None) -> jax.Array:
+    """The rescaled kernel (:func:`aol_jax.rescale_conv`) at ``gram_precision`` (default: the
+    layer's), its work split over the mesh axis of an enclosing
+    :func:`aol_jax.sharding.sharded_rescaling`."""
+    precision = self.gram_precision if gram_precision is None else gram_precision
     return rescaling.rescale_conv(kernel, eps=self.eps,
                                   feature_group_count=self.feature_group_count,
-                                  method=self.gram_method, **rescaling_kwargs())
+                                  method=self.gram_method, gram_precision=precision,
+                                  **rescaling_kwargs())
 
   def lipschitz_bound(self) -> float:
     """1 (AOL, Theorem 2), in exact arithmetic; see :mod:`aol_jax.bounds`."""
