@@ -66,20 +66,30 @@ def _place(block: jax.Array, start: jax.Array, n: int, axis: int) -> jax.Array:
   return jax.lax.slice_in_dim(full, 0, n, axis=axis)
 
 
+def _row_and_column_sums(half: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``sum_{s <= 0, j} |H[s, i, j]|`` per row ``i``, and ``sum_{s < 0, i} |H[s, i, j]|`` per
+  column ``j`` (row ``j``'s sum over ``s > 0``); zeros for one offset (no empty slice: an
+  empty array on an explicit mesh cannot be placed)."""
+  a = jnp.abs(half)
+  rows = a.sum(axis=(0, 2))
+  if half.shape[0] == 1:
+    return rows, jnp.zeros(half.shape[-1], half.dtype)
+  return rows, a[:-1].sum(axis=(0, 1))
+
+
 def _fwd(kernel, ksize, eps, precision, axis_name):
   k = _as_taps(kernel)
   n = k.shape[1]
   table, _ = offset_table(ksize)
   if axis_name is None:
     half = half_gram_rows(k, k, table, precision, whole=True)
-    a = jnp.abs(half)
-    sums = a.sum(axis=(0, 2)) + a[:-1].sum(axis=(0, 1))
+    row_sums, col_sums = _row_and_column_sums(half)
+    sums = row_sums + col_sums
   else:
     rows, start = _block(k, axis_name, 1)
     half = half_gram_rows(rows, k, table, precision, whole=False)
-    a = jnp.abs(half)
-    sums = jax.lax.psum(_place(a.sum(axis=(0, 2)), start, n, 0) + a[:-1].sum(axis=(0, 1)),
-                        axis_name)
+    row_sums, col_sums = _row_and_column_sums(half)
+    sums = jax.lax.psum(_place(row_sums, start, n, 0) + col_sums, axis_name)
   d = jax.lax.rsqrt(sums + eps)
   # The TPU compiler stores these int8 signs. XLA:CPU fuses sign() into its use in the
   # backward pass and keeps the float32 Gram alive instead, so on CPU the residual is H.

@@ -185,6 +185,8 @@ def half_gram_rows(rows: jax.Array, kernel: jax.Array, table: np.ndarray, precis
 
 def mirror(half: jax.Array) -> jax.Array:
   """The whole Gram ``(offsets, n, n)`` from its offsets ``s <= 0``: ``G[-s] = G[s]^T``."""
+  if half.shape[0] == 1:
+    return half
   return jnp.concatenate([half, jnp.swapaxes(half[:-1][::-1], -1, -2)])
 
 

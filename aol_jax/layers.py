@@ -15,16 +15,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer, PrecisionLike
-from jax.ad_checkpoint import checkpoint_name
-from jax.sharding import NamedSharding, PartitionSpec
 
 from aol_jax import padding as padding_lib
 from aol_jax import rescaling
 from aol_jax.gram import check_precision
 from aol_jax.initializers import aol_init
 from aol_jax.rounding import RoundingTerms
-from aol_jax.sharding import (batch_reshape, rescaling_in_shard_map, rescaling_kwargs,
-                              rescaling_shard)
+from aol_jax.sharding import apply_rescaled, batch_reshape
 from aol_jax.worst_case import WorstCaseTerms, conv_kernel_terms, dense_kernel_terms
 
 
@@ -42,11 +39,9 @@ def _tuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
   return out
 
 
-_RESCALED = "aol_rescaled_kernel"
-
-
 def _kernel_value(layer) -> jax.Array:
-  """The kernel the layer applies: precomputed by freeze, or rescaled now."""
+  """The kernel the layer applies: precomputed by freeze, or rescaled now (float32 Gram at
+  'highest', as freeze does)."""
   if isinstance(layer.kernel, RescaledKernel):
     return layer.kernel[...]
   return layer.rescale(layer.kernel[...], gram_precision="highest")
@@ -54,43 +49,11 @@ def _kernel_value(layer) -> jax.Array:
 
 def _apply_kernel(layer, op: Callable[[jax.Array, jax.Array], jax.Array],
                   x: jax.Array) -> jax.Array:
-  """``op(x, kernel)`` with the kernel the layer applies: rescaled now, or frozen.
-
-  The rescaled kernel is not kept for the backward pass: it is recomputed there from the
-  raw kernel and the factors (one elementwise product), so a training step holds no more
-  kernels than one with plain layers does. Inside :func:`aol_jax.sharding.sharded_rescaling`
-  the layer runs in a ``jax.shard_map`` over the mesh axis, on each device's batch share,
-  and splits the rescaling over the devices (:func:`aol_jax.rescale_dense`).
-  """
+  """``op(x, kernel)`` with the kernel the layer applies: frozen, or rescaled now
+  (:func:`aol_jax.sharding.apply_rescaled`)."""
   if isinstance(layer.kernel, RescaledKernel):
     return op(x, layer.kernel[...])
-  policy = jax.checkpoint_policies.save_anything_except_these_names(_RESCALED)
-
-  def rescaled_op(raw, x):
-    return op(x, checkpoint_name(layer.rescale(raw), _RESCALED))
-
-  shard = rescaling_shard()
-  if shard is None or shard[0] is None:
-    return jax.checkpoint(rescaled_op, policy=policy)(layer.kernel[...], x)
-  mesh, axis = shard
-  n = mesh.shape[axis]
-  if x.shape[0] % n:
-    raise ValueError(f"Under sharded_rescaling the batch is split over the {n} devices of "
-                     f"mesh axis {axis!r}, but this layer got a batch of {x.shape[0]}. Use a "
-                     f"batch that is a multiple of {n}, or leave sharded_rescaling.")
-  if axis in mesh.explicit_axes:  # shard_map takes explicit-axis inputs as they are typed
-    x = jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec(axis)))
-
-  def local(raw, x):
-    # One pcast for both uses of the kernel: its transpose is the single psum of the
-    # gradient, over the batch shares and the rescaling's rows together.
-    raw = jax.lax.pcast(raw, axis, to="varying")
-    with rescaling_in_shard_map(axis):
-      return rescaled_op(raw, x)
-
-  return jax.shard_map(jax.checkpoint(local, policy=policy), mesh=mesh,
-                       in_specs=(PartitionSpec(), PartitionSpec(axis)),
-                       out_specs=PartitionSpec(axis), axis_names={axis})(layer.kernel[...], x)
+  return apply_rescaled(layer, op, layer.kernel[...], x)
 
 
 class AOLDense(nnx.Module):
@@ -119,13 +82,23 @@ class AOLDense(nnx.Module):
     self.bias = (nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
                  if use_bias else None)
 
-  def rescale(self, kernel: jax.Array, *, gram_precision: str | None = None) -> jax.Array:
-    """``diag(d) @ kernel`` (:func:`aol_jax.rescale_dense`) at ``gram_precision`` (default:
-    the layer's), its work split over the mesh axis of an enclosing
-    :func:`aol_jax.sharding.sharded_rescaling`."""
+  def factors(self, kernel: jax.Array, *, gram_precision: str | None = None,
+              axis_name: str | None = None) -> jax.Array:
+    """:func:`aol_jax.dense_factors` at ``gram_precision`` (default: the layer's), split
+    over ``axis_name`` inside a ``jax.shard_map`` over it."""
     precision = self.gram_precision if gram_precision is None else gram_precision
-    return rescaling.rescale_dense(kernel, eps=self.eps, gram_precision=precision,
-                                   **rescaling_kwargs())
+    return rescaling.dense_factors(kernel, eps=self.eps, gram_precision=precision,
+                                   axis_name=axis_name)
+
+  def apply_factors(self, kernel: jax.Array, d: jax.Array) -> jax.Array:
+    """``diag(d) @ kernel``."""
+    return rescaling.scale_dense(kernel, d)
+
+  def rescale(self, kernel: jax.Array, *, gram_precision: str | None = None,
+              axis_name: str | None = None) -> jax.Array:
+    """``diag(d) @ kernel`` (:func:`aol_jax.rescale_dense`), as :meth:`factors` computes."""
+    return self.apply_factors(kernel, self.factors(kernel, gram_precision=gram_precision,
+                                                   axis_name=axis_name))
 
   def lipschitz_bound(self) -> float:
     """1 (AOL, Theorem 1), in exact arithmetic; see :mod:`aol_jax.bounds`."""
@@ -204,15 +177,25 @@ class AOLConv(nnx.Module):
     self.bias = (nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
                  if use_bias else None)
 
-  def rescale(self, kernel: jax.Array, *, gram_precision: str | None = None) -> jax.Array:
-    """The rescaled kernel (:func:`aol_jax.rescale_conv`) at ``gram_precision`` (default: the
-    layer's), its work split over the mesh axis of an enclosing
-    :func:`aol_jax.sharding.sharded_rescaling`."""
+  def factors(self, kernel: jax.Array, *, gram_precision: str | None = None,
+              axis_name: str | None = None) -> jax.Array:
+    """:func:`aol_jax.conv_factors` at ``gram_precision`` (default: the layer's), split
+    over ``axis_name`` inside a ``jax.shard_map`` over it."""
     precision = self.gram_precision if gram_precision is None else gram_precision
-    return rescaling.rescale_conv(kernel, eps=self.eps,
+    return rescaling.conv_factors(kernel, eps=self.eps,
                                   feature_group_count=self.feature_group_count,
                                   method=self.gram_method, gram_precision=precision,
-                                  **rescaling_kwargs())
+                                  axis_name=axis_name)
+
+  def apply_factors(self, kernel: jax.Array, d: jax.Array) -> jax.Array:
+    """Each input channel of the kernel scaled by its factor (per group)."""
+    return rescaling.scale_conv(kernel, d, self.feature_group_count)
+
+  def rescale(self, kernel: jax.Array, *, gram_precision: str | None = None,
+              axis_name: str | None = None) -> jax.Array:
+    """The rescaled kernel (:func:`aol_jax.rescale_conv`), as :meth:`factors` computes."""
+    return self.apply_factors(kernel, self.factors(kernel, gram_precision=gram_precision,
+                                                   axis_name=axis_name))
 
   def lipschitz_bound(self) -> float:
     """1 (AOL, Theorem 2), in exact arithmetic; see :mod:`aol_jax.bounds`."""

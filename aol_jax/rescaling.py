@@ -201,6 +201,11 @@ def rescale_dense(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float =
   kernel = jnp.asarray(kernel)
   d = dense_factors(kernel, q=q, eps=eps, gram_precision=gram_precision, mesh=mesh,
                     axis_name=axis_name)
+  return scale_dense(kernel, d)
+
+
+def scale_dense(kernel: jax.Array, d: jax.Array) -> jax.Array:
+  """``diag(d) @ kernel`` in ``kernel``'s dtype (``d`` from :func:`dense_factors`)."""
   d = _vary_like(d, kernel)
   return (kernel.astype(d.dtype) * d[:, None]).astype(kernel.dtype)
 
@@ -240,6 +245,12 @@ def rescale_conv(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float = 
   d = conv_factors(kernel, q=q, eps=eps, feature_group_count=feature_group_count,
                    method=method, gram_precision=gram_precision, mesh=mesh,
                    axis_name=axis_name)
+  return scale_conv(kernel, d, feature_group_count)
+
+
+def scale_conv(kernel: jax.Array, d: jax.Array, feature_group_count: int = 1) -> jax.Array:
+  """``K[..., i, o] * d_c`` in ``kernel``'s dtype, ``c`` the input channel of ``(i, o)``'s
+  group (``d`` from :func:`conv_factors`)."""
   d = _vary_like(d, kernel)
   g = feature_group_count
   c_in_g, c_out = kernel.shape[-2:]

@@ -95,12 +95,20 @@ def prototype_net(model, *, conv_rescale, dense_rescale):
   from aol_jax.layers import AOLConv, AOLDense
   from benchmarks import nets
 
+  # The layers' call is factors -> apply_factors; a prototype's whole rescaling sits in
+  # apply_factors (differentiated by its own rules), its factors are a placeholder.
   class ProtoConv(AOLConv):
-    def rescale(self, kernel, *, gram_precision=None):
+    def factors(self, kernel, **kwargs):
+      return jnp.zeros((), kernel.dtype)
+
+    def apply_factors(self, kernel, d):
       return conv_rescale(kernel, eps=self.eps)
 
   class ProtoDense(AOLDense):
-    def rescale(self, kernel, *, gram_precision=None):
+    def factors(self, kernel, **kwargs):
+      return jnp.zeros((), kernel.dtype)
+
+    def apply_factors(self, kernel, d):
       return dense_rescale(kernel, eps=self.eps)
 
   def conv(layer):
