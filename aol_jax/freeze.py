@@ -44,6 +44,8 @@ def freeze(model: nnx.Module, *, dtype: Dtype | None = None) -> nnx.Module:
         module.dtype = None
   for _, layer in nnx.iter_modules(frozen):
     if isinstance(layer, (AOLDense, AOLConv)) and not isinstance(layer.kernel, RescaledKernel):
-      # One compiled program per layer, not an op-by-op dispatch of the rescaling.
-      layer.kernel = RescaledKernel(jax.jit(layer.rescale)(layer.kernel[...]))
+      # One compiled program per layer, not an op-by-op dispatch of the rescaling; float32
+      # at 'highest' whatever the layer's training-time gram_precision.
+      rescale = lambda k, layer=layer: layer.rescale(k, gram_precision="highest")
+      layer.kernel = RescaledKernel(jax.jit(rescale)(layer.kernel[...]))
   return frozen

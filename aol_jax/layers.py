@@ -15,17 +15,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer, PrecisionLike
-from jax.ad_checkpoint import checkpoint_name
-from jax.sharding import NamedSharding, PartitionSpec
 
 from aol_jax import padding as padding_lib
 from aol_jax import rescaling
+from aol_jax.gram import check_precision
 from aol_jax.initializers import aol_init
-from aol_jax.sharding import (batch_reshape, rescaling_in_shard_map, rescaling_kwargs,
-                              rescaling_shard)
 from aol_jax.certification import kernel_bounds, probabilistic, worst_case
 from aol_jax.certification.probabilistic import RoundingTerms
 from aol_jax.certification.worst_case import WorstCaseTerms
+from aol_jax.sharding import apply_rescaled, batch_reshape
 
 
 class RescaledKernel(nnx.Variable):
@@ -40,9 +38,6 @@ def _tuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
   if len(out) != n or any(not isinstance(v, int) or v < 1 for v in out):
     raise ValueError(f"{name} must be a positive int or {n} positive ints, got {value!r}.")
   return out
-
-
-_RESCALED = "aol_rescaled_kernel"
 
 
 def _check_eps(eps: float) -> float:
@@ -60,57 +55,28 @@ def _frozen(layer) -> bool:
 
 def _apply_kernel(layer, op: Callable[[jax.Array, jax.Array], jax.Array],
                   x: jax.Array) -> jax.Array:
-  """``op(x, kernel)`` with the kernel the layer applies: rescaled now, or frozen.
-
-  The rescaled kernel is not kept for the backward pass: it is recomputed there from the
-  raw kernel and the factors (one elementwise product), so a training step holds no more
-  kernels than one with plain layers does. Inside :func:`aol_jax.sharding.sharded_rescaling`
-  the layer runs in a ``jax.shard_map`` over the mesh axis, on each device's batch share,
-  and splits the rescaling over the devices (:func:`aol_jax.rescale_dense`).
-  """
+  """``op(x, kernel)`` with the kernel the layer applies: frozen, or rescaled now
+  (:func:`aol_jax.sharding.apply_rescaled`)."""
   if isinstance(layer.kernel, RescaledKernel):
     return op(x, layer.kernel[...])
-  policy = jax.checkpoint_policies.save_anything_except_these_names(_RESCALED)
-
-  def rescaled_op(raw, x):
-    return op(x, checkpoint_name(layer.rescale(raw), _RESCALED))
-
-  shard = rescaling_shard()
-  if shard is None or shard[0] is None:
-    return jax.checkpoint(rescaled_op, policy=policy)(layer.kernel[...], x)
-  mesh, axis = shard
-  n = mesh.shape[axis]
-  if x.shape[0] % n:
-    raise ValueError(f"Under sharded_rescaling the batch is split over the {n} devices of "
-                     f"mesh axis {axis!r}, but this layer got a batch of {x.shape[0]}. Use a "
-                     f"batch that is a multiple of {n}, or leave sharded_rescaling.")
-  if axis in mesh.explicit_axes:  # shard_map takes explicit-axis inputs as they are typed
-    x = jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec(axis)))
-
-  def local(raw, x):
-    # One pcast for both uses of the kernel: its transpose is the single psum of the
-    # gradient, over the batch shares and the rescaling's rows together.
-    raw = jax.lax.pcast(raw, axis, to="varying")
-    with rescaling_in_shard_map(axis):
-      return rescaled_op(raw, x)
-
-  return jax.shard_map(jax.checkpoint(local, policy=policy), mesh=mesh,
-                       in_specs=(PartitionSpec(), PartitionSpec(axis)),
-                       out_specs=PartitionSpec(axis), axis_names={axis})(layer.kernel[...], x)
+  return apply_rescaled(layer, op, layer.kernel[...], x)
 
 
 class AOLDense(nnx.Module):
   """``y = x @ (diag(d) P) + b``, 1-Lipschitz in l2 for every ``P`` (AOL, Theorem 1).
 
   Args mirror ``nnx.Linear``. ``eps`` is the AOL stabiliser inside the factor
-  ``(sum_j |P P^T|_ij + eps) ** -1/2``.
+  ``(sum_j |P P^T|_ij + eps) ** -1/2``. ``gram_precision`` (attribute of the same name, read
+  at every call) is the precision of the training-time Gram products, a key of
+  :data:`aol_jax.gram.GRAM_PRECISIONS`; :func:`aol_jax.freeze` ignores it (float32,
+  ``'highest'``).
   """
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
                dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
                precision: PrecisionLike = None, kernel_init: Initializer | None = None,
                bias_init: Initializer = nnx.initializers.zeros_init(), eps: float = 1e-6,
-               rngs: nnx.Rngs):
+               gram_precision: rescaling.GramPrecision = "default", rngs: nnx.Rngs):
     if in_features < 1 or out_features < 1:
       raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, "
                        f"{out_features}.")
@@ -118,14 +84,28 @@ class AOLDense(nnx.Module):
     kernel_init = aol_init() if kernel_init is None else kernel_init
     self.in_features, self.out_features = in_features, out_features
     self.use_bias, self.dtype, self.precision, self.eps = use_bias, dtype, precision, eps
+    self.gram_precision = check_precision(gram_precision)
     self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
     self.bias = (nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
                  if use_bias else None)
 
-  def rescale(self, kernel: jax.Array) -> jax.Array:
-    """``diag(d) @ kernel`` (:func:`aol_jax.rescale_dense`), its work split over the mesh axis
-    of an enclosing :func:`aol_jax.sharding.sharded_rescaling`."""
-    return rescaling.rescale_dense(kernel, eps=self.eps, **rescaling_kwargs())
+  def factors(self, kernel: jax.Array, *, gram_precision: str | None = None,
+              axis_name: str | None = None) -> jax.Array:
+    """:func:`aol_jax.dense_factors` at ``gram_precision`` (default: the layer's), split
+    over ``axis_name`` inside a ``jax.shard_map`` over it."""
+    precision = self.gram_precision if gram_precision is None else gram_precision
+    return rescaling.dense_factors(kernel, eps=self.eps, gram_precision=precision,
+                                   axis_name=axis_name)
+
+  def apply_factors(self, kernel: jax.Array, d: jax.Array) -> jax.Array:
+    """``diag(d) @ kernel``."""
+    return rescaling.scale_dense(kernel, d)
+
+  def rescale(self, kernel: jax.Array, *, gram_precision: str | None = None,
+              axis_name: str | None = None) -> jax.Array:
+    """``diag(d) @ kernel`` (:func:`aol_jax.rescale_dense`), as :meth:`factors` computes."""
+    return self.apply_factors(kernel, self.factors(kernel, gram_precision=gram_precision,
+                                                   axis_name=axis_name))
 
   def lipschitz_bound(self) -> float:
     """1 (AOL, Theorem 1, exact arithmetic); once frozen, a rigorous bound on the stored
@@ -165,6 +145,7 @@ class AOLConv(nnx.Module):
   'CIRCULAR', for any input size, stride and dilation; strides > 1 keep the bound but
   loosen it. Other padding modes raise ``ValueError``. As in ``nnx.Conv``, an int
   ``kernel_size`` means a 1D conv; inputs are ``(*batch, *spatial, in_features)``.
+  ``gram_precision`` as in :class:`AOLDense`.
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int],
@@ -174,7 +155,8 @@ class AOLConv(nnx.Module):
                param_dtype: Dtype = jnp.float32, precision: PrecisionLike = None,
                kernel_init: Initializer | None = None,
                bias_init: Initializer = nnx.initializers.zeros_init(), eps: float = 1e-6,
-               gram_method: rescaling.GramMethod | None = None, rngs: nnx.Rngs):
+               gram_method: rescaling.GramMethod | None = None,
+               gram_precision: rescaling.GramPrecision = "default", rngs: nnx.Rngs):
     ksize = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
     nd = len(ksize)
     if not 1 <= nd <= 3:
@@ -197,17 +179,31 @@ class AOLConv(nnx.Module):
     self.in_features, self.out_features, self.feature_group_count = in_features, out_features, g
     self.use_bias, self.dtype, self.precision, self.eps = use_bias, dtype, precision, eps
     self.gram_method = gram_method
+    self.gram_precision = check_precision(gram_precision)
     shape = (*self.kernel_size, in_features // g, out_features)
     self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
     self.bias = (nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
                  if use_bias else None)
 
-  def rescale(self, kernel: jax.Array) -> jax.Array:
-    """The rescaled kernel (:func:`aol_jax.rescale_conv`), its work split over the mesh axis
-    of an enclosing :func:`aol_jax.sharding.sharded_rescaling`."""
-    return rescaling.rescale_conv(kernel, eps=self.eps,
+  def factors(self, kernel: jax.Array, *, gram_precision: str | None = None,
+              axis_name: str | None = None) -> jax.Array:
+    """:func:`aol_jax.conv_factors` at ``gram_precision`` (default: the layer's), split
+    over ``axis_name`` inside a ``jax.shard_map`` over it."""
+    precision = self.gram_precision if gram_precision is None else gram_precision
+    return rescaling.conv_factors(kernel, eps=self.eps,
                                   feature_group_count=self.feature_group_count,
-                                  method=self.gram_method, **rescaling_kwargs())
+                                  method=self.gram_method, gram_precision=precision,
+                                  axis_name=axis_name)
+
+  def apply_factors(self, kernel: jax.Array, d: jax.Array) -> jax.Array:
+    """Each input channel of the kernel scaled by its factor (per group)."""
+    return rescaling.scale_conv(kernel, d, self.feature_group_count)
+
+  def rescale(self, kernel: jax.Array, *, gram_precision: str | None = None,
+              axis_name: str | None = None) -> jax.Array:
+    """The rescaled kernel (:func:`aol_jax.rescale_conv`), as :meth:`factors` computes."""
+    return self.apply_factors(kernel, self.factors(kernel, gram_precision=gram_precision,
+                                                   axis_name=axis_name))
 
   def lipschitz_bound(self) -> float:
     """1 (AOL, Theorem 2, exact arithmetic); once frozen, a rigorous bound on the stored

@@ -7,7 +7,8 @@ Two concerns of running AOL layers on a device mesh:
   Gram products, the factors and their gradient, which do not depend on the batch) over a
   mesh axis, so that each device does ``1/n`` of it instead of all of it. The results are
   the same as without; ``aol_jax.training``'s steps enter it whenever the mesh has more
-  than one device.
+  than one device. It is set there and read in one place, :func:`apply_rescaled`, which
+  passes ``axis_name=`` to the layer explicitly.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 _RESCALING_SHARD: contextvars.ContextVar[tuple[Mesh, str] | None] = contextvars.ContextVar(
@@ -78,28 +80,51 @@ def sharded_rescaling(mesh: Mesh | None, axis_name: str = "data") -> Iterator[No
     _RESCALING_SHARD.reset(token)
 
 
-@contextlib.contextmanager
-def rescaling_in_shard_map(axis_name: str) -> Iterator[None]:
-  """For layers: code inside runs in a ``jax.shard_map`` over ``axis_name`` (see
-  :func:`rescaling_kwargs`)."""
-  token = _RESCALING_SHARD.set((None, axis_name))
-  try:
-    yield
-  finally:
-    _RESCALING_SHARD.reset(token)
+def apply_rescaled(layer, op: Callable[[jax.Array, jax.Array], jax.Array], raw: jax.Array,
+                   x: jax.Array) -> jax.Array:
+  """``op(x, rescaled)``, ``rescaled = layer.apply_factors(raw, layer.factors(raw))``: an AOL
+  layer's call on its raw kernel. The one place the :func:`sharded_rescaling` context is read.
 
+  Inside it (an axis of ``n > 1`` devices) the call runs in a ``jax.shard_map`` over the
+  axis on each device's batch share, and ``axis_name=`` is passed to ``layer.factors``, which
+  splits the rescaling's work (:mod:`aol_jax.factors`). One ``pcast`` of the raw kernel to
+  varying serves both of its uses, so its transpose is the single ``psum`` of the gradient,
+  over the batch shares and the rescaling's rows together.
 
-def rescaling_shard() -> tuple[Mesh | None, str] | None:
-  """``(mesh, axis_name)`` of the enclosing :func:`sharded_rescaling`; ``(None, axis_name)``
-  inside :func:`rescaling_in_shard_map`; None when the rescaling is not split."""
-  return _RESCALING_SHARD.get()
-
-
-def rescaling_kwargs() -> dict[str, object]:
-  """The ``mesh`` / ``axis_name`` arguments of :mod:`aol_jax.rescaling` for the current
-  context: empty when the rescaling is not split."""
+  The rescaled kernel is not kept for the backward pass: it is recomputed there from the
+  raw kernel and the factors (one elementwise product), so a training step holds no more
+  kernels than one with plain layers does.
+  """
   shard = _RESCALING_SHARD.get()
   if shard is None:
-    return {}
-  mesh, axis_name = shard
-  return {"axis_name": axis_name} if mesh is None else {"mesh": mesh, "axis_name": axis_name}
+    return _rescale_and_apply(layer, op, None, raw, x)
+  mesh, axis = shard
+  n = mesh.shape[axis]
+  if x.shape[0] % n:
+    raise ValueError(f"Under sharded_rescaling the batch is split over the {n} devices of "
+                     f"mesh axis {axis!r}, but this layer got a batch of {x.shape[0]}. Use a "
+                     f"batch that is a multiple of {n}, or leave sharded_rescaling.")
+  if axis in mesh.explicit_axes:  # shard_map takes explicit-axis inputs as they are typed
+    x = jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec(axis)))
+
+  def local(raw, x):
+    return _rescale_and_apply(layer, op, axis, jax.lax.pcast(raw, axis, to="varying"), x)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(axis)),
+                       out_specs=PartitionSpec(axis), axis_names={axis})(raw, x)
+
+
+_RESCALED = "aol_rescaled_kernel"
+
+
+def _rescale_and_apply(layer, op, axis_name: str | None, raw: jax.Array,
+                       x: jax.Array) -> jax.Array:
+  """``op(x, layer.rescale(raw, axis_name=axis_name))`` under a ``jax.checkpoint`` that
+  saves everything but the rescaled kernel (a ``custom_vjp`` would break ``jax.jacfwd`` of
+  the layer, which the exact-norm tests and users need)."""
+  policy = jax.checkpoint_policies.save_anything_except_these_names(_RESCALED)
+
+  def rescaled_op(raw, x):
+    return op(x, checkpoint_name(layer.rescale(raw, axis_name=axis_name), _RESCALED))
+
+  return jax.checkpoint(rescaled_op, policy=policy)(raw, x)

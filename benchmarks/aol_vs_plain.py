@@ -18,12 +18,11 @@ TARGET = 1.10
 
 
 def run(size_name: str, *, warmup: int, repeats: int) -> dict[str, Any]:
-  from benchmarks import gram_variants as gv
   from benchmarks import nets
   size = nets.SIZES[size_name]
   x, y = nets.batch(size)
   aol = nets.aol_net(size)
-  models = {"aol": aol, "aol_lowmem": gv.prototype_net(aol), "plain": nets.plain_net(aol)}
+  models = {"aol": aol, "plain": nets.plain_net(aol)}
   steps = {name: nets.train_step(m, x, y) for name, m in models.items()}
   stats = timing.time_interleaved({n: (lambda s=s: s(x, y)) for n, s in steps.items()},
                                   warmup=warmup, repeats=repeats)
@@ -67,7 +66,6 @@ def memory_variants(size_name: str) -> dict[str, dict[str, float]]:
   core_conv, core_dense = rescaling.rescale_conv, rescaling.rescale_dense
   variants = {
       "AOL (core)": aol,
-      "sign(G) kept as int8 (gram_variants.lowmem)": proto(gv.rescale_lowmem, gv.rescale_lowmem),
       "core rescaling under jax.checkpoint": proto(checkpointed(core_conv),
                                                    checkpointed(core_dense)),
       "stop_gradient(d) in dense layers": proto(core_conv, sg_dense),
@@ -105,7 +103,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   r = run(args.size, warmup=warmup, repeats=repeats)
   s, n = r["stats"], r["net"]
   labels = {"aol": "AOL (core, default Gram)",
-            "aol_lowmem": "AOL, sign(G) int8 backward (gram_variants.lowmem)",
             "plain": "plain nnx.Conv / nnx.Linear"}
   met = lambda v: "yes" if v <= TARGET else f"no (+{v - TARGET:.2f})"
   rows = [[labels[m], s[m]["median"] * 1e3, r["peak_bytes"][m] / 2**20, r["flops"][m] / 1e9,

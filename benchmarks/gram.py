@@ -3,10 +3,10 @@
 Each row times ``rescale(K)`` (forward) and the gradient of ``<rescale(K), R>`` (forward +
 backward) for one formulation, interleaved with the others at the same shape; ratios are
 against the core's default, and each row also gives the FLOPs of the compiled program
-(XLA's ``cost_analysis``). Conv methods ``conv`` (self-convolution) and ``taps`` (one GEMM
-over all pairs of taps) and the dense ``matmul`` are ``aol_jax.rescaling``'s; ``autodiff``
-(the core's Gram with JAX's own two-product derivative) and ``lowmem`` (backward keeping
-only ``sign(G)``) are ``benchmarks.gram_variants``.
+(XLA's ``cost_analysis``). Conv methods ``conv`` (self-convolution) and ``taps`` (one
+triangle of the pairs of taps) and the dense ``matmul`` (one triangle of row blocks) are
+``aol_jax.rescaling``'s; ``autodiff`` (the whole tap-pair product with JAX's own two-product
+derivative) is ``benchmarks.gram_variants``'.
 
   python -m benchmarks.gram --size paper
 """

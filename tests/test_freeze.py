@@ -110,3 +110,43 @@ def test_freeze_into_float32_widens_bfloat16_before_rescaling():
 def test_freeze_refuses_what_is_not_a_module(value):
   with pytest.raises(ValueError, match="nnx.Module"):
     freeze(value)
+
+
+def _float64_rescaled(kernel: np.ndarray, groups: int = 1) -> np.ndarray:
+  """The AOL-rescaled kernel recomputed in float64 NumPy (dense or conv, per group)."""
+  k = np.asarray(kernel, np.float64)
+  if k.ndim == 2:
+    d = (np.abs(k @ k.T).sum(1) + 1e-6) ** -0.5
+    return k * d[:, None]
+  taps, (cin_g, cout) = int(np.prod(k.shape[:-2])), k.shape[-2:]
+  flat = k.reshape(taps, cin_g, cout)
+  ksize = k.shape[:-2]
+  pos = np.array(list(np.ndindex(*ksize))).reshape(taps, -1)
+  out = np.empty_like(k)
+  cg = cout // groups
+  for grp in range(groups):
+    part = flat[..., grp * cg:(grp + 1) * cg]
+    grams = {}
+    for t in range(taps):
+      for u in range(taps):
+        s = tuple(pos[t] - pos[u])
+        grams[s] = grams.get(s, 0) + part[t] @ part[u].T
+    d = (sum(np.abs(g) for g in grams.values()).sum(1) + 1e-6) ** -0.5
+    out[..., grp * cg:(grp + 1) * cg] = k[..., grp * cg:(grp + 1) * cg] * d[:, None]
+  return out
+
+
+@pytest.mark.parametrize("gram_precision", ["default", "high", "highest", "bfloat16"])
+def test_frozen_kernels_are_float32_exact_whatever_the_gram_precision(gram_precision):
+  """freeze ignores gram_precision: every frozen kernel matches a float64 recomputation to
+  float32 accuracy (relative 1e-5 ~ 80 ulp), which a bfloat16 Gram (3 significant digits)
+  cannot reach."""
+  model = _Net(nnx.Rngs(3))
+  for _, layer in nnx.iter_modules(model):
+    if isinstance(layer, (AOLConv, AOLDense)):
+      layer.gram_precision = gram_precision
+  frozen = freeze(model)
+  for raw, got in [(model.conv1, frozen.conv1), (model.conv2, frozen.conv2),
+                   (model.dense[0], frozen.dense[0]), (model.dense[1], frozen.dense[1])]:
+    want = _float64_rescaled(raw.kernel[...], getattr(raw, "feature_group_count", 1))
+    np.testing.assert_allclose(got.kernel[...], want, rtol=1e-5, atol=1e-7)

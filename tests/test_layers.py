@@ -466,3 +466,35 @@ def test_wrong_kernel_rank_from_init():
     AOLDense(3, 2, kernel_init=bad, rngs=nnx.Rngs(0))(jnp.ones((1, 3)))
   with pytest.raises(ValueError, match="must have rank"):
     AOLConv(3, 2, 3, kernel_init=bad, rngs=nnx.Rngs(0))(jnp.ones((1, 5, 3)))
+
+
+@pytest.mark.parametrize("make", [lambda **kw: AOLDense(40, 30, **kw, rngs=nnx.Rngs(0)),
+                                  lambda **kw: AOLConv(40, 30, 3, **kw, rngs=nnx.Rngs(0))])
+def test_gram_precision_is_read_at_call_time(make):
+  """The attribute the experiment runner sets changes the rescaling of the next call: a
+  bfloat16 Gram moves the output by about bfloat16's precision, 'highest' and 'default' (on
+  CPU, float32) agree to float32 rounding."""
+  layer = make(kernel_init=nnx.initializers.normal(1.0))
+  assert layer.gram_precision == "default"
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7, 40) if isinstance(
+      layer, AOLConv) else (2, 40)), jnp.float32)
+  out = {}
+  for p in ("highest", "default", "bfloat16"):
+    layer.gram_precision = p
+    out[p] = np.asarray(jax.jit(lambda v: layer(v))(x))
+  scale = np.abs(out["highest"]).max()
+  np.testing.assert_allclose(out["default"], out["highest"], rtol=0, atol=1e-5 * scale)
+  diff = np.abs(out["bfloat16"] - out["highest"]).max()
+  assert 1e-5 * scale < diff < 3e-2 * scale, diff
+
+
+@pytest.mark.parametrize("make", [lambda **kw: AOLDense(3, 3, **kw, rngs=nnx.Rngs(0)),
+                                  lambda **kw: AOLConv(3, 3, 3, **kw, rngs=nnx.Rngs(0))])
+def test_bad_gram_precision_is_refused(make):
+  with pytest.raises(ValueError, match=r"gram_precision='fp8' is not one of \('default', "
+                                       r"'high', 'highest', 'bfloat16'\)"):
+    make(gram_precision="fp8")
+  layer = make()
+  layer.gram_precision = "fp8"  # set after construction: refused at the call
+  with pytest.raises(ValueError, match="gram_precision='fp8'"):
+    layer(jnp.ones((1, 5, 3)) if isinstance(layer, AOLConv) else jnp.ones((1, 3)))

@@ -92,24 +92,30 @@ def _collectives(step, setup):
   return hlo, found
 
 
+def _reduced_shapes(found) -> list[str]:
+  """The shapes of every operand of the all-reduces (XLA combines several into tuples)."""
+  return sorted(re.sub(r"\{[^}]*\}", "", shape) for text, kind in found if kind == "all-reduce"
+                for shape in re.findall(r"f32\[[\d,]*\]\{?[\d,]*\}?", text))
+
+
 def test_step_is_data_parallel(eight):
-  """Each device convolves only its share of the batch; the batch is never gathered. With
-  the rescaling split (the default on 8 devices) the only all-gathers are of the AOL
-  factors, one vector per layer, and the gradients of the rescaling and of the batch shares
-  share the one all-reduce; replicated rescaling leaves the all-reduce alone."""
+  """Each device convolves only its share of the batch; the batch is never gathered. The
+  only collectives are all-reduces. With the rescaling split (the default on 8 devices) they
+  carry what the replicated rescaling's carry (the gradients) plus, per AOL kernel, two
+  vectors: the factors' row and column sums of the ``n`` input features, padded to 8 blocks
+  of ``ceil(n / 8)``, and the cotangent of the ``n`` factors (never a kernel-sized one)."""
   hlo, found = _collectives(eight.step, eight)
-  kinds = {kind for _, kind in found}
-  assert kinds == {"all-reduce", "all-gather"}
+  assert {kind for _, kind in found} == {"all-reduce"}
   kernels = [leaf for leaf in jax.tree.leaves(eight.fresh()[1].params) if leaf.ndim >= 2]
   assert kernels
-  # Factors of n input features, gathered from 8 blocks of ceil(n / 8).
-  gathered = sorted(shape for shape, kind in found if kind == "all-gather")
-  assert gathered == sorted(f"f32[{-(-k.shape[-2] // 8) * 8}]" for k in kernels)
   conv_batches = {int(m) for m in re.findall(r"= f32\[(\d+),[\d,]*\]\{[^}]*\} convolution\(", hlo)}
   assert BATCH // 8 in conv_batches and BATCH not in conv_batches
   replicated = training.make_train_step(eight.graphdef, eight.optimizer, eight.mesh,
                                         shard_rescaling=False)
-  assert {kind for _, kind in _collectives(replicated, eight)[1]} == {"all-reduce"}
+  rep_found = _collectives(replicated, eight)[1]
+  assert {kind for _, kind in rep_found} == {"all-reduce"}
+  sums = [v for k in kernels for v in (f"f32[{-(-k.shape[-2] // 8) * 8}]", f"f32[{k.shape[-2]}]")]
+  assert _reduced_shapes(found) == sorted(_reduced_shapes(rep_found) + sums)
 
 
 def test_step_matches_an_unsharded_reference(eight):
@@ -256,3 +262,32 @@ def test_checkpoint_resumes_across_rescaling_modes(eight, replicated_step, tmp_p
   resumed, _ = _run(eight, steps[second], data[2:], state=restored)
   uninterrupted, _ = _run(eight, steps[first], data)
   _assert_states_close(resumed, uninterrupted)
+
+
+# ---- Gram precision in the compiled step -------------------------------------------------
+
+def _highest_ops(gram_precision: str) -> int:
+  """Dot and conv ops at HIGHEST in the lowered (StableHLO) AOL train step on 8 devices."""
+  model = tiny_model()
+  for _, layer in nnx.iter_modules(model):
+    if hasattr(layer, "gram_precision"):
+      layer.gram_precision = gram_precision
+  mesh = training.make_data_mesh(8)
+  optimizer = training.make_optimizer(training.paper_schedule(LR, 2, 2))
+  graphdef, state = training.create_train_state(model, optimizer, key=0, mesh=mesh)
+  step = training.make_train_step(graphdef, optimizer, mesh)
+  images = jax.ShapeDtypeStruct((16, 8, 8, 3), jnp.uint8, sharding=training.data_sharding(mesh))
+  labels = jax.ShapeDtypeStruct((16,), jnp.int32, sharding=training.data_sharding(mesh))
+  with jax.set_mesh(mesh):
+    text = step.jitted.trace(state, images, labels).lower().as_text()
+  ops = [line for line in text.splitlines()
+         if "stablehlo.dot_general" in line or "stablehlo.convolution" in line]
+  assert ops, "no dot or convolution found: the counter reads the wrong text"
+  return sum("HIGHEST" in line for line in ops)
+
+
+def test_default_gram_precision_puts_no_op_at_highest():
+  """The training step at gram_precision='default' holds no HIGHEST dot or conv; at
+  'highest' its Gram products are (so the count can fail)."""
+  assert _highest_ops("default") == 0
+  assert _highest_ops("highest") >= 4  # 3 AOL layers: a forward Gram product each, + backward

@@ -23,7 +23,7 @@ def applied_kernel(layer: nnx.Module) -> np.ndarray:
   if isinstance(layer.kernel, RescaledKernel):
     value = layer.kernel[...]
   else:
-    value = jax.jit(layer.rescale)(layer.kernel[...])
+    value = jax.jit(lambda k: layer.rescale(k, gram_precision="highest"))(layer.kernel[...])
   kernel = np.asarray(value, np.float64)
   if not np.all(np.isfinite(kernel)):
     raise ValueError(f"{type(layer).__name__} applies a kernel with non-finite entries (a zero "

@@ -1,0 +1,146 @@
+"""The AOL factors ``d_i = (sum_{s, j} |G[s, i, j]| + eps) ** -1/2`` with a hand-written
+derivative, whole or split over a ``jax.shard_map`` axis.
+
+Forward: one triangle of the Gram (:func:`aol_jax.gram.half_gram_rows`); since
+``G[-s] = G[s]^T``, row ``i``'s sum over the offsets ``s > 0`` is column ``i``'s sum over
+``s < 0``. Reverse mode keeps the kernel, ``d`` and ``sign(H)`` of that triangle as int8,
+and spends one product's worth of multiply-adds, as the forward of the whole Gram would.
+
+Split over ``axis_name`` (size ``n``), each device takes a block of ``ceil(in / n)`` input
+features (the kernel zero-padded to a multiple of ``n``) and forms those rows of the
+triangle: ``1/n`` of the forward and of the backward products. Its row and column sums are
+added over the axis by one ``psum`` of an ``(in,)`` vector. In the backward pass each device
+returns its share of the kernel's gradient, for a kernel varying over the axis: the ``psum``
+that completes it is the transpose of the ``pcast`` that made the kernel varying (made here
+if it is not), the one that also sums the gradients of the devices' batch shares.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from aol_jax.gram import dot, half_gram_rows, offset_table
+
+
+def factors(kernel: jax.Array, ksize: tuple[int, ...], eps: float, precision: str,
+            axis_name: str | None = None) -> jax.Array:
+  """Factors of a ``(*ksize, in, out)`` kernel (``ksize = ()`` for dense), in its dtype.
+
+  ``axis_name``: called inside a ``jax.shard_map`` over that axis, split the work over it
+  (see the module docstring); ``None``: compute it all here.
+  """
+  if axis_name is not None and axis_name not in jax.typeof(kernel).manual_axis_type.varying:
+    kernel = jax.lax.pcast(kernel, axis_name, to="varying")
+  return _factors(kernel, ksize, eps, precision, axis_name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _factors(kernel, ksize, eps, precision, axis_name):
+  return _fwd(kernel, ksize, eps, precision, axis_name)[0]
+
+
+def _as_taps(kernel: jax.Array) -> jax.Array:
+  return kernel.reshape(-1, *kernel.shape[-2:])
+
+
+def _block(x: jax.Array, axis_name: str, axis: int) -> tuple[jax.Array, jax.Array]:
+  """This device's block of ``x`` along ``axis``, zero-padded so that equal blocks cover it,
+  and the block's start."""
+  n_dev = jax.lax.axis_size(axis_name)
+  b = -(-x.shape[axis] // n_dev)
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, n_dev * b - x.shape[axis])
+  start = jax.lax.axis_index(axis_name) * b
+  return jax.lax.dynamic_slice_in_dim(jnp.pad(x, pad), start, b, axis), start
+
+
+def _place(block: jax.Array, start: jax.Array, n: int, axis: int) -> jax.Array:
+  """``block`` at ``start`` along ``axis`` of zeros whose size there is ``n`` (cut to it)."""
+  n_dev_b = -(-n // block.shape[axis]) * block.shape[axis]
+  shape = list(block.shape)
+  shape[axis] = n_dev_b
+  full = jax.lax.dynamic_update_slice_in_dim(jnp.zeros(shape, block.dtype), block, start, axis)
+  return jax.lax.slice_in_dim(full, 0, n, axis=axis)
+
+
+def _row_and_column_sums(half: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``sum_{s <= 0, j} |H[s, i, j]|`` per row ``i``, and ``sum_{s < 0, i} |H[s, i, j]|`` per
+  column ``j`` (row ``j``'s sum over ``s > 0``); zeros for one offset (no empty slice: an
+  empty array on an explicit mesh cannot be placed)."""
+  a = jnp.abs(half)
+  rows = a.sum(axis=(0, 2))
+  if half.shape[0] == 1:
+    return rows, jnp.zeros(half.shape[-1], half.dtype)
+  return rows, a[:-1].sum(axis=(0, 1))
+
+
+def _fwd(kernel, ksize, eps, precision, axis_name):
+  k = _as_taps(kernel)
+  n = k.shape[1]
+  table, _ = offset_table(ksize)
+  if axis_name is None:
+    half = half_gram_rows(k, k, table, precision, whole=True)
+    row_sums, col_sums = _row_and_column_sums(half)
+    sums = row_sums + col_sums
+  else:
+    rows, start = _block(k, axis_name, 1)
+    half = half_gram_rows(rows, k, table, precision, whole=False)
+    row_sums, col_sums = _row_and_column_sums(half)
+    sums = jax.lax.psum(_place(row_sums, start, n, 0) + col_sums, axis_name)
+  d = jax.lax.rsqrt(sums + eps)
+  # The TPU compiler stores these int8 signs. XLA:CPU fuses sign() into its use in the
+  # backward pass and keeps the float32 Gram alive instead, so on CPU the residual is H.
+  return d, (kernel, d, jnp.sign(half).astype(jnp.int8))
+
+
+def _half_gram_rows_vjp(rows, k, sign, c_rows, c, table, precision):
+  """``W A`` for the Gram product's cotangent ``W`` (``A`` the ``(taps * in, out)`` kernel).
+
+  ``W[(t, i), (u, j)] = (c_i + c_j) sign(G[s(t, u), i, j])`` is symmetric. From the rows
+  ``i`` of its triangle (the centre blocks ``W0`` and the blocks ``Wc[t, u > t]``):
+  ``Wc A`` lands on the rows ``(t, i)`` (returned as ``(taps, b, out)``), ``Wc^T A_rows`` and
+  ``W0_rows^T A_rows`` on every row (``(taps, n, out)``); summed over the row blocks these
+  are ``W A``. ``taps^2 b n out`` multiply-adds, one product's worth.
+  """
+  taps, b, c_out = rows.shape
+  n = k.shape[1]
+  s = sign.astype(k.dtype)
+  cc = c_rows[:, None] + c[None, :]
+  rows_ff = rows.transpose(1, 0, 2).reshape(b, taps * c_out)
+  full = dot(s[-1] * cc, rows_ff, precision, (0, 0))  # W0 is symmetric: W0_rows^T A_rows
+  full = full.reshape(n, taps, c_out).transpose(1, 0, 2)
+  on_rows = []
+  for t in range(taps - 1):
+    m = taps - t - 1
+    w = (s[table[t, t + 1:]] * cc).transpose(1, 0, 2).reshape(b, m * n)
+    on_rows.append(dot(w, k[t + 1:].reshape(m * n, c_out), precision))
+    full = full + jnp.pad(dot(w, rows[t], precision, (0, 0)).reshape(m, n, c_out),
+                          ((t + 1, 0), (0, 0), (0, 0)))
+  on_rows.append(jnp.zeros((b, c_out), k.dtype))
+  return jnp.stack(on_rows), full
+
+
+def _bwd(ksize, eps, precision, axis_name, residuals, dd):
+  kernel, d, sign = residuals
+  k = _as_taps(kernel)
+  n = k.shape[1]
+  table, _ = offset_table(ksize)
+  # d(sums ** -1/2) = -1/2 d^3 d(sums). Under a shard_map, d is invariant over the axis, so
+  # dd arrives summed over the devices' batch shares.
+  c = -0.5 * dd * d ** 3
+  if axis_name is None:
+    on_rows, full = _half_gram_rows_vjp(k, k, sign, c, c, table, precision)
+    dk = full if k.shape[0] == 1 else on_rows + full
+  else:
+    rows, start = _block(k, axis_name, 1)
+    c_rows, _ = _block(c, axis_name, 0)
+    on_rows, full = _half_gram_rows_vjp(rows, k, sign, c_rows, c, table, precision)
+    # A dense kernel (one tap) has no rows-only part: nothing to place.
+    dk = full if k.shape[0] == 1 else _place(on_rows, start, n, 1) + full
+  return (dk.reshape(kernel.shape).astype(kernel.dtype),)
+
+
+_factors.defvjp(_fwd, _bwd)
