@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from aol_jax.gram import offset_table
+
 FLOAT64_UNIT_ROUNDOFF = 2.0 ** -53
 """``u`` for float64 (round to nearest)."""
 
@@ -166,18 +168,16 @@ def conv_kernel_norm_bound(kernel: np.ndarray, *, feature_group_count: int) -> f
   g = feature_group_count
   c_out_g = c_out // g
   flat = k.reshape(taps, c_in_g, g, c_out_g)
-  pos = np.array(list(np.ndindex(*ksize))).reshape(taps, nd)
-  offsets = {}
-  for t in range(taps):
-    for u in range(taps):
-      offsets.setdefault(tuple(pos[t] - pos[u]), []).append((t, u))
+  table, count = offset_table(ksize)
   err = 2.0 * gamma(taps * c_out_g + 2)  # products per Gram entry, at most
   lip_sq = 0.0
   for group in range(g):
     kg = flat[:, :, group, :]  # (taps, in_g, out_g)
     rows = kg.reshape(taps * c_in_g, c_out_g)
     pairs = (rows @ rows.T).reshape(taps, c_in_g, taps, c_in_g).transpose(0, 2, 1, 3)
-    abs_gram = sum(np.abs(sum(pairs[t, u] for t, u in tu)) for tu in offsets.values())
+    per_offset = np.zeros((count, c_in_g, c_in_g))
+    np.add.at(per_offset, table, pairs)
+    abs_gram = np.abs(per_offset).sum(0)
     absk_sum = np.abs(kg).sum(0)  # (in_g, out_g): sum over taps
     # sum_{s, j} (sum_{t - u = s} |K_t| |K_u|^T)_ij q_j = (sum_t |K_t|) (sum_u |K_u|)^T q.
     slack = lambda q, a=absk_sum: err * (a @ (a.T @ q))
