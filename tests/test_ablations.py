@@ -147,6 +147,8 @@ def test_the_presets_derive_small_from_full():
     (["--check=fast"], "error: flag --check=fast: value should be one of "
                        "<offset|orthogonal|plain|all>"),
     (["--config.seeds=(-1,)"], "error: --config.seeds=-1: must be one or more integers >= 0."),
+    (["--config.recipes=(1,)"], "error: --config.recipes=1: must be Recipe objects: set "
+                                "recipes in a preset file (configs/), not on the command line."),
     (["--config.seed=x"], "error: flag --config.seed=x: invalid literal for int()"),
     (["--config.epochs=3"], "error: unknown config field (Field epochs not found"),
     (["--small"], "error: Unknown command line flag 'small'"),

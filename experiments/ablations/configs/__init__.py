@@ -130,6 +130,9 @@ CHECKS = ("offset", "orthogonal", "plain")
 def field_errors(config: AblationConfig) -> dict[str, str]:
   """``{field: what is wrong}`` (nothing is trained or loaded to find out)."""
   errors = {}
+  if not all(isinstance(r, Recipe) for r in config.recipes):
+    return {"recipes": "must be Recipe objects: set recipes in a preset file (configs/), not "
+                       "on the command line"}
   if config.check not in (*CHECKS, "all"):
     errors["check"] = f"must be one of {', '.join(CHECKS)}, all"
   if not config.datasets:
