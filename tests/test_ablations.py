@@ -1,30 +1,35 @@
 """The ablations (experiments.ablations) in their small size: structure, soundness, and the
 trends that the full run showed with margin.
 
-One in-process run of ``python -m experiments.ablations all --small`` (digits only, about a
-minute) is shared by the tests below.
+One in-process run of ``python -m experiments.ablations --preset=small`` (digits only; the
+README states its time) is shared by the tests below.
 """
 
+import dataclasses
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from aol_jax import certify_dataset
-from experiments.ablations import __main__ as ablations_main
-from experiments.ablations import trainer
-from experiments.ablations.config import LOSS_SETTINGS, SMALL
+from experiments.ablations import configs, main as ablations_main, trainer
+from experiments.ablations.configs import LOSS_SETTINGS, small
+from experiments.ablations.configs import full as full_module
 from experiments.common import storage
 
 CHECK_FILES = ("offset_temperature", "orthogonality", "aol_vs_plain")
+SMALL = small.get_config()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   out_dir = str(tmp_path_factory.mktemp("ablations"))
-  results = ablations_main.main(["all", "--small", "--accelerator=cpu",
+  results = ablations_main.main(["--preset=small", "--accelerator=cpu",
                                  f"--workdir={out_dir}"])
   return out_dir, results
 
@@ -121,16 +126,90 @@ def test_plain_network_cannot_be_certified():
     certify_dataset(model, data.test_inputs()[:8], data.test_labels[:8], batch_size=8)
 
 
-def test_unknown_dataset_is_refused_with_the_choices(tmp_path):
-  with pytest.raises(SystemExit, match="cifar10.*digits"):
-    ablations_main.main(["offset", "--small", "--datasets=cifar10", "--accelerator=cpu",
-                         f"--workdir={tmp_path}"])
+def test_every_check_is_run_by_its_function():
+  assert tuple(ablations_main.RUNS) == configs.CHECKS
+
+
+def test_the_presets_derive_small_from_full():
+  full = full_module.get_config()
+  assert set(dataclasses.asdict(full)) == {f.name for f in dataclasses.fields(SMALL)}
+  assert SMALL.recipes[0].model_kwargs == full.recipe("digits").model_kwargs
+  assert SMALL.recipes[0].epochs < full.recipe("digits").epochs
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--datasets=cifar10"],
+     "error: --datasets=cifar10: no recipe for cifar10 in the small config; choose from digits."),
+    (["--config.datasets=mnist5k"], "error: --config.datasets=mnist5k: no recipe for mnist5k "
+                                    "in the small config; choose from digits."),
+    (["--config.check=fast"], "error: --config.check='fast': must be one of offset, "
+                              "orthogonal, plain, all."),
+    (["--check=fast"], "error: flag --check=fast: value should be one of "
+                       "<offset|orthogonal|plain|all>"),
+    (["--config.seeds=(-1,)"], "error: --config.seeds=-1: must be one or more integers >= 0."),
+    (["--config.recipes=(1,)"], "error: --config.recipes=1: must be Recipe objects: set "
+                                "recipes in a preset file (configs/), not on the command line."),
+    (["--config.seed=x"], "error: flag --config.seed=x: invalid literal for int()"),
+    (["--config.epochs=3"], "error: unknown config field (Field epochs not found"),
+    (["--small"], "error: Unknown command line flag 'small'"),
+    (["all"], "error: unexpected argument 'all': every setting is a --flag"),
+    (["--preset=medium"], "error: --preset=medium: unknown preset; choose one of full, small."),
+    (["--config=/missing.py"], "error: --config=/missing.py: no such file; pass a config file"),
+    (["--check=offset", "--config.check=plain"],
+     "error: --check and --config.check both set check; give one of them."),
+])
+def test_bad_inputs_stop_with_a_one_line_message_naming_the_flag(tmp_path, flags, expected):
+  argv = ["--preset=small", "--accelerator=cpu", f"--workdir={tmp_path / 'w'}", *flags]
+  if any(f.startswith("--config=") for f in flags):
+    argv.remove("--preset=small")
+  with pytest.raises(SystemExit) as err:
+    ablations_main.main(argv)
+  message = str(err.value)
+  assert message.startswith(expected) and "\n" not in message
+  assert not (tmp_path / "w").exists()  # refused before the workdir is made
+
+
+def test_the_short_flags_and_config_fields_set_the_same_config():
+  _, short, set_by = ablations_main.command_line.parse(
+      ablations_main.PROGRAM, ["--accelerator=cpu", "--workdir=/w", "--check=plain",
+                               "--datasets=mnist5k,digits"])
+  _, long, _ = ablations_main.command_line.parse(
+      ablations_main.PROGRAM, ["--accelerator=cpu", "--workdir=/w", "--config.check=plain",
+                               "--config.datasets=mnist5k", "--config.datasets=digits"])
+  assert short == long and short.name == "full"
+  assert (short.check, short.datasets) == ("plain", ("mnist5k", "digits"))
+  assert set_by == {"check": "--check", "datasets": "--datasets"}
+  assert [r.dataset for r in short.selected().recipes] == ["mnist5k", "digits"]
+
+
+def test_the_readme_commands_parse_and_name_existing_checks():
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  commands = [line.split("#")[0].split()[3:] for line in readme.splitlines()
+              if line.startswith("python -m experiments.ablations ")]
+  assert len(commands) == 5
+  checks = set()
+  for argv in commands:
+    _, config, _ = ablations_main.command_line.parse(ablations_main.PROGRAM, argv)
+    assert not configs.field_errors(config), argv
+    checks.add(config.check)
+  assert checks == {*configs.CHECKS, "all"}
+
+
+def test_the_accelerator_is_checked_first_in_one_line(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "experiments.ablations", "--accelerator=tpu",
+                         "--config.check=fast", f"--workdir={tmp_path / 'file' / 'w'}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 1
+  assert proc.stderr.strip().startswith("error: --accelerator=tpu was requested but JAX "
+                                        "cannot use a tpu")
+  assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_an_unwritable_workdir_is_refused_before_anything_runs(tmp_path):
   (tmp_path / "file").write_text("x")
   with pytest.raises(SystemExit) as err:
-    ablations_main.main(["offset", "--small", "--accelerator=cpu",
+    ablations_main.main(["--check=offset", "--preset=small", "--accelerator=cpu",
                          f"--workdir={tmp_path / 'file' / 'wd'}"])
   assert str(err.value) == (f"error: --workdir={tmp_path / 'file' / 'wd'}: lies under the "
                             f"file {tmp_path / 'file'}, not a directory; pass a directory this "

@@ -23,6 +23,22 @@ def test_digits_split_is_fixed_stratified_and_disjoint():
   assert 0 <= d.test_inputs().min() and d.test_inputs().max() == 1.0
 
 
+@pytest.mark.parametrize("name", ["digits", "mnist5k"])
+def test_the_registry_states_what_the_loader_loads(name):
+  spec = input_pipeline.DATASETS[name]
+  d = input_pipeline.load(name, data_dir="/never/read", download=False)
+  assert d.test_images.shape[1:] == d.train_images.shape[1:] == spec.image_shape
+  assert d.num_classes == spec.num_classes == len(np.unique(d.train_labels))
+  assert len(d.train_labels) == spec.num_train == input_pipeline.num_train_examples(name)
+
+
+def test_an_unknown_dataset_is_refused_with_the_registry_names():
+  for call in (input_pipeline.load, input_pipeline.num_train_examples, input_pipeline.spec):
+    with pytest.raises(ValueError, match="Unknown dataset 'mnist'; choose one of cifar10, "
+                                         "cifar100, digits, mnist5k"):
+      call("mnist")
+
+
 def test_process_shares_are_equal_disjoint_and_cover_all_but_the_remainder():
   shares = [input_pipeline.process_share(11, p, 3) for p in range(3)]
   assert {len(s) for s in shares} == {3}
@@ -90,12 +106,16 @@ def test_cifar10_prepared_by_tfds_from_a_manual_archive(tmp_path, monkeypatch):
   archive, truth = write_cifar10_archive(str(tmp_path / "manual"), per_file=4)
   accept_archive(monkeypatch, archive)
   data_dir = str(tmp_path / "data")
-  d = input_pipeline.load_cifar("cifar10", data_dir=data_dir, manual_dir=str(tmp_path / "manual"),
-                                download=False)
+  d = input_pipeline.load("cifar10", data_dir=data_dir, manual_dir=str(tmp_path / "manual"),
+                          download=False)
   assert os.path.isdir(os.path.join(data_dir, "cifar10"))
   assert any(f.endswith("-of-00001") and "array_record" in f
              for f in os.listdir(os.path.join(data_dir, "cifar10", "3.0.2")))
   assert d.num_classes == 10 and d.max_value == 255.0
+  # The registry's entry, known before loading, is what was loaded.
+  spec = input_pipeline.DATASETS["cifar10"]
+  assert (spec.image_shape, spec.num_classes) == (d.test_images.shape[1:], d.num_classes)
+  assert input_pipeline.num_train_examples("cifar10", data_dir=data_dir) == len(d.train_labels)
   for split, images, labels in (("train", d.train_images, d.train_labels),
                                 ("test", d.test_images, d.test_labels)):
     want_images, want_labels = truth[split]

@@ -19,7 +19,7 @@ from flax import nnx
 from aol_jax import certify_dataset
 from aol_jax.lipschitz import power_iteration
 from experiments.ablations import report, trainer
-from experiments.ablations.config import PAPER_SETTING, PLAIN_LR_NOTE, AblationConfig
+from experiments.ablations.configs import PAPER_SETTING, PLAIN_LR_NOTE, AblationConfig
 
 NAME = "aol_vs_plain"
 LIPSCHITZ_POINTS = 8  # test images at which the local Lipschitz constant is estimated

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 
 from experiments.ablations import report, trainer
-from experiments.ablations.config import (LOSS_SETTINGS, PAPER_OFFSET_TEMPERATURE, PAPER_RADII,
+from experiments.ablations.configs import (LOSS_SETTINGS, PAPER_OFFSET_TEMPERATURE, PAPER_RADII,
                                           AblationConfig)
 
 NAME = "offset_temperature"

@@ -31,7 +31,7 @@ from aol_jax.freeze import freeze
 from aol_jax.layers import AOLConv, AOLDense
 from aol_jax.lipschitz import explicit_matrix, power_iteration
 from experiments.ablations import report, trainer
-from experiments.ablations.config import PAPER_SETTING, AblationConfig, Recipe
+from experiments.ablations.configs import PAPER_SETTING, AblationConfig, Recipe
 
 NAME = "orthogonality"
 PAPER_RANGE = (0.98, 0.99)

@@ -22,12 +22,11 @@ from aol_jax import training
 from aol_jax.attacks import pgd_l2
 from aol_jax import CertificationResult, certify_dataset
 from aol_jax.freeze import freeze
-from aol_jax.initializers import aol_init
-from aol_jax.layers import AOLConv, AOLDense
 from aol_jax.losses import offset_cross_entropy
 from aol_jax.models import MODELS, AOLNetwork
-from experiments.ablations.config import LossSetting, Recipe
+from experiments.ablations.configs import LossSetting, Recipe
 from experiments.common import input_pipeline
+from experiments.common.plain import plain_like
 from experiments.common.input_pipeline import Dataset
 
 
@@ -38,51 +37,13 @@ def log(message: str) -> None:
 
 @functools.cache
 def load(dataset: str) -> Dataset:
-  """The dataset (loaded once per process)."""
-  loaders = {"digits": input_pipeline.load_digits, "mnist5k": input_pipeline.load_mnist5k}
-  if dataset not in loaders:
-    raise ValueError(f"Unknown dataset {dataset!r}; the ablations run on "
-                     f"{', '.join(loaders)}.")
-  return loaders[dataset]()
+  """The dataset (:func:`experiments.common.input_pipeline.load`, once per process)."""
+  return input_pipeline.load(dataset)
 
 
 def train_inputs(data: Dataset) -> np.ndarray:
   """The training images as float32 in ``[0, 1]`` (digits are stored 0..16, MNIST 0..255)."""
   return data.train_images.astype(np.float32) / np.float32(data.max_value)
-
-
-class PlainNetwork(nnx.Module):
-  """An unconstrained network: the layers of an AOL network with plain convs and denses.
-
-  It has no ``lipschitz_bound``, on purpose: nothing bounds its Lipschitz constant, so
-  :func:`aol_jax.certify_dataset` must not (and cannot) certify it.
-  """
-
-  def __init__(self, layers: Sequence[nnx.Module]):
-    self.layers = nnx.List(list(layers))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    for layer in self.layers:
-      x = layer(x)
-    return x
-
-
-def plain_like(model: AOLNetwork, *, seed: int) -> PlainNetwork:
-  """``model``'s architecture with each AOLConv / AOLDense replaced by ``nnx.Conv`` /
-  ``nnx.Linear`` of the same shape, padding and (identity / orthogonal) initialisation."""
-  if model.input_mean is not None or model.input_std is not None:
-    raise ValueError("plain_like copies networks without input normalisation only.")
-  rngs = nnx.Rngs(seed)
-  layers = []
-  for layer in model.layers:
-    if isinstance(layer, AOLConv):
-      layer = nnx.Conv(layer.in_features, layer.out_features, layer.kernel_size,
-                       padding=layer.padding, kernel_init=aol_init(), rngs=rngs)
-    elif isinstance(layer, AOLDense):
-      layer = nnx.Linear(layer.in_features, layer.out_features, kernel_init=aol_init(),
-                         rngs=rngs)
-    layers.append(layer)
-  return PlainNetwork(layers)
 
 
 def build_model(recipe: Recipe, *, seed: int, plain: bool = False) -> nnx.Module:

@@ -2,6 +2,6 @@
 
 Run ``python -m experiments.cifar --accelerator=cpu --preset=digits --workdir=runs/digits``
 (see ``python -m experiments.cifar --help``). The logic lives in importable modules:
-:mod:`.configs` (one file per preset), :mod:`.input_pipeline`, :mod:`.train` and
-:mod:`.plotting`; ``__main__`` only parses flags.
+:mod:`.configs` (one file per preset), :mod:`.flags`, :mod:`.train` (with :mod:`.console`
+and :mod:`.results`) and :mod:`experiments.common`; :mod:`.main` only parses flags.
 """

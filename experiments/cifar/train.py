@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import json
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,29 +32,19 @@ from typing import Any
 
 import jax
 import numpy as np
-import tqdm
 from flax import nnx
 
 import aol_jax
 from aol_jax import training
 from aol_jax.losses import offset_cross_entropy
 from aol_jax.models import MODELS
-from experiments.cifar import configs
+from experiments.cifar import configs, console, results
 from experiments.cifar.configs import EPOCH_FIELDS, RUN_FIELDS, STATE_FIELDS, Config, ConfigError
-from experiments.common import input_pipeline, labels, plotting, storage
+from experiments.common import command_line, input_pipeline, storage
 
-# Radii of the certified-accuracy plot (the reported ones are added).
-CURVE_RADII = tuple(np.linspace(0.0, 1.5, 61).tolist())
-# The radius of the certificate in metrics.jsonl (test_cra_36).
-MONITOR_RADIUS = 36 / 255
 # Called after every training step with (step, checkpointer); tests use it to kill the
 # process at a chosen step. Never set by the command line.
 AfterStep = Callable[[int, training.Checkpointer], None]
-
-
-def round_up(n: int, multiple: int) -> int:
-  """The smallest multiple of ``multiple`` that is ``>= n``."""
-  return -(-n // multiple) * multiple
 
 
 def validate(config: Config, workdir: str, *, flag_names: dict[str, str] | None = None) -> None:
@@ -74,9 +63,11 @@ def validate(config: Config, workdir: str, *, flag_names: dict[str, str] | None 
   names = flag_names or {}
   flag = lambda field: names.get(field, f"--config.{field}")
   errors = configs.field_errors(config)
-  if "dataset" not in errors and config.dataset not in input_pipeline.DATASETS:
-    errors["dataset"] = (f"Unknown dataset {config.dataset!r}; choose one of "
-                         f"{', '.join(input_pipeline.DATASETS)}")
+  if "dataset" not in errors:
+    try:
+      input_pipeline.spec(config.dataset)
+    except ValueError as e:
+      errors["dataset"] = str(e)
   if "model" not in errors and config.model not in MODELS:
     errors["model"] = f"Unknown model {config.model!r}; choose one of {', '.join(MODELS)}"
   available = jax.device_count()
@@ -91,9 +82,9 @@ def validate(config: Config, workdir: str, *, flag_names: dict[str, str] | None 
           f"device needs the same number of examples): pass {flag('batch_size')} = a multiple "
           f"of {devices}, e.g. {f'{lower} or ' if lower else ''}{lower + devices}")
   if not errors:
-    shape, classes = input_pipeline.SHAPES[config.dataset]
+    data = input_pipeline.spec(config.dataset)
     try:
-      nnx.eval_shape(lambda: build_model(config, classes, shape))
+      nnx.eval_shape(lambda: build_model(config, data.num_classes, data.image_shape))
     except ConfigError as e:
       errors["model_kwargs"] = str(e).rstrip(".")
   if not errors and config.mode == "export":
@@ -102,8 +93,7 @@ def validate(config: Config, workdir: str, *, flag_names: dict[str, str] | None 
     except ConfigError as e:
       errors["mode"] = str(e).rstrip(".")
   for field, why in errors.items():
-    value = getattr(config, field, None)
-    raise ConfigError(f"{flag(field)}={value!r}: {why}.")
+    raise ConfigError(command_line.error_line(field, getattr(config, field, None), why, names))
   for name, path in (("data_dir", config.data_dir), ("manual_dir", config.manual_dir)):
     why = configs.path_error(path)
     if why:
@@ -148,17 +138,9 @@ def exporter() -> Callable[..., Any]:
 def export(model: nnx.Module, config: Config, workdir: str) -> str:
   """Write the portable certified model of ``model`` into ``<workdir>/export/``."""
   path = storage.join(workdir, "export")
-  shape, _ = input_pipeline.SHAPES[config.dataset]
+  shape = input_pipeline.spec(config.dataset).image_shape
   exporter()(model, path, input_shape=shape, rounding=config.rounding)
   return path
-
-
-def certify(model: nnx.Module, images: np.ndarray, test_labels: np.ndarray, config: Config,
-            mesh: jax.sharding.Mesh, radii) -> aol_jax.CertificationResult:
-  """:func:`aol_jax.certify_dataset` with the run's rounding mode: the only certificate."""
-  return aol_jax.certify_dataset(model, images, test_labels, eps_list=list(radii),
-                                 batch_size=round_up(config.eval_batch_size, mesh.devices.size),
-                                 mesh=mesh, rounding=config.rounding)
 
 
 @dataclasses.dataclass
@@ -295,49 +277,6 @@ class _StopRequest:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
 
 
-class _Progress:
-  """A tqdm bar when stderr is a terminal (none in a log file), and the ETA of the steps
-  measured from the second step on, so that compilation is not counted."""
-
-  def __init__(self, run: Run, first_step: int):
-    self.total = run.config.epochs * run.steps_per_epoch
-    self.writer = jax.process_index() == 0
-    self.use_bar = self.writer and sys.stderr.isatty()
-    self.bar = None
-    self.first_step = first_step
-    self.start: tuple[int, float] | None = None  # (step, time) after the first compiled step
-
-  def step(self, step: int, description: str) -> None:
-    if self.start is None:
-      self.start = (step, time.perf_counter())
-      if self.use_bar:
-        self.bar = tqdm.tqdm(total=self.total, initial=step, unit="step", dynamic_ncols=True,
-                             mininterval=0.5, desc=description)
-    elif self.bar is not None:
-      self.bar.set_description(description, refresh=False)
-      self.bar.update(1)
-
-  def postfix(self, **values) -> None:
-    if self.bar is not None:
-      self.bar.set_postfix(**values)
-
-  def eta(self, step: int) -> str:
-    if self.start is None or step <= self.start[0]:
-      return "ETA after the next epoch"
-    rate = (time.perf_counter() - self.start[1]) / (step - self.start[0])
-    seconds = rate * (self.total - step)
-    return f"ETA {int(seconds // 60)}m{int(seconds % 60):02d}s"
-
-  def line(self, text: str) -> None:
-    if self.writer:
-      (self.bar.write if self.bar is not None else print)(text)
-      sys.stdout.flush()
-
-  def close(self) -> None:
-    if self.bar is not None:
-      self.bar.close()
-
-
 def _check_finite(metrics: dict, step: int, last_saved: int | None, directory: str) -> None:
   """:func:`aol_jax.training.check_finite`, saying which checkpoint is kept."""
   try:
@@ -350,12 +289,12 @@ def _check_finite(metrics: dict, step: int, last_saved: int | None, directory: s
 
 def evaluate(run: Run) -> tuple[float, float]:
   """Test accuracy and certified robust accuracy at 36/255 (:func:`certify`)."""
-  result = certify(run.model(), run.data.test_inputs(), run.data.test_labels, run.config,
-                   run.mesh, [MONITOR_RADIUS])
+  result = results.certify(run.model(), run.data.test_inputs(), run.data.test_labels, run.config,
+                   run.mesh, [results.MONITOR_RADIUS])
   return float(result.clean_accuracy), float(result.cra[0])
 
 
-def train_epoch(run: Run, epoch: int, train_step, progress: _Progress,
+def train_epoch(run: Run, epoch: int, train_step, progress: console.Progress,
                 after_step: AfterStep | None) -> dict:
   """One pass over the training set; its record for ``metrics.jsonl`` (without evaluation)."""
   config, step = run.config, int(run.state.step)
@@ -383,14 +322,6 @@ def train_epoch(run: Run, epoch: int, train_step, progress: _Progress,
           "seconds": round(time.time() - start_time, 3)}
 
 
-def _summary(record: dict, config: Config, eta: str) -> str:
-  """The console line of an evaluated epoch."""
-  return (f"epoch {record['epoch']}/{config.epochs}  step {record['step']}  "
-          f"loss {record['train_loss']:.4f}  train acc {record['train_accuracy']:.3f}  "
-          f"test acc {record['test_accuracy']:.3f}  CRA(36/255) {record['test_cra_36']:.3f}  "
-          f"{record['seconds']:.1f} s/epoch  {eta}")
-
-
 def train(run: Run, *, after_step: AfterStep | None = None) -> int | None:
   """Train from ``run.state`` to ``config.epochs``; the stop signal's number, if stopped."""
   config = run.config
@@ -400,14 +331,14 @@ def train(run: Run, *, after_step: AfterStep | None = None) -> int | None:
                                         augment=config.augment)
   writer = jax.process_index() == 0
   stop = _StopRequest()
-  progress = _Progress(run, int(run.state.step))
+  progress = console.Progress(config.epochs * run.steps_per_epoch, int(run.state.step))
   try:
     for epoch in range(int(run.state.step) // run.steps_per_epoch, config.epochs):
       record = train_epoch(run, epoch, train_step, progress, after_step)
       last_epoch = epoch + 1 == config.epochs
       if (epoch + 1) % config.eval_every == 0 or last_epoch:
         record["test_accuracy"], record["test_cra_36"] = evaluate(run)
-        progress.line(_summary(record, config, progress.eta(record["step"])))
+        progress.line(console.summary(record, config.epochs, progress.eta(record["step"])))
       run.history.append(record)
       if writer:
         storage.write_atomic(storage.join(run.workdir, "metrics.jsonl"),
@@ -425,61 +356,6 @@ def train(run: Run, *, after_step: AfterStep | None = None) -> int | None:
     stop.restore()
     run.checkpointer.wait()  # even when stopping on an error, finish writing the last good save
   return None
-
-
-def report(run: Run) -> dict[str, Any]:
-  """Certify the model of ``run`` on the whole test set; write results, plots; return them."""
-  config = run.config
-  reported = labels.radii(config.dataset)
-  radii = sorted(set(CURVE_RADII) | set(reported))
-  full = certify(run.model(), run.data.test_inputs(), run.data.test_labels, config, run.mesh,
-                 radii)
-  keep = [radii.index(r) for r in reported]
-  table = dataclasses.replace(
-      full, eps_list=tuple(reported), num_certified=tuple(full.num_certified[i] for i in keep),
-      max_allowance=tuple(full.max_allowance[i] for i in keep))
-  if jax.process_index() == 0:
-    _write_results(run, table)
-    if run.history:
-      plotting.plot_training_curves(run.history, storage.join(run.workdir,
-                                                              "training_curves.png"))
-    plotting.plot_certified_accuracy(full.eps_list, full.cra,
-                                     storage.join(run.workdir, "certified_accuracy.png"),
-                                     title=f"{config.model} on {config.dataset}")
-  print(aol_jax.certification_markdown(table, name=config.model), flush=True)
-  return {"history": run.history, "clean_accuracy": table.clean_accuracy,
-          "cra": {labels.radius_label(r): a for r, a in zip(table.eps_list, table.cra)}}
-
-
-def _write_results(run: Run, table: aol_jax.CertificationResult) -> None:
-  """``results.md`` (the table and how it was produced) and ``results.json`` (the data)."""
-  config, last = run.config, (run.history[-1] if run.history else {})
-  step = int(run.state.step)
-  how = ("trained and certified" if config.mode == "train" else
-         f"re-certified from its checkpoint (--mode={config.mode})")
-  text = (
-      f"# {config.model} on {config.dataset}\n\n"
-      f"Certified robust accuracy (%) on the {table.num_examples} test images after epoch "
-      f"{last.get('epoch', '?')} (step {step}), {how}, from "
-      f"`aol_jax.certify_dataset` (l2, Lipschitz constant {table.lipschitz_constant:g}, "
-      f"{table.rounding} rounding allowance included).\n\n"
-      f"{aol_jax.certification_markdown(table, name=config.model)}\n\n"
-      f"Config:\n\n```json\n{json.dumps(dataclasses.asdict(config), indent=2)}\n```\n")
-  storage.write_atomic(storage.join(run.workdir, "results.md"), text)
-  data = {"model": config.model, "dataset": config.dataset, "epoch": last.get("epoch"),
-          "step": step, "mode": config.mode, "num_examples": table.num_examples,
-          "rounding": table.rounding, "clean_accuracy": table.clean_accuracy,
-          "cra": {labels.radius_label(r): a for r, a in zip(table.eps_list, table.cra)}}
-  storage.write_atomic(storage.join(run.workdir, "results.json"),
-                       json.dumps(data, indent=2) + "\n")
-
-
-def _describe(run: Run) -> None:
-  print(f"{run.config.model} on {run.config.dataset}: {run.batches.order.num_examples} "
-        f"training / {len(run.data.test_labels)} test images, {run.mesh.devices.size} "
-        f"{run.mesh.devices.flat[0].platform} device(s), batch {run.config.batch_size}, "
-        f"{run.steps_per_epoch} steps per epoch, "
-        f"data {'on device' if run.batches.on_device else 'on host'}.", flush=True)
 
 
 def train_and_evaluate(config: Config, workdir: str, *,
@@ -514,17 +390,17 @@ def train_and_evaluate(config: Config, workdir: str, *,
                           f"checkpoint; train first (--mode=train).")
       if config.mode == "export":
         return {"export": export(run.model(), config, workdir)}
-      return report(run)
+      return results.report(run)
     if step is not None:
       print(f"Resumed from {run.checkpointer.directory} at step {step} "
             f"(epoch {step // run.steps_per_epoch}).", flush=True)
-    _describe(run)
+    console.describe(run)
     stopped = train(run, after_step=after_step)
     if stopped is not None:
       return {"history": run.history, "stopped": stopped}
   finally:
     run.checkpointer.close()
-  return report(run)
+  return results.report(run)
 
 
 def load(workdir: str) -> tuple[nnx.Module, Config]:

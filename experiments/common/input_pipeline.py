@@ -19,6 +19,7 @@ gathers the batch on device.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import socket
 import urllib.parse
@@ -33,10 +34,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from aol_jax import training
 
-DATASETS = ("cifar10", "cifar100", "digits", "mnist5k")
-# (image shape (H, W, C), number of classes) of each dataset, known before loading it.
-SHAPES = {"cifar10": ((32, 32, 3), 10), "cifar100": ((32, 32, 3), 100),
-          "digits": ((8, 8, 1), 10), "mnist5k": ((28, 28, 1), 10)}
 _HOST, _LOCAL = "host", "local"
 
 
@@ -221,6 +218,11 @@ def load_cifar(name: str, *, data_dir: str | None = None, manual_dir: str | None
                  max_value=255.0)
 
 
+# (train, test) sizes of the fixed splits of the datasets that ship with a pip package.
+DIGITS_SPLIT = (1437, 360)
+MNIST5K_SPLIT = (4000, 1000)
+
+
 def load_digits(*, process_index: int = 0, process_count: int = 1,
                 train_indices: TrainIndices | None = None) -> Dataset:
   """scikit-learn's 1797 handwritten digits, 8x8x1 with values 0..16, split 1437 / 360.
@@ -233,14 +235,13 @@ def load_digits(*, process_index: int = 0, process_count: int = 1,
   digits = sk_load_digits()
   images = digits.images.astype(np.uint8)[..., None]
   labels = digits.target.astype(np.int32)
-  train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=360,
+  train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=DIGITS_SPLIT[1],
                                          random_state=0, stratify=labels)
   train_idx = train_idx[_share(len(train_idx), process_index, process_count, train_indices)]
   return Dataset(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
                  num_classes=10, max_value=16.0)
 
 
-MNIST5K_TEST_SIZE = 1000
 
 
 def load_mnist5k(*, process_index: int = 0, process_count: int = 1,
@@ -257,43 +258,68 @@ def load_mnist5k(*, process_index: int = 0, process_count: int = 1,
   flat, labels = mnist_data()
   images = flat.reshape(-1, 28, 28, 1).astype(np.uint8)
   labels = labels.astype(np.int32)
-  train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=MNIST5K_TEST_SIZE,
+  train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=MNIST5K_SPLIT[1],
                                          random_state=0, stratify=labels)
   train_idx = train_idx[_share(len(train_idx), process_index, process_count, train_indices)]
   return Dataset(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
                  num_classes=10, max_value=255.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """What is known of a dataset before loading it, and how to load it."""
+  image_shape: tuple[int, int, int]  # (H, W, C)
+  num_classes: int
+  loader: Callable[..., Dataset]  # takes process_index, process_count, train_indices
+  num_train: int | None  # size of the whole training set; None: read from tfds' split info
+  tfds: bool = False  # loaded through tfds: the loader also takes data_dir, manual_dir, download
+
+
+# The dataset registry: every name a config may give, for training, testing and validation.
+DATASETS: dict[str, DatasetSpec] = {
+    "cifar10": DatasetSpec((32, 32, 3), 10, functools.partial(load_cifar, "cifar10"), None,
+                           tfds=True),
+    "cifar100": DatasetSpec((32, 32, 3), 100, functools.partial(load_cifar, "cifar100"), None,
+                            tfds=True),
+    "digits": DatasetSpec((8, 8, 1), 10, load_digits, DIGITS_SPLIT[0]),
+    "mnist5k": DatasetSpec((28, 28, 1), 10, load_mnist5k, MNIST5K_SPLIT[0]),
+}
+
+
+def spec(name: str) -> DatasetSpec:
+  """The registry's entry for ``name``.
+
+  Raises:
+    ValueError: ``name`` is not a key of :data:`DATASETS`; the message lists them.
+  """
+  if name not in DATASETS:
+    raise ValueError(f"Unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+  return DATASETS[name]
+
+
 def num_train_examples(name: str, *, data_dir: str | None = None,
                        manual_dir: str | None = None, download: bool = True) -> int:
   """The size of the whole training set of ``name`` (prepares a tfds dataset if needed)."""
-  if name == "digits":
-    return 1797 - 360
-  if name == "mnist5k":
-    return 5000 - MNIST5K_TEST_SIZE
-  if name in ("cifar10", "cifar100"):
-    builder = prepare_tfds(name, data_dir=data_dir, manual_dir=manual_dir, download=download)
-    return builder.info.splits["train"].num_examples
-  raise ValueError(f"Unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+  entry = spec(name)
+  if entry.num_train is not None:
+    return entry.num_train
+  builder = prepare_tfds(name, data_dir=data_dir, manual_dir=manual_dir, download=download)
+  return builder.info.splits["train"].num_examples
 
 
 def load(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
          download: bool = True, train_indices: TrainIndices | None = None) -> Dataset:
-  """The dataset ``name`` (one of :data:`DATASETS`), this process's share of it.
+  """The dataset ``name`` (a key of :data:`DATASETS`), this process's share of it.
 
   ``train_indices(n)``, given the training set's size, returns the training examples this
   process reads (default: :func:`process_share`, every ``process_count``-th example).
+  ``data_dir``, ``manual_dir`` and ``download`` apply to the tfds datasets only.
   """
-  share = dict(process_index=jax.process_index(), process_count=jax.process_count(),
-               train_indices=train_indices)
-  if name == "digits":
-    return load_digits(**share)
-  if name == "mnist5k":
-    return load_mnist5k(**share)
-  if name in ("cifar10", "cifar100"):
-    return load_cifar(name, data_dir=data_dir, manual_dir=manual_dir, download=download,
-                      **share)
-  raise ValueError(f"Unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+  entry = spec(name)
+  source = (dict(data_dir=data_dir, manual_dir=manual_dir, download=download)
+            if entry.tfds else {})
+  return entry.loader(process_index=jax.process_index(), process_count=jax.process_count(),
+                      train_indices=train_indices, **source)
 
 
 def fits_in_device_memory(nbytes: int, device: jax.Device, fraction: float = 0.25) -> bool:

@@ -1,13 +1,13 @@
-"""What the ablations train and measure: one recipe per dataset, in a full and a small size.
+"""What the ablations train and measure: the config, one recipe per dataset, and its checks.
 
-The full size is what the README's tables come from (``python -m experiments.ablations all``:
-24 minutes of wall time measured on 2 CPU cores shared with other jobs (load average 7-9),
-with about half of that as CPU time); the small size is the same code on digits only, with
-fewer epochs and seeds, for the test (``--small``: 70 s).
+A preset file defines ``get_config() -> AblationConfig`` (the runner's convention,
+:mod:`experiments.cifar.configs`): :mod:`.full` is what the README's tables come from,
+:mod:`.small` the same code on digits only with fewer epochs and seeds, for the test. On the
+command line a preset is ``--preset=NAME`` (or ``--config=PATH``) and any field can be
+overridden with ``--config.<field>=<value>``; :func:`field_errors` checks the values.
 """
 
-from __future__ import annotations
-
+# No "from __future__ import annotations": config_flags reads the field types as types.
 import dataclasses
 import math
 
@@ -67,26 +67,6 @@ class Recipe:
     return dict(self.model_kwargs)
 
 
-@dataclasses.dataclass(frozen=True)
-class AblationConfig:
-  """Everything the three checks need; :data:`FULL` and :data:`SMALL` are the two sizes."""
-  name: str  # 'full' or 'small'
-  recipes: tuple[Recipe, ...]  # one per dataset, in table order
-  seeds: tuple[int, ...]  # seeds of the offset/temperature check (init and data order)
-  seed: int  # the single seed of the other two checks
-
-  def recipe(self, dataset: str) -> Recipe:
-    for r in self.recipes:
-      if r.dataset == dataset:
-        return r
-    raise ValueError(f"No recipe for dataset {dataset!r} in the {self.name} config; it has "
-                     f"{', '.join(r.dataset for r in self.recipes)}.")
-
-  def only(self, datasets: tuple[str, ...]) -> AblationConfig:
-    """The same config restricted to ``datasets`` (in the order given)."""
-    return dataclasses.replace(self, recipes=tuple(self.recipe(d) for d in datasets))
-
-
 PLAIN_LR_NOTE = (
     "The plain net gets the same recipe except a lower peak learning rate: at the AOL nets' "
     "0.05 its training diverges (NaN loss in the first epoch on mnist5k, at epoch 17 on "
@@ -116,13 +96,55 @@ MNIST5K = Recipe(
     pgd_examples=500,  # the first half of the test set: 50 steps x 5 radii on all 1000 take
     power_iterations=100)  # ~5 min per network on 2 busy cores
 
-FULL = AblationConfig(name="full", recipes=(DIGITS, MNIST5K), seeds=(0, 1, 2), seed=0)
+@dataclasses.dataclass
+class AblationConfig:
+  """Everything the three checks need; plain data, one preset file per size.
 
-# For the test: digits only, fewer epochs, two seeds, a shorter attack on part of the test set.
-SMALL = AblationConfig(
-    name="small",
-    recipes=(dataclasses.replace(DIGITS, epochs=20, pgd_steps=20, pgd_examples=180,
-                                 power_iterations=50),),
-    seeds=(0, 1), seed=0)
+  Not frozen so that ``config_flags`` can apply ``--config.<field>`` overrides; treat an
+  instance as a value (derive with ``dataclasses.replace``).
+  """
+  name: str = "full"  # the size's name in the tables
+  check: str = "all"  # one of CHECKS, or 'all': the three, each network trained once
+  datasets: tuple[str, ...] = ("digits", "mnist5k")  # which recipes run, in table order
+  recipes: tuple[Recipe, ...] = (DIGITS, MNIST5K)  # one per dataset it can run
+  seeds: tuple[int, ...] = (0, 1, 2)  # seeds of the offset/temperature check (init, data order)
+  seed: int = 0  # the single seed of the other two checks
 
-CONFIGS = {"full": FULL, "small": SMALL}
+  def recipe(self, dataset: str) -> Recipe:
+    for r in self.recipes:
+      if r.dataset == dataset:
+        return r
+    raise ValueError(f"no recipe for {dataset} in the {self.name} config; choose from "
+                     f"{', '.join(r.dataset for r in self.recipes)}")
+
+  def selected(self) -> "AblationConfig":
+    """The config with ``recipes`` restricted to ``datasets``, in that order."""
+    return dataclasses.replace(self, recipes=tuple(self.recipe(d) for d in self.datasets))
+
+
+PRESETS = ("full", "small")
+# The checks a run can select (experiments.ablations.main.CHECKS runs them), and 'all'.
+CHECKS = ("offset", "orthogonal", "plain")
+
+
+def field_errors(config: AblationConfig) -> dict[str, str]:
+  """``{field: what is wrong}`` (nothing is trained or loaded to find out)."""
+  errors = {}
+  if not all(isinstance(r, Recipe) for r in config.recipes):
+    return {"recipes": "must be Recipe objects: set recipes in a preset file (configs/), not "
+                       "on the command line"}
+  if config.check not in (*CHECKS, "all"):
+    errors["check"] = f"must be one of {', '.join(CHECKS)}, all"
+  if not config.datasets:
+    errors["datasets"] = "names no dataset"
+  for dataset in config.datasets:
+    try:
+      config.recipe(dataset)
+    except ValueError as e:
+      errors["datasets"] = str(e)
+      break
+  if not config.seeds or any(not isinstance(s, int) or s < 0 for s in config.seeds):
+    errors["seeds"] = "must be one or more integers >= 0"
+  if config.seed < 0:
+    errors["seed"] = "must be >= 0"
+  return errors
