@@ -20,11 +20,12 @@ test: install-test
 	$(MAKE) test-isa
 
 # The doctests and the numeric core tests under SSE4.2 and AVX2 (the suite above ran on this
-# machine's own ISA). Measured shares of these files' time (pytest --durations, one process):
-# test_certify 48%, test_layers 37%, test_rescaling 9%, test_freeze 4%, the rest 2%.
-# test_layers (its bounds are checked against SVDs natively) is left out to keep CI < 15 min.
-ISA_TESTS ?= aol_jax tests/test_rescaling.py tests/test_freeze.py tests/test_lipschitz.py \
-	tests/test_certify.py
+# machine's own ISA): the Gram and rescaling, freeze, the exact norms, the kernel-norm bounds
+# and the certificate's rule and rounding models. test_layers (its bounds are checked against
+# SVDs natively) is left out to keep CI < 15 min.
+ISA_TESTS ?= aol_jax tests/test_gram.py tests/test_rescaling.py tests/test_freeze.py \
+	tests/test_lipschitz.py tests/test_spectral_bounds.py tests/test_certification_rule.py \
+	tests/test_certification_probabilistic.py tests/test_certification_worst_case.py
 test-isa:
 	for isa in SSE4_2 AVX2; do \
 	  echo "== XLA_FLAGS=--xla_cpu_max_isa=$$isa"; \
