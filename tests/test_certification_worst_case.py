@@ -26,7 +26,8 @@ def test_worst_case_kernel_bounds_are_rigorous(rescaled):
   """The float64 Schur bound is >= the exact norm of the float32 kernel (SVD), and for an
   AOL-rescaled kernel it is 1 up to the float32 rounding of the factors (u sqrt(a + b) ~
   1e-6 here): the frozen kernel itself may exceed 1 by that much, which the bound sees."""
-  from aol_jax import rescaling, worst_case
+  from aol_jax import rescaling
+  from aol_jax.certification import worst_case
   rng = np.random.default_rng(14)
   dense = rng.normal(size=(40, 24)).astype(np.float32)
   conv = rng.normal(size=(3, 3, 3, 6)).astype(np.float32)
