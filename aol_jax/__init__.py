@@ -5,6 +5,7 @@ from aol_jax.attacks import pgd_l2
 from aol_jax.blocks import (ConcatenationPooling, FirstChannels, Flatten, GroupSort, MaxMin,
                             ZeroChannelPad)
 from aol_jax.certification.dataset import ROUNDING_MODES, certified_radii, certify_dataset
+from aol_jax.certification.export import export_certified
 from aol_jax.certification.margins import margins
 from aol_jax.certification.probabilistic import RoundingTerms, rounding_allowance
 from aol_jax.certification.protocol import (ExactMap, UndeclaredBoundError, register_exact_map,
@@ -27,7 +28,7 @@ __all__ = [
     "WorstCaseTerms", "ZeroChannelPad", "aol_init", "attacks", "certification",
     "certification_markdown", "certified_radii", "certified_robust_accuracy", "certify",
     "certify_dataset",
-    "conv_factors", "conv_gram", "dense_factors", "freeze", "lipschitz", "margins", "models",
+    "conv_factors", "conv_gram", "dense_factors", "export_certified", "freeze", "lipschitz", "margins", "models",
     "offset_cross_entropy", "pgd_l2", "register_exact_map", "rescale_conv", "rescale_dense",
     "rounding_allowance", "rounding_terms", "sharded_rescaling", "sharding",
 ]

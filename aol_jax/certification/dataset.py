@@ -404,6 +404,20 @@ class _Certifier:
   zero_norm: object = None
 
 
+def _probabilistic_certifier(frozen: nnx.Module, image_shape) -> _Certifier:
+  """The probabilistic mode's fixed terms for the float32 copy ``frozen`` (``zero_norm`` is
+  set once the state is placed)."""
+  if not hasattr(frozen, "logits_and_activation_norm"):
+    raise TypeError("rounding='probabilistic' needs a model with "
+                    "logits_and_activation_norm(x) such as aol_jax.AOLNetwork; use "
+                    "rounding='worst_case' otherwise.")
+  graphdef, state = nnx.split(frozen)
+  terms = protocol.rounding_terms(frozen)
+  x_struct = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  return _Certifier(graphdef, terms, terms.lipschitz, operation_count(
+      lambda s, v: nnx.merge(graphdef, s)(v), state, x_struct))
+
+
 def _prepared(model, images, batch_size, mesh, rounding, check):
   """Freezes ``model`` into float32 and checks it (``check(frozen, num_classes)`` too);
   returns ``run(step, labels)``, a generator applying ``step(certifier, state, x, shift,
@@ -427,13 +441,7 @@ def _prepared(model, images, batch_size, mesh, rounding, check):
 
   mesh_context = contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
   if rounding == "probabilistic":
-    if not hasattr(frozen, "logits_and_activation_norm"):
-      raise TypeError("rounding='probabilistic' needs a model with "
-                      "logits_and_activation_norm(x) such as aol_jax.AOLNetwork; use "
-                      "rounding='worst_case' otherwise.")
-    terms = protocol.rounding_terms(frozen)
-    certifier = _Certifier(graphdef, terms, terms.lipschitz, operation_count(
-        lambda s, v: nnx.merge(graphdef, s)(v), state, x_struct))
+    certifier = _probabilistic_certifier(frozen, image_shape)
     images32 = images.astype(np.float32)
     shift = np.zeros(n, np.float32)
     if images.dtype == np.float64:
