@@ -37,18 +37,25 @@ from aol_jax.freeze import freeze
 
 @dataclasses.dataclass(frozen=True)
 class RoundingMode:
-  """One way of certifying: the evaluation its certificates hold for, and its rounding model."""
+  """One way of certifying: the evaluation its certificates hold for, its rounding model,
+  and when to choose it (both modes use the same ``L``; they differ in the allowance)."""
   evaluation: str
   model: str
+  use: str
 
 
 ROUNDING_MODES: dict[str, RoundingMode] = {
     "probabilistic": RoundingMode(
         evaluation="float32 forward pass",
-        model="probabilistic rounding model (aol_jax.certification.probabilistic)"),
+        model="probabilistic rounding model (aol_jax.certification.probabilistic)",
+        use="serving a float32 model (or an export_certified artifact); allowance about 1e-4 "
+            "of the margin"),
     "worst_case": RoundingMode(
         evaluation="float64 forward pass of the float32 weights, and exact arithmetic",
-        model="worst-case rounding bounds (aol_jax.certification.worst_case)"),
+        model="worst-case rounding bounds (aol_jax.certification.worst_case)",
+        use="a rigorous statement about exact arithmetic and the float64 pass; allowance "
+            "about 1e-11, so it certifies as much or slightly more, but not for a float32 "
+            "evaluation"),
 }
 """The rounding modes of :func:`certify_dataset`, with what each certifies."""
 
@@ -275,8 +282,10 @@ def certify_dataset(model: nnx.Module, images: ArrayLike, labels: ArrayLike, *,
   (:mod:`aol_jax.certification.protocol`; else :class:`~aol_jax.UndeclaredBoundError` names
   the layer and its path), and each example is certified at each radius by
   :func:`aol_jax.certify` with its own allowance. ``L`` is computed once, from the kernels
-  the frozen copy applies. The modes of :data:`ROUNDING_MODES` certify different
-  evaluations:
+  the frozen copy applies (:func:`aol_jax.certification.kernel_bounds.applied_kernel_bound`,
+  the same in both modes). The modes of :data:`ROUNDING_MODES` certify different
+  evaluations, so 'worst_case', whose allowance is smaller, may certify slightly more than
+  the default without being the one to use for a float32 deployment:
 
   * ``'probabilistic'`` (default): the prediction of the float32 forward pass (matmul
     precision 'highest', enforced here) is the same at every ``x'`` of the ball, under the
