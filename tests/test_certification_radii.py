@@ -38,15 +38,18 @@ def test_radii_reproduce_certify_dataset_at_every_radius(rounding):
 
 
 def test_radii_of_a_tie_and_of_a_batch_are_consistent():
-  """A batch split differently (and a mesh) gives the same radii; an example whose logits tie
-  gets radius 0."""
+  """A batch split differently (and a mesh) gives the same predictions and radii up to the
+  float32 rounding of the logits; an example whose logits tie gets radius 0."""
   model = _model()
   images, _ = digits_like(20, seed=3)
   a = aol_jax.certified_radii(model, images, batch_size=7)
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
   b = aol_jax.certified_radii(model, images, batch_size=5, mesh=mesh)
   np.testing.assert_array_equal(a[0], b[0])
-  np.testing.assert_array_equal(a[1], b[1])
+  # Another batch shape may sum the float32 logits in another order (it does with
+  # --xla_cpu_max_isa=SSE4_2): the radii then move by that rounding, ~1e-5 relative here,
+  # far inside the allowance they are certified with.
+  np.testing.assert_allclose(a[1], b[1], rtol=1e-4, atol=0)
   zero = aol_jax.certified_radii(aol_jax.AOLNetwork([aol_jax.Flatten(), aol_jax.FirstChannels(2)]),
                                  np.zeros((3, 2, 2, 1), np.float32), batch_size=2)
   np.testing.assert_array_equal(zero[1], 0.0)
