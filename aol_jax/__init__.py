@@ -4,7 +4,8 @@ from aol_jax import attacks, certification, lipschitz, models, sharding
 from aol_jax.attacks import pgd_l2
 from aol_jax.blocks import (ConcatenationPooling, FirstChannels, Flatten, GroupSort, MaxMin,
                             ZeroChannelPad)
-from aol_jax.certification.dataset import ROUNDING_MODES, certify_dataset
+from aol_jax.certification.dataset import ROUNDING_MODES, certified_radii, certify_dataset
+from aol_jax.certification.export import export_certified
 from aol_jax.certification.margins import margins
 from aol_jax.certification.probabilistic import RoundingTerms, rounding_allowance
 from aol_jax.certification.protocol import (ExactMap, UndeclaredBoundError, register_exact_map,
@@ -25,8 +26,9 @@ __all__ = [
     "ExactMap", "FirstChannels", "Flatten", "GroupSort", "MODELS", "MaxMin", "ROUNDING_MODES",
     "RescaledKernel", "RoundingTerms", "STANDARD_RADII", "UndeclaredBoundError",
     "WorstCaseTerms", "ZeroChannelPad", "aol_init", "attacks", "certification",
-    "certification_markdown", "certified_robust_accuracy", "certify", "certify_dataset",
-    "conv_factors", "conv_gram", "dense_factors", "freeze", "lipschitz", "margins", "models",
+    "certification_markdown", "certified_radii", "certified_robust_accuracy", "certify",
+    "certify_dataset",
+    "conv_factors", "conv_gram", "dense_factors", "export_certified", "freeze", "lipschitz", "margins", "models",
     "offset_cross_entropy", "pgd_l2", "register_exact_map", "rescale_conv", "rescale_dense",
     "rounding_allowance", "rounding_terms", "sharded_rescaling", "sharding",
 ]

@@ -75,7 +75,7 @@ are those of the real matrix ``[[X, -Y], [Y, X]]`` whose Gram ``[[P, -Q], [Q, P]
 with the error of item 1, and bounded by items 2-5.
 
 Finally both functions return the minimum with the AOL row-sum (Schur) bound of
-:mod:`aol_jax.worst_case` (itself rigorous in float64), so they never state more than it.
+:mod:`aol_jax.certification.worst_case` (itself rigorous in float64), so they never state more than it.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ import scipy.sparse.linalg
 from jax.typing import ArrayLike
 
 from aol_jax import padding as padding_lib
+from aol_jax.certification import worst_case
 
 _U = 2.0 ** -53  # float64 unit roundoff
 _UNDERFLOW = 2.0 ** -1021  # absolute error of one float64 operation that underflows (any mode)
@@ -233,15 +234,13 @@ def _sigma_max_upper_dense(w: np.ndarray) -> float:
 def _schur_dense(scaled: np.ndarray, p: int) -> float:
   """The AOL row-sum bound of ``scaled * 2^p`` (homogeneous: computed on the scaled kernel,
   whose Gram neither overflows nor underflows)."""
-  from aol_jax import worst_case  # the existing bound; imported here to keep the layering
-  return _unscale_up(worst_case.dense_kernel_terms(scaled, None).lipschitz, p)
+  return _unscale_up(worst_case.dense_kernel_norm_bound(scaled), p)
 
 
 def _schur_conv(scaled: np.ndarray, p: int, feature_group_count: int) -> float:
   """As :func:`_schur_dense`, for a conv kernel."""
-  from aol_jax import worst_case
-  return _unscale_up(worst_case.conv_kernel_terms(
-      scaled, None, feature_group_count=feature_group_count, output_positions=1).lipschitz, p)
+  return _unscale_up(worst_case.conv_kernel_norm_bound(
+      scaled, feature_group_count=feature_group_count), p)
 
 
 def dense_norm_bound(kernel: ArrayLike) -> float:
@@ -361,6 +360,21 @@ def _estimate_batch_lambda_max(h: np.ndarray) -> float:
 
 _CHUNK_ENTRIES = 2 ** 22  # Gram entries per chunk of samples (32 MiB of float64)
 _TOLERANCE = 2e-3  # default: refine boxes until the bound is within 0.2 % of the largest sample
+_SAMPLE_BUDGET = 2.0 ** 32  # default cost of one group's symbol samples, in (2 side)^3 units
+
+
+def default_max_samples(first_level: int, spatial_dims: int, side: int) -> int:
+  """The default sample budget of one group of :func:`conv_norm_bound`.
+
+  Each sample costs a Gram and a Cholesky factorisation of size ``2 side`` (``side = min(c_in
+  / g, c_out / g)``), about ``(2 side)^3`` flops. The budget is ``2^32`` such flops, at least
+  the ``first_level`` boxes (which must all be sampled) and at most enough to split each of
+  them once (``3^d first_level``). A narrow kernel thus gets the second level (within 1.02 %
+  of the sup), a wide one fewer refinements: a 3x3 kernel of side 192 gets only its 113
+  first-level samples (within 10 %), side 128 gets 256 samples, side 64 all 1017.
+  """
+  affordable = int(_SAMPLE_BUDGET // (2 * side) ** 3)
+  return max(first_level, min(3 ** spatial_dims * first_level, affordable))
 
 
 def _sample_bounds(taps: np.ndarray, points: np.ndarray, n: int) -> np.ndarray:
@@ -415,8 +429,8 @@ def _symbol_bound(taps: np.ndarray, grid_size: int | None, tolerance: float,
   nearest sample), so ``S <= max_boxes`` of that. A box whose bound exceeds ``(1 + tolerance)``
   times the largest sample is split into ``3^d`` boxes (the centre sample is kept), from
   ``N_0`` with factor ``<= 1.1`` down to factor ``<= 1 + tolerance / 2``, while at most
-  ``max_samples`` samples are spent (default: enough to split every first-level box once). Boxes of one half of the torus suffice
-  (``||K^(-w)|| = ||K^(w)||``).
+  ``max_samples`` samples are spent (default :func:`default_max_samples`). Boxes of one half
+  of the torus suffice (``||K^(-w)|| = ||K^(w)||``).
   """
   ksize = taps.shape[:-2]
   nd = len(ksize)
@@ -436,7 +450,7 @@ def _symbol_bound(taps: np.ndarray, grid_size: int | None, tolerance: float,
   level = np.zeros(len(values), int)
   spent = len(values)
   if max_samples is None:
-    max_samples = 3 ** nd * len(values)
+    max_samples = default_max_samples(len(values), nd, min(taps.shape[-2:]))
   offsets = np.array(list(np.ndindex(*(3,) * nd))) - 1
   offsets = offsets[np.any(offsets != 0, axis=1)]
   while True:
@@ -487,11 +501,14 @@ def conv_norm_bound(kernel: ArrayLike, *, strides: int | Sequence[int] = 1,
   / 2``; the bound is the max of that over a tiling of the torus by boxes, refined (split
   3^d-fold) where it exceeds ``1 + tolerance`` times the largest sample, each sample bounded
   rigorously in float64 (Cholesky-verified, rounding included). The first level has
-  ``1 / (1 - theta^2 / 2) <= 1.1``, the second ``<= 1.0102``: once every box is split once
-  (``3^d - 1`` new samples per first-level box, which the default budget allows) the result
-  is within 1.02 % of ``S``, and within ``tolerance`` if ``max_samples``
-  allows the boxes near the maximum to be split further. A spent budget only loosens it. Strides are not exploited (the bound is that of stride 1). The result is never above the AOL row-sum (Schur) bound; an all-zero kernel
-  gives 0.
+  ``1 / (1 - theta^2 / 2) <= 1.1``, the second ``<= 1.0102``: unrefined, the result is within
+  10 % of ``S``; once every box near the maximum is split once (``3^d - 1`` new samples per
+  box) within 1.02 %, and within ``tolerance`` if ``max_samples`` allows further splits.
+  The default budget (:func:`default_max_samples`) is capped by the cost of a sample, so a
+  narrow kernel gets the second level and a wide one (side 192) the first only. A spent
+  budget only loosens the bound, never voids it. Strides are not exploited (the bound is
+  that of stride 1). The result is never above the AOL row-sum (Schur) bound; an all-zero
+  kernel gives 0.
 
   Args:
     kernel: ``(*k, c_in / g, c_out)``, floating point, finite.
@@ -502,8 +519,9 @@ def conv_norm_bound(kernel: ArrayLike, *, strides: int | Sequence[int] = 1,
     tolerance: relative target above the largest sample (default 0.2 %), reached only if
       ``max_samples`` allows.
     max_samples: symbol samples per group at most (each costs a Gram and a Cholesky of
-      size ``2 min(c_in / g, c_out / g)``); default: every first-level box split once (1017
-      samples for a 3x3 kernel); a larger budget lets ``tolerance`` be approached.
+      size ``2 min(c_in / g, c_out / g)``); default :func:`default_max_samples` (between the
+      113 first-level and 1017 samples for a 3x3 kernel, fewer the wider it is); a larger
+      budget lets ``tolerance`` be approached.
     grid_size: if given, one uniform grid of that size with its factor, no refinement.
 
   Returns:

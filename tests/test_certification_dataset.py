@@ -59,18 +59,19 @@ def test_certify_dataset_uses_normalisation_constant():
   # Labels = the model's own predictions, so every example has a positive margin.
   logits = aol_jax.freeze(normalised)(jnp.asarray(images))
   labels = np.asarray(jnp.argmax(logits, axis=-1))
-  # A radius at which L = 1 would certify the examples with margin > median / 2, and
-  # L = 4 (at most) only those with margin > 2 median.
-  eps = float(np.median(numpy_margin(np.asarray(logits), labels))) / (2 * math.sqrt(2))
+  # A radius at which the kernels' own L (without the normalisation's 4) would certify the
+  # examples with margin > median / 2, and the normalised model's L only those > 2 median.
+  eps = 2 * float(np.median(numpy_margin(np.asarray(logits), labels))) / (math.sqrt(2) * lip)
   eps_list = (0.0, eps / 4, eps)
   result = certify_dataset(normalised, images, labels, eps_list=eps_list, batch_size=16)
   assert result.lipschitz_constant == lip
   correct, counts = reference_counts(normalised, images, labels, eps_list)
   assert (result.num_correct, result.num_certified) == (correct, counts)
-  # Certifying the same logits with L = 1 would claim more: the constant matters here.
-  with_l1 = int(np.sum(certify(logits, labels, eps, lipschitz_constant=1.0, allowance=0.0)))
-  print("normalised model, certified with L=4 / L=1:", result.num_certified[-1], with_l1)
-  assert with_l1 > result.num_certified[-1]
+  # Certifying the same logits without the normalisation's factor 4 would claim more.
+  without = int(np.sum(certify(logits, labels, eps, lipschitz_constant=lip / 4, allowance=0.0)))
+  print("normalised model, certified with L / L without 1/std:", result.num_certified[-1],
+        without)
+  assert without > result.num_certified[-1]
 
 
 def test_certify_dataset_rejects_bad_inputs():

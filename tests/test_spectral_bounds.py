@@ -20,7 +20,8 @@ import scipy.optimize
 
 import aol_jax
 from aol_jax import padding as padding_lib
-from aol_jax import spectral_bounds, worst_case
+from aol_jax import spectral_bounds
+from aol_jax.certification import worst_case
 from aol_jax.lipschitz import circular_conv_singular_values, operator_norm
 from aol_jax.spectral_bounds import conv_norm_bound, dense_norm_bound
 

@@ -37,18 +37,25 @@ from aol_jax.freeze import freeze
 
 @dataclasses.dataclass(frozen=True)
 class RoundingMode:
-  """One way of certifying: the evaluation its certificates hold for, and its rounding model."""
+  """One way of certifying: the evaluation its certificates hold for, its rounding model,
+  and when to choose it (both modes use the same ``L``; they differ in the allowance)."""
   evaluation: str
   model: str
+  use: str
 
 
 ROUNDING_MODES: dict[str, RoundingMode] = {
     "probabilistic": RoundingMode(
         evaluation="float32 forward pass",
-        model="probabilistic rounding model (aol_jax.certification.probabilistic)"),
+        model="probabilistic rounding model (aol_jax.certification.probabilistic)",
+        use="serving a float32 model (or an export_certified artifact); allowance about 1e-4 "
+            "of the margin"),
     "worst_case": RoundingMode(
         evaluation="float64 forward pass of the float32 weights, and exact arithmetic",
-        model="worst-case rounding bounds (aol_jax.certification.worst_case)"),
+        model="worst-case rounding bounds (aol_jax.certification.worst_case)",
+        use="a rigorous statement about exact arithmetic and the float64 pass; allowance "
+            "about 1e-11, so it certifies as much or slightly more, but not for a float32 "
+            "evaluation"),
 }
 """The rounding modes of :func:`certify_dataset`, with what each certifies."""
 
@@ -71,42 +78,122 @@ def _zero_input_activation_norm(graphdef, state, image_shape) -> jax.Array:
   return nnx.merge(graphdef, state).logits_and_activation_norm(zeros)[1][0]
 
 
+def _probabilistic_certified(terms: RoundingTerms, operations: int, logits, y, act_norm, shift,
+                             e):
+  """The probabilistic mode's decision at the float32 radius ``e``, per example.
+
+  ``shift`` per example is ``||x - x32||`` (rounded up) for float64 images rounded to
+  float32: the ball of radius ``e`` around ``x`` lies in that of ``e + shift`` around
+  ``x32``. Non-increasing in ``e`` (every operation is a rounded monotone one), which
+  :func:`_largest_certified` relies on. Returns ``(certified, allowance)``.
+  """
+  radius = e + shift
+  allow = rounding_allowance(terms, act_norm, radius, operations=operations)
+  ok = certify(logits, y, radius, lipschitz_constant=terms.lipschitz, allowance=allow)
+  return ok & (act_norm + terms.prefix * radius < OVERFLOW_GUARD), allow
+
+
+def _activation_norm(terms: RoundingTerms, x, zero_norm):
+  """``M <= P (1 + u S_r) ||x|| + M(0)``: every value computed at ``x`` is within
+  ``P (1 + u S_r) ||x||`` of its value at the zero image."""
+  growth = terms.prefix * (1.0 + FLOAT32_UNIT_ROUNDOFF * terms.rescale)
+  return growth * jnp.linalg.norm(x.reshape(x.shape[0], -1), axis=-1) + zero_norm
+
+
+def _probabilistic_decisions(graphdef, terms: RoundingTerms, operations: int, state, x, shift,
+                             zero_norm):
+  """Logits, predictions, the largest certified float32 radius of the prediction and whether
+  radius 0 is certified, and the allowance at radius ``e`` (a function), for one batch."""
+  logits = nnx.merge(graphdef, state)(x)
+  pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  act_norm = _activation_norm(terms, x, zero_norm)
+  decide = lambda e: _probabilistic_certified(terms, operations, logits, pred, act_norm,
+                                              shift, e)[0]
+  radius, at_zero = _largest_certified(decide, jnp.float32)
+  allowance = lambda e: rounding_allowance(terms, act_norm, e + shift, operations=operations)
+  return logits, pred, radius, at_zero, allowance
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _probabilistic_counts(graphdef, terms: RoundingTerms, operations: int, state, x, shift, y,
                           valid, eps_arr, zero_norm):
   """Correct count, certified count per radius and largest allowance, for one batch.
 
-  ``shift`` per example is ``||x - x32||`` (rounded up) for float64 images rounded to
-  float32: the ball of radius ``eps`` around ``x`` lies in that of ``eps + shift`` around
-  ``x32``.
+  An example is certified at ``e`` when its label is the prediction and ``e`` is at most the
+  largest certified radius of :func:`_largest_certified`: the one decision that
+  :func:`certified_radii` reports, so both agree at every radius by construction.
   """
+  logits, pred, radius, at_zero, allowance = _probabilistic_decisions(
+      graphdef, terms, operations, state, x, shift, zero_norm)
+  cert = (pred == y) & at_zero & (radius[None, :] >= eps_arr[:, None])
+  return _counts(logits, y, valid, cert, jax.vmap(allowance)(eps_arr))
+
+
+def _worst_case_certified(terms: WorstCaseTerms, logits, y, norm, input_size: int, e):
+  """The worst-case mode's decision at the float64 radius ``e`` (non-increasing in ``e``)."""
+  allow = worst_case_allowance(terms, norm, e, input_size=input_size)
+  return certify(logits, y, e, lipschitz_constant=terms.lipschitz, allowance=allow), allow
+
+
+def _worst_case_decisions(graphdef, terms: WorstCaseTerms, state, x):
+  """As :func:`_probabilistic_decisions`, for the float64 evaluation (under ``enable_x64``)."""
   logits = nnx.merge(graphdef, state)(x)
-  # Every value computed at x is within P ||x|| (1 + u S_r) of its value at the zero image.
-  growth = terms.prefix * (1.0 + FLOAT32_UNIT_ROUNDOFF * terms.rescale)
-  act_norm = growth * jnp.linalg.norm(x.reshape(x.shape[0], -1), axis=-1) + zero_norm
-
-  def at(e):
-    radius = e + shift
-    allow = rounding_allowance(terms, act_norm, radius, operations=operations)
-    ok = certify(logits, y, radius, lipschitz_constant=terms.lipschitz, allowance=allow)
-    return ok & (act_norm + terms.prefix * radius < OVERFLOW_GUARD), allow
-
-  cert, allow = jax.vmap(at)(eps_arr)
-  return _counts(logits, y, valid, cert, allow)
+  pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  norm = jnp.linalg.norm(x.reshape(x.shape[0], -1), axis=-1)
+  size = math.prod(x.shape[1:])
+  decide = lambda e: _worst_case_certified(terms, logits, pred, norm, size, e)[0]
+  radius, at_zero = _largest_certified(decide, jnp.float64)
+  allowance = lambda e: worst_case_allowance(terms, norm, e, input_size=size)
+  return logits, pred, radius, at_zero, allowance
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _worst_case_counts(graphdef, terms: WorstCaseTerms, state, x, y, valid, eps_arr):
   """As :func:`_probabilistic_counts`, for the float64 evaluation (under ``enable_x64``)."""
-  logits = nnx.merge(graphdef, state)(x)
-  norm = jnp.linalg.norm(x.reshape(x.shape[0], -1), axis=-1)
+  logits, pred, radius, at_zero, allowance = _worst_case_decisions(graphdef, terms, state, x)
+  cert = (pred == y) & at_zero & (radius[None, :] >= eps_arr[:, None])
+  return _counts(logits, y, valid, cert, jax.vmap(allowance)(eps_arr))
 
-  def at(e):
-    allow = worst_case_allowance(terms, norm, e, input_size=math.prod(x.shape[1:]))
-    return certify(logits, y, e, lipschitz_constant=terms.lipschitz, allowance=allow), allow
 
-  cert, allow = jax.vmap(at)(eps_arr)
-  return _counts(logits, y, valid, cert, allow)
+def _largest_certified(decide, dtype):
+  """Per example, the largest non-negative float ``r`` of ``dtype`` with ``decide(r)`` true,
+  and whether ``decide(0)`` holds; ``decide`` maps a radius array ``(batch,)`` to a bool
+  array and is non-increasing in it.
+
+  Bisection on the bit patterns: the non-negative floats of a dtype are ordered as their
+  bits read as integers, so ``bits(dtype)`` halvings of ``[0, +inf)`` find the last certified
+  one exactly (no tolerance), the decision itself being evaluated at every step.
+  """
+  itype = jnp.int32 if jnp.dtype(dtype).itemsize == 4 else jnp.int64
+  inf_bits = jax.lax.bitcast_convert_type(jnp.asarray(jnp.inf, dtype), itype)
+  as_float = lambda bits: jax.lax.bitcast_convert_type(bits, dtype)
+  at_zero = decide(jnp.zeros_like(as_float(jnp.zeros((), itype))))
+  # Shaped (and sharded) like the decisions: decide(low) holds wherever at_zero does, and
+  # decide(+inf) never holds (a finite margin).
+  low = jnp.zeros_like(at_zero, itype)
+  high = jnp.full_like(at_zero, inf_bits, itype)
+
+  def step(_, bounds):
+    low, high = bounds
+    mid = low + (high - low) // 2
+    ok = decide(as_float(mid))
+    return jnp.where(ok, mid, low), jnp.where(ok, high, mid)
+
+  low, _ = jax.lax.fori_loop(0, 8 * jnp.dtype(dtype).itemsize, step, (low, high))
+  return as_float(low), at_zero
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _probabilistic_radii(graphdef, terms: RoundingTerms, operations: int, state, x, shift,
+                         zero_norm):
+  """Predictions, largest certified float32 radii and whether 0 is certified, for one batch."""
+  return _probabilistic_decisions(graphdef, terms, operations, state, x, shift, zero_norm)[1:4]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _worst_case_radii(graphdef, terms: WorstCaseTerms, state, x):
+  """As :func:`_probabilistic_radii`, in float64 (under ``enable_x64``)."""
+  return _worst_case_decisions(graphdef, terms, state, x)[1:4]
 
 
 def _counts(logits, y, valid, cert, allow):
@@ -195,8 +282,10 @@ def certify_dataset(model: nnx.Module, images: ArrayLike, labels: ArrayLike, *,
   (:mod:`aol_jax.certification.protocol`; else :class:`~aol_jax.UndeclaredBoundError` names
   the layer and its path), and each example is certified at each radius by
   :func:`aol_jax.certify` with its own allowance. ``L`` is computed once, from the kernels
-  the frozen copy applies. The modes of :data:`ROUNDING_MODES` certify different
-  evaluations:
+  the frozen copy applies (:func:`aol_jax.certification.kernel_bounds.applied_kernel_bound`,
+  the same in both modes). The modes of :data:`ROUNDING_MODES` certify different
+  evaluations, so 'worst_case', whose allowance is smaller, may certify slightly more than
+  the default without being the one to use for a float32 deployment:
 
   * ``'probabilistic'`` (default): the prediction of the float32 forward pass (matmul
     precision 'highest', enforced here) is the same at every ``x'`` of the ball, under the
@@ -231,6 +320,78 @@ def certify_dataset(model: nnx.Module, images: ArrayLike, labels: ArrayLike, *,
     mesh: optional mesh with a ``'data'`` axis.
     rounding: a key of :data:`ROUNDING_MODES`, reported in the result.
   """
+  model, images, batch_size = _checked_arguments(model, images, batch_size, rounding)
+  labels = np.asarray(labels)
+  eps_arr = np.asarray(eps_list, np.float64)
+  if eps_arr.ndim != 1 or not np.all(np.isfinite(eps_arr)) or (eps_arr < 0).any():
+    raise ValueError(f"eps_list must be a sequence of finite radii >= 0, got {eps_list}.")
+  eps32 = _float32_radii(eps_arr)
+  check = lambda frozen, num_classes: check_labels(labels, num_classes, batch=len(images))
+  # Every trace below, the checks included, sees the precision the allowance assumes.
+  with jax.default_matmul_precision("highest"):
+    run = _prepared(model, images, batch_size, mesh, rounding, check)
+    if rounding == "probabilistic":
+      step = lambda c, state, x, s, y, valid: _probabilistic_counts(
+          c.graphdef, c.terms, c.operations, state, x, s, y, valid, eps32, c.zero_norm)
+    else:
+      step = lambda c, state, x, s, y, valid: _worst_case_counts(
+          c.graphdef, c.terms, state, x, y, valid, eps_arr)
+    totals = None
+    for out in run(step, labels.astype(np.int32)):
+      # Summed on the device, read once at the end: the host never waits between batches.
+      totals = out if totals is None else _accumulate(totals, out)
+    correct, certified, max_allow = jax.device_get(totals)
+  return CertificationResult(
+      num_examples=len(images), num_correct=int(correct),
+      eps_list=tuple(float(e) for e in eps_arr),
+      num_certified=tuple(int(c) for c in certified), lipschitz_constant=float(run.lipschitz),
+      max_allowance=tuple(float(a) for a in max_allow), rounding=rounding)
+
+
+def certified_radii(model: nnx.Module, images: ArrayLike, *, rounding: Rounding = "probabilistic",
+                    batch_size: int, mesh: jax.sharding.Mesh | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """Per example, the predicted class and the l2 radius within which it is certified.
+
+  ``radii[i] > eps`` exactly when the prediction for ``images[i]`` is certified at radius
+  ``eps`` under ``rounding`` (the same decision, the same freezing, validation, batching and
+  sharding as :func:`certify_dataset`, whose certified count at ``eps`` is therefore
+  ``sum((predictions == labels) & (radii > eps))`` for every float ``eps``). ``radii[i]`` is
+  the smallest float64 above the largest radius certified (a float32 one in the
+  probabilistic mode, where radii are rounded up to float32 as in :func:`certify_dataset`),
+  so the prediction holds on the open ball of that radius; 0 where nothing is certified
+  (the prediction is tied, or its margin does not cover the rounding allowance). The radius
+  is found by an exact bisection on the float's bits, not by solving the rule in closed
+  form, so that it is the rule's own decision.
+
+  Args:
+    model: as for :func:`certify_dataset`.
+    images: ``(n, ...)`` floating point, finite, in ``[0, 1]``.
+    rounding: a key of :data:`ROUNDING_MODES`.
+    batch_size: rows per compiled call, an int >= 1 (rounded up to a multiple of the mesh's
+      data axis).
+    mesh: optional mesh with a ``'data'`` axis.
+
+  Returns:
+    ``(predictions, radii)``: ``(n,)`` int32 class ids and ``(n,)`` float64 radii, numpy.
+  """
+  model, images, batch_size = _checked_arguments(model, images, batch_size, rounding)
+  with jax.default_matmul_precision("highest"):
+    run = _prepared(model, images, batch_size, mesh, rounding, lambda *_: None)
+    if rounding == "probabilistic":
+      step = lambda c, state, x, s, y, valid: _probabilistic_radii(
+          c.graphdef, c.terms, c.operations, state, x, s, c.zero_norm)
+    else:
+      step = lambda c, state, x, s, y, valid: _worst_case_radii(c.graphdef, c.terms, state, x)
+    outs = jax.device_get(list(run(step, np.zeros(len(images), np.int32))))
+  preds = np.concatenate([o[0] for o in outs])[:len(images)]
+  largest = np.concatenate([np.asarray(o[1], np.float64) for o in outs])[:len(images)]
+  at_zero = np.concatenate([o[2] for o in outs])[:len(images)]
+  radii = np.where(at_zero, np.nextafter(largest, np.inf), 0.0)
+  return preds.astype(np.int32), radii
+
+
+def _checked_arguments(model, images, batch_size, rounding):
   if rounding not in ROUNDING_MODES:
     raise ValueError(f"rounding must be one of {sorted(ROUNDING_MODES)}, got {rounding!r}.")
   if not isinstance(model, nnx.Module):
@@ -239,17 +400,37 @@ def certify_dataset(model: nnx.Module, images: ArrayLike, labels: ArrayLike, *,
   if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or (
       batch_size < 1):
     raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
-  images = _checked_images(images)
-  labels = np.asarray(labels)
-  eps_arr = np.asarray(eps_list, np.float64)
-  if eps_arr.ndim != 1 or not np.all(np.isfinite(eps_arr)) or (eps_arr < 0).any():
-    raise ValueError(f"eps_list must be a sequence of finite radii >= 0, got {eps_list}.")
-  # Every trace below, the checks included, sees the precision the allowance assumes.
-  with jax.default_matmul_precision("highest"):
-    return _certify_dataset(model, images, labels, eps_arr, int(batch_size), mesh, rounding)
+  return model, _checked_images(images), int(batch_size)
 
 
-def _certify_dataset(model, images, labels, eps_arr, batch_size, mesh, rounding):
+@dataclasses.dataclass
+class _Certifier:
+  """What a mode needs per batch, fixed once for the dataset."""
+  graphdef: object
+  terms: object
+  lipschitz: float
+  operations: int = 0
+  zero_norm: object = None
+
+
+def _probabilistic_certifier(frozen: nnx.Module, image_shape) -> _Certifier:
+  """The probabilistic mode's fixed terms for the float32 copy ``frozen`` (``zero_norm`` is
+  set once the state is placed)."""
+  if not hasattr(frozen, "logits_and_activation_norm"):
+    raise TypeError("rounding='probabilistic' needs a model with "
+                    "logits_and_activation_norm(x) such as aol_jax.AOLNetwork; use "
+                    "rounding='worst_case' otherwise.")
+  graphdef, state = nnx.split(frozen)
+  terms = protocol.rounding_terms(frozen)
+  x_struct = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  return _Certifier(graphdef, terms, terms.lipschitz, operation_count(
+      lambda s, v: nnx.merge(graphdef, s)(v), state, x_struct))
+
+
+def _prepared(model, images, batch_size, mesh, rounding, check):
+  """Freezes ``model`` into float32 and checks it (``check(frozen, num_classes)`` too);
+  returns ``run(step, labels)``, a generator applying ``step(certifier, state, x, shift,
+  y, valid)`` to every padded, sharded batch of ``images``, with ``run.lipschitz``."""
   n = images.shape[0]
   image_shape = images.shape[1:]
   protocol.lipschitz_bound(model)  # refuses an undeclared layer by its path, before any trace
@@ -257,7 +438,7 @@ def _certify_dataset(model, images, labels, eps_arr, batch_size, mesh, rounding)
   graphdef, state = nnx.split(frozen)
   x_struct = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   num_classes = jax.eval_shape(frozen, x_struct).shape[-1]
-  check_labels(labels, num_classes, batch=n)
+  check(frozen, num_classes)
 
   rows = batch_size
   data_sharding = None
@@ -269,14 +450,7 @@ def _certify_dataset(model, images, labels, eps_arr, batch_size, mesh, rounding)
 
   mesh_context = contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
   if rounding == "probabilistic":
-    if not hasattr(frozen, "logits_and_activation_norm"):
-      raise TypeError("rounding='probabilistic' needs a model with "
-                      "logits_and_activation_norm(x) such as aol_jax.AOLNetwork; use "
-                      "rounding='worst_case' otherwise.")
-    terms = protocol.rounding_terms(frozen)
-    lip = terms.lipschitz
-    operations = operation_count(lambda s, v: nnx.merge(graphdef, s)(v), state, x_struct)
-    eps32 = _float32_radii(eps_arr)
+    certifier = _probabilistic_certifier(frozen, image_shape)
     images32 = images.astype(np.float32)
     shift = np.zeros(n, np.float32)
     if images.dtype == np.float64:
@@ -284,49 +458,42 @@ def _certify_dataset(model, images, labels, eps_arr, batch_size, mesh, rounding)
       shift = _float32_radii(gap * (1 + 1e-9))
     images = images32
     arithmetic = contextlib.nullcontext()
-    counts = lambda state, x, s, y, valid: _probabilistic_counts(
-        graphdef, terms, operations, state, x, s, y, valid, eps32, zero_norm)
   else:
     wc = protocol.worst_case_terms(frozen, image_shape)
-    lip = wc.lipschitz
+    certifier = _Certifier(graphdef, wc, wc.lipschitz)
     shift = np.zeros(n, np.float64)
     images = images.astype(np.float64)
     arithmetic = jax.enable_x64(True)  # restored on exit
-    counts = lambda state, x, s, y, valid: _worst_case_counts(graphdef, wc, state, x, y, valid,
-                                                              eps_arr)
 
-  totals = None
-  with arithmetic, mesh_context:
-    if rounding == "worst_case":
-      state = jax.tree.map(lambda a: a.astype(jnp.float64)
-                           if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
-      x64 = jax.ShapeDtypeStruct((1, *image_shape), jnp.float64)
-      found = _floating_dtypes(lambda s, v: nnx.merge(graphdef, s)(v), state, x64)
-      if found - {jnp.dtype(jnp.float64)}:
-        raise TypeError(f"rounding='worst_case' needs a float64 forward pass, but the model "
-                        f"also computes in {sorted(str(d) for d in found)}: a layer fixes "
-                        "its compute dtype. Leave layers' dtype=None.")
-    if mesh is not None:
-      state = jax.device_put(state, NamedSharding(mesh, P()))
-    if rounding == "probabilistic":
-      zero_norm = _zero_input_activation_norm(graphdef, state, image_shape)
-    for start in range(0, n, rows):
-      x = images[start:start + rows]
-      s = shift[start:start + rows]
-      y = labels[start:start + rows].astype(np.int32)
-      valid = np.arange(rows) < x.shape[0]
-      if x.shape[0] < rows:
-        pad = rows - x.shape[0]
-        x = np.concatenate([x, np.zeros((pad, *image_shape), x.dtype)])
-        s = np.concatenate([s, np.zeros(pad, s.dtype)])
-        y = np.concatenate([y, np.zeros(pad, y.dtype)])
-      if data_sharding is not None:
-        x, s, y, valid = jax.device_put((x, s, y, valid), data_sharding)
-      out = counts(state, x, s, y, valid)
-      # Summed on the device, read once at the end: the host never waits between batches.
-      totals = out if totals is None else _accumulate(totals, out)
-    correct, certified, max_allow = jax.device_get(totals)
-  return CertificationResult(
-      num_examples=n, num_correct=int(correct), eps_list=tuple(float(e) for e in eps_arr),
-      num_certified=tuple(int(c) for c in certified), lipschitz_constant=float(lip),
-      max_allowance=tuple(float(a) for a in max_allow), rounding=rounding)
+  def run(step, labels):
+    nonlocal state
+    with arithmetic, mesh_context:
+      if rounding == "worst_case":
+        state = jax.tree.map(lambda a: a.astype(jnp.float64)
+                             if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
+        x64 = jax.ShapeDtypeStruct((1, *image_shape), jnp.float64)
+        found = _floating_dtypes(lambda s, v: nnx.merge(graphdef, s)(v), state, x64)
+        if found - {jnp.dtype(jnp.float64)}:
+          raise TypeError(f"rounding='worst_case' needs a float64 forward pass, but the model "
+                          f"also computes in {sorted(str(d) for d in found)}: a layer fixes "
+                          "its compute dtype. Leave layers' dtype=None.")
+      if mesh is not None:
+        state = jax.device_put(state, NamedSharding(mesh, P()))
+      if rounding == "probabilistic":
+        certifier.zero_norm = _zero_input_activation_norm(graphdef, state, image_shape)
+      for start in range(0, n, rows):
+        x = images[start:start + rows]
+        s = shift[start:start + rows]
+        y = labels[start:start + rows]
+        valid = np.arange(rows) < x.shape[0]
+        if x.shape[0] < rows:
+          pad = rows - x.shape[0]
+          x = np.concatenate([x, np.zeros((pad, *image_shape), x.dtype)])
+          s = np.concatenate([s, np.zeros(pad, s.dtype)])
+          y = np.concatenate([y, np.zeros(pad, y.dtype)])
+        if data_sharding is not None:
+          x, s, y, valid = jax.device_put((x, s, y, valid), data_sharding)
+        yield step(certifier, state, x, s, y, valid)
+
+  run.lipschitz = certifier.lipschitz
+  return run
