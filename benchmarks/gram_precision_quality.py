@@ -51,7 +51,7 @@ PRECISIONS = ("highest", "bfloat16")
 PRESETS = ("digits", "mnist5k")
 # --size tiny: one short run per precision (the test); quick/paper: the presets as they are.
 TINY_EPOCHS = 1
-TINY_MODEL = ("--config.model_kwargs.channels=8", "--config.model_kwargs.conv_depth=1",
+TINY_MODEL = ("--config.model_kwargs.channels=16", "--config.model_kwargs.conv_depth=1",
               "--config.model_kwargs.dense_depth=1")
 MODULE = "benchmarks.gram_precision_quality"
 
