@@ -13,7 +13,7 @@ import pytest
 import aol_jax
 from aol_jax.certification import export
 from aol_jax.certification.dataset import _float32_radii
-from certification_support import digits_like, tiny_std_model, trained_like
+from support.certification import digits_like, tiny_std_model, trained_like
 
 _LOAD = textwrap.dedent("""
     import sys
@@ -53,6 +53,25 @@ def test_exported_model_reproduces_certified_radii_with_jax_alone(tmp_path):
   assert on_disk["num_classes"] == 10 and on_disk["inputs"]["dtype"] == "float32"
   assert on_disk["inputs"]["shape"] == ["n", 8, 8, 1] and on_disk["rounding"] == "probabilistic"
   assert on_disk["library_version"] == aol_jax.__version__
+
+
+def test_exported_model_gives_radius_zero_outside_what_it_certifies(tmp_path):
+  """An image certified_radii would refuse (outside [0, 1], NaN, inf) is never certified by
+  the artifact, which cannot raise: its radius is 0."""
+  import jax  # noqa: PLC0415
+  model = trained_like(tiny_std_model(), 0.3, seed=11)
+  images, _ = digits_like(40, seed=6)
+  path = tmp_path / "model.jaxexport"
+  aol_jax.export_certified(model, path, input_shape=(8, 8, 1))
+  call = jax.export.deserialize(path.read_bytes()).call
+  _, radii = call(images)
+  i = int(np.argmax(np.asarray(radii)))
+  assert radii[i] > 0
+  bad = np.repeat(images[i:i + 1], 4, axis=0)
+  for row, value in enumerate((1.5, -0.1, np.nan, np.inf)):
+    bad[row, 0, 0, 0] = value
+  _, bad_radii = call(bad)
+  np.testing.assert_array_equal(np.asarray(bad_radii), 0.0)
 
 
 def test_export_writes_nothing_on_failure(tmp_path, monkeypatch):

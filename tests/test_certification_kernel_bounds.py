@@ -10,7 +10,7 @@ from flax import nnx
 import aol_jax
 from aol_jax import lipschitz
 from aol_jax.certification import kernel_bounds, protocol, worst_case
-from certification_support import trained_like
+from support.certification import trained_like
 
 CONVS = [  # (in, out, kernel, strides, dilation, groups, padding, input spatial size)
     (3, 4, (3, 3), (1, 1), (1, 1), 1, "SAME", (6, 5)),

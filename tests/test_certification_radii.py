@@ -8,7 +8,7 @@ import pytest
 
 import aol_jax
 from aol_jax.certification.dataset import _float32_radii
-from certification_support import digits_like, tiny_std_model, trained_like
+from support.certification import digits_like, tiny_std_model, trained_like
 
 
 def _model():

@@ -1,11 +1,14 @@
-"""``--mode=certify`` re-certifies a trained workdir without training, ``--mode=export`` says
-that it is not available yet, and ``experiments.load`` gives the trained model back."""
+"""``--mode=certify`` re-certifies a trained workdir without training, ``--mode=export`` writes
+its portable certified model, and ``experiments.load`` gives the trained model back."""
 
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
+
+import aol_jax
 
 import experiments
 from experiments.cifar.main import main
@@ -57,14 +60,35 @@ def test_certify_mode_on_a_workdir_without_checkpoints_says_so(trained, tmp_path
                             f"holds no checkpoint; train first (--mode=train).")
 
 
-def test_export_mode_is_not_available_yet_and_writes_nothing(trained):
+def test_export_mode_writes_the_certified_model_that_certified_radii_describes(trained):
   tmp, flags, _ = trained
+  out = main([*flags, "--mode=export"])
+  export_dir = tmp / "work" / "export"
+  assert out == {"export": str(export_dir / "model.jaxexport")}
+  assert sorted(p.name for p in export_dir.iterdir()) == ["model.jaxexport",
+                                                           "model.jaxexport.json"]
+  description = json.loads((export_dir / "model.jaxexport.json").read_text())
+  assert (description["rounding"], description["num_classes"]) == ("probabilistic", 10)
+  assert description["inputs"]["shape"] == ["n", 32, 32, 3]
+  model, _ = experiments.load(str(tmp / "work"))
+  images = input_pipeline.load("cifar10", data_dir=str(tmp / "data"),
+                               download=False).test_inputs()[:5]  # not the export's batch
+  call = jax.export.deserialize((export_dir / "model.jaxexport").read_bytes()).call
+  predictions, radii = call(images)
+  want_pred, want_radii = aol_jax.certified_radii(model, images, batch_size=8)
+  np.testing.assert_array_equal(predictions, want_pred)
+  # float64 radii rounded up to float32 by the artifact.
+  np.testing.assert_allclose(radii, want_radii, rtol=1e-4)
+  assert description["lipschitz_bound"] > 0
+
+
+def test_export_mode_refuses_the_worst_case_rounding_and_writes_nothing(trained, tmp_path):
+  _, flags, _ = trained
   with pytest.raises(SystemExit) as err:
-    main([*flags, "--mode=export"])
-  assert str(err.value) == (
-      "error: --mode='export': exporting the certified model is not available yet (it needs "
-      "aol_jax.export_certified); use --mode=certify for the certificate.")
-  assert not os.path.exists(tmp / "work" / "export")
+    main([*flags[:-1], f"--workdir={tmp_path / 'w'}", "--mode=export", "--rounding=worst_case"])
+  assert str(err.value).startswith("error: --rounding='worst_case': an exported model "
+                                   "certifies its own float32 forward pass")
+  assert not os.path.exists(tmp_path / "w" / "export")
 
 
 def test_load_gives_the_trained_model_and_its_config(trained):

@@ -37,14 +37,13 @@ def export_certified(model: nnx.Module, path: str | os.PathLike, *, input_shape:
   (any ``n``), the prediction and the float32 radius ``r`` such that the prediction is
   certified (under ``rounding``) at every float32 radius ``eps < r``, 0 where nothing is:
   the decision of :func:`aol_jax.certified_radii`, whose float64 radii it returns rounded
-  up to float32. The frozen float32 kernels, the Lipschitz bound, the rounding terms and
+  up to float32. An image that :func:`aol_jax.certified_radii` would refuse (a value outside
+  ``[0, 1]`` or not finite) gets radius 0. The frozen float32 kernels, the Lipschitz bound, the rounding terms and
   ``M(0)`` are constants inside it; its dot products and convolutions are lowered with
   precision 'highest', as the rounding model assumes.
 
   The radii hold for the float32 evaluation the artifact performs, under the probabilistic
-  rounding model (:mod:`aol_jax.certification.probabilistic`); they do not cover images
-  outside ``[0, 1]`` or non-finite ones, which the artifact does not check (check them
-  before calling it). Both files are written atomically: on any failure neither is left.
+  rounding model (:mod:`aol_jax.certification.probabilistic`). Both files are written atomically: on any failure neither is left.
 
   Args:
     model: as for :func:`aol_jax.certify_dataset` (an ``AOLNetwork``, trained or frozen).
@@ -79,6 +78,8 @@ def export_certified(model: nnx.Module, path: str | os.PathLike, *, input_shape:
     frozen = dataset._float32_copy(model, shape)  # noqa: SLF001  (one freezing, not two)
     certifier = dataset._probabilistic_certifier(frozen, shape)  # noqa: SLF001
     graphdef, state = nnx.split(frozen)
+    # Host copies: the artifact holds plain constants, whatever mesh the model was trained on.
+    state = jax.device_get(state)
     certifier.zero_norm = dataset._zero_input_activation_norm(graphdef, state, shape)  # noqa: SLF001
     num_classes = int(jax.eval_shape(frozen, jax.ShapeDtypeStruct((1, *shape),
                                                                   jnp.float32)).shape[-1])
@@ -88,7 +89,10 @@ def export_certified(model: nnx.Module, path: str | os.PathLike, *, input_shape:
       _, pred, largest, at_zero, _ = dataset._probabilistic_decisions(  # noqa: SLF001
           certifier.graphdef, certifier.terms, certifier.operations, state, images, shift,
           certifier.zero_norm)
-      radius = jnp.where(at_zero, jnp.nextafter(largest, jnp.float32(jnp.inf)), 0.0)
+      # Outside what certified_radii accepts (non-finite, or outside [0, 1]): radius 0.
+      flat = images.reshape(images.shape[0], -1)
+      accepted = jnp.all(jnp.isfinite(flat) & (flat >= 0) & (flat <= 1), axis=1)
+      radius = jnp.where(at_zero & accepted, jnp.nextafter(largest, jnp.float32(jnp.inf)), 0.0)
       return pred, radius.astype(jnp.float32)
 
     batch, = jax.export.symbolic_shape("n")
@@ -98,8 +102,8 @@ def export_certified(model: nnx.Module, path: str | os.PathLike, *, input_shape:
   description = {
       "format": "jax.export (jax.export.deserialize(bytes).call(images))",
       "inputs": {"shape": ["n", *shape], "dtype": "float32",
-                 "scaling": "pixel values in [0, 1] (uint8 images / 255); not checked "
-                            "inside the artifact"},
+                 "scaling": "pixel values in [0, 1] (uint8 images / 255); an image with "
+                            "a value outside [0, 1] or not finite gets radius 0"},
       "outputs": {"predictions": "(n,) int32 class ids",
                   "radii": "(n,) float32: the prediction is certified at every float32 l2 "
                            "radius eps < radius (on the [0, 1] scale); 0: nothing certified"},

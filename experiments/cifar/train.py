@@ -24,7 +24,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +38,7 @@ from flax import nnx
 
 import aol_jax
 from aol_jax import training
+from aol_jax.certification.export import EXPORT_ROUNDING
 from aol_jax.losses import offset_cross_entropy
 from aol_jax.models import MODELS
 from experiments.cifar import configs, console, results
@@ -87,11 +90,10 @@ def validate(config: Config, workdir: str, *, flag_names: dict[str, str] | None 
       nnx.eval_shape(lambda: build_model(config, data.num_classes, data.image_shape))
     except ConfigError as e:
       errors["model_kwargs"] = str(e).rstrip(".")
-  if not errors and config.mode == "export":
-    try:
-      exporter()
-    except ConfigError as e:
-      errors["mode"] = str(e).rstrip(".")
+  if not errors and config.mode == "export" and config.rounding not in EXPORT_ROUNDING:
+    errors["rounding"] = (f"an exported model certifies its own float32 forward pass, which "
+                          f"only {' or '.join(EXPORT_ROUNDING)} rounding covers; pass "
+                          f"--rounding={EXPORT_ROUNDING[0]} with --mode=export")
   for field, why in errors.items():
     raise ConfigError(command_line.error_line(field, getattr(config, field, None), why, names))
   for name, path in (("data_dir", config.data_dir), ("manual_dir", config.manual_dir)):
@@ -122,25 +124,27 @@ def build_model(config: Config, num_classes: int, image_shape: tuple[int, ...]) 
   return model
 
 
-def exporter() -> Callable[..., Any]:
-  """``aol_jax.export_certified``, the writer of the portable certified model.
-
-  Raises:
-    ConfigError: the library has no exporter yet.
-  """
-  export_certified = getattr(aol_jax, "export_certified", None)
-  if export_certified is None:
-    raise ConfigError("exporting the certified model is not available yet (it needs "
-                      "aol_jax.export_certified); use --mode=certify for the certificate")
-  return export_certified
+EXPORT_FILE = "model.jaxexport"
 
 
 def export(model: nnx.Module, config: Config, workdir: str) -> str:
-  """Write the portable certified model of ``model`` into ``<workdir>/export/``."""
-  path = storage.join(workdir, "export")
+  """Write the portable certified model (:func:`aol_jax.export_certified`) into
+  ``<workdir>/export/``: ``model.jaxexport`` and its description ``model.jaxexport.json``.
+
+  Both are made in a local temporary directory, then each is written with
+  :func:`storage.write_atomic` (one object upload in a bucket), so no partial file is left.
+  """
+  directory = storage.join(workdir, "export")
   shape = input_pipeline.spec(config.dataset).image_shape
-  exporter()(model, path, input_shape=shape, rounding=config.rounding)
-  return path
+  with tempfile.TemporaryDirectory() as tmp:
+    aol_jax.export_certified(model, os.path.join(tmp, EXPORT_FILE), input_shape=shape,
+                             rounding=config.rounding)
+    if jax.process_index() == 0:
+      storage.makedirs(directory)
+      for name in (EXPORT_FILE, EXPORT_FILE + ".json"):
+        with open(os.path.join(tmp, name), "rb") as f:
+          storage.write_atomic(storage.join(directory, name), f.read())
+  return storage.join(directory, EXPORT_FILE)
 
 
 @dataclasses.dataclass
