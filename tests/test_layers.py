@@ -498,3 +498,36 @@ def test_bad_gram_precision_is_refused(make):
   layer.gram_precision = "fp8"  # set after construction: refused at the call
   with pytest.raises(ValueError, match="gram_precision='fp8'"):
     layer(jnp.ones((1, 5, 3)) if isinstance(layer, AOLConv) else jnp.ones((1, 3)))
+
+
+@pytest.mark.parametrize("make,x_shape", [
+    (lambda: AOLDense(6, 4, use_bias=False, rngs=nnx.Rngs(0)), (3, 6)),
+    (lambda: AOLConv(4, 6, (3, 3), use_bias=False, rngs=nnx.Rngs(0)), (2, 5, 5, 4)),
+    (lambda: AOLConv(6, 4, (3,), strides=2, kernel_dilation=2, feature_group_count=2,
+                     use_bias=False, rngs=nnx.Rngs(0)), (2, 9, 6)),
+])
+def test_layer_gradient_matches_autodiff_of_the_rescaled_kernel(make, x_shape):
+  """The layer's call (rescale-and-apply under its jax.checkpoint policy) has the gradients,
+  in the kernel and in x, of applying the pure function's rescaled kernel."""
+  layer = make()
+  layer.gram_precision = "highest"
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+  kernel = layer.kernel[...]
+  weights = jnp.asarray(rng.normal(size=layer(x).shape), jnp.float32)
+  graphdef, state = nnx.split(layer)
+  frozen_def, frozen_state = nnx.split(_with_kernel(layer, kernel))
+  treedef, frozen_treedef = jax.tree.structure(state), jax.tree.structure(frozen_state)
+
+  def through_layer(k, x):
+    return jnp.sum(jnp.sin(nnx.merge(graphdef, jax.tree.unflatten(treedef, [k]))(x)) * weights)
+
+  def through_pure(k, x):
+    frozen = nnx.merge(frozen_def, jax.tree.unflatten(frozen_treedef, [layer.rescale(k)]))
+    return jnp.sum(jnp.sin(frozen(x)) * weights)
+
+  got = jax.jit(jax.grad(through_layer, argnums=(0, 1)))(kernel, x)
+  want = jax.jit(jax.grad(through_pure, argnums=(0, 1)))(kernel, x)
+  assert np.any(np.asarray(got[0]) != 0)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
