@@ -76,7 +76,7 @@ def test_frozen_network_bound_is_above_its_exact_norm(seed):
 def test_frozen_nonlinear_network_bound_is_above_its_local_norms():
   """With MaxMin: the stated L of the frozen network is >= the norm of its Jacobian at many
   inputs (power iteration's truth, a lower bound on the Lipschitz constant)."""
-  from certification_support import tiny_std_model  # noqa: PLC0415
+  from support.certification import tiny_std_model  # noqa: PLC0415
   frozen = aol_jax.freeze(trained_like(tiny_std_model(), 0.3, seed=5), dtype=jnp.float32)
   stated = protocol.lipschitz_bound(frozen)
   xs = jax.random.uniform(jax.random.key(0), (8, 8, 8, 1))
