@@ -1,6 +1,8 @@
 """The pure AOL functions against a slow, loop-based float64 transcription of the formulas.
 
-The reference implementations below follow ``shared/reference/aol.md`` sections 1-2 literally
+The reference implementations below follow the AOL paper (Prach & Lampert, ECCV 2022), Theorem 1
+(dense: d_i = (sum_j |P P^T|_ij + eps)^-1/2) and Theorem 2 (conv: the same row sums over the
+Gram kernel |K^T * K|), literally
 (including the SLL ``q`` weights and per-group rescaling) and share no code with
 ``aol_jax.rescaling``.
 """
@@ -23,7 +25,7 @@ RTOL = 1e-5
 
 
 def slow_gram(kernel: np.ndarray) -> dict:
-  """G[s][i, j] = sum_{p, o} K[p, i, o] * K[p + s, j, o] (aol.md section 2), by loops."""
+  """G[s][i, j] = sum_{p, o} K[p, i, o] * K[p + s, j, o] (AOL, Theorem 2), by loops."""
   k = np.asarray(kernel, np.float64)
   ksize = k.shape[:-2]
   c_in = k.shape[-2]
@@ -61,7 +63,7 @@ def slow_conv_factors(kernel, q=None, groups: int = 1, eps: float = EPS) -> np.n
 
 
 def slow_dense_factors(kernel, q=None, eps: float = EPS) -> np.ndarray:
-  """d_i = (sum_j |P P^T|_ij q_j / q_i + eps)^-1/2 (aol.md section 1), by loops."""
+  """d_i = (sum_j |P P^T|_ij q_j / q_i + eps)^-1/2 (AOL, Theorem 1), by loops."""
   p = np.asarray(kernel, np.float64)
   n = p.shape[0]
   q = np.ones(n) if q is None else np.asarray(q, np.float64)
@@ -145,8 +147,8 @@ def test_gram_methods_agree_with_each_other_and_the_loops(seed):
     ref = slow_gram(kernel[..., grp * cout_g:(grp + 1) * cout_g])
     for s, block in ref.items():
       # conv_gram documents G[s, i, j] = sum K[p + s, i, o] K[p, j, o] (what the
-      # conv_general_dilated recipe of aol.md returns); aol.md's formula indexes the transpose,
-      # G_md[s] = G[s]^T. Both have the same |.| sums, hence the same factors.
+      # conv_general_dilated self-convolution returns); the paper's formula indexes the transpose,
+      # G_paper[s] = G[s]^T. Both have the same |.| sums, hence the same factors.
       idx = tuple(a + k - 1 for a, k in zip(s, kernel.shape[:nd]))
       np.testing.assert_allclose(grams[grp][idx], block.T, rtol=0, atol=1e-6 * scale)
 
