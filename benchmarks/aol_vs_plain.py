@@ -44,7 +44,7 @@ def memory_variants(size_name: str) -> dict[str, dict[str, float]]:
   treated as constants), so they are diagnostics, not candidates.
   """
   import jax
-  from aol_jax import rescaling
+  from aol_jax._src import rescaling
   from benchmarks import gram_variants as gv
   from benchmarks import nets
 

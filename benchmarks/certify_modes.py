@@ -16,7 +16,7 @@ from typing import Any
 
 from benchmarks import timing
 
-MODES = ("probabilistic", "worst_case")
+MODES = ("float32_statistical", "float64")
 # Random 32x32x3 images certified with the full-size model, and the batch size, per size.
 NUM_IMAGES = {"tiny": 0, "quick": 0, "paper": 128}
 BATCH = 64
@@ -26,9 +26,9 @@ def _digits_model():
   """The small AOL net of tests/test_attacks.py, trained on digits; its test split."""
   from tests.support.models import digits_split, train  # the tests' fixture: same rows
   from flax import nnx
-  from aol_jax import models
+  import aol_jax
   x_train, y_train, x_test, y_test = digits_split()
-  model = models.aol_small(10, rngs=nnx.Rngs(0), channels=16, conv_depth=2, dense_depth=3,
+  model = aol_jax.aol_small(10, rngs=nnx.Rngs(0), channels=16, conv_depth=2, dense_depth=3,
                            width=8, pool=2, image_size=8, in_channels=1)
   train(model, x_train, y_train, steps=300, learning_rate=3e-3, batch_size=128, seed=1)
   return model, x_test, y_test

@@ -53,10 +53,12 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
-from aol_jax import models, training  # noqa: E402
-from aol_jax.certification.margins import margins  # noqa: E402
-from aol_jax.freeze import freeze  # noqa: E402
-from aol_jax.training.mesh import DATA_AXIS  # noqa: E402
+import aol_jax
+
+from aol_jax import training  # noqa: E402
+from aol_jax import margins  # noqa: E402
+from aol_jax import freeze  # noqa: E402
+from aol_jax.training import DATA_AXIS  # noqa: E402
 from benchmarks import nets, timing  # noqa: E402
 
 TARGETS = ("v5e:2x4", "v5e:4x4", "v5p:2x2x2", "v4:2x2x1", "h100:1", "h100:8")
@@ -168,7 +170,7 @@ def _abstract(tree: Any, sharding: NamedSharding) -> Any:
 def _network(model_name: str, network: str, *, frozen: bool = False) -> nnx.Module:
   """The abstract (shape-only) AOL model or its plain twin, optionally frozen."""
   def build():
-    model = models.MODELS[model_name](10, rngs=nnx.Rngs(0))
+    model = aol_jax.MODELS[model_name](10, rngs=nnx.Rngs(0))
     if network == "plain":
       model = nets.plain_net(model)
     elif frozen:

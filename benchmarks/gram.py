@@ -32,7 +32,7 @@ SHAPES = {
 def run(size: str, *, warmup: int, repeats: int) -> list[dict[str, Any]]:
   import jax
   import jax.numpy as jnp
-  from aol_jax import rescaling
+  from aol_jax._src import rescaling
   from benchmarks import gram_variants as gv
   from benchmarks import nets
 

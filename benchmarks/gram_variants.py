@@ -22,8 +22,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from aol_jax import rescaling
-from aol_jax.gram import offset_table
+from aol_jax._src import rescaling
+from aol_jax._src.gram import offset_table
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -92,7 +92,7 @@ def prototype_net(model, *, conv_rescale, dense_rescale):
   """``model`` with its AOL layers rescaled by other functions ``(kernel, eps=) -> kernel``
   (same parameters)."""
   from flax import nnx
-  from aol_jax.layers import AOLConv, AOLDense
+  from aol_jax import AOLConv, AOLDense
   from benchmarks import nets
 
   # The layers' call is factors -> apply_factors; a prototype's whole rescaling sits in

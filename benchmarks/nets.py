@@ -16,10 +16,10 @@ import jax
 import optax
 from flax import nnx
 
-from aol_jax.initializers import aol_init
-from aol_jax.layers import AOLConv, AOLDense
-from aol_jax.losses import offset_cross_entropy
-from aol_jax.models import AOLNetwork, aol_convnet
+from aol_jax import aol_init
+from aol_jax import AOLConv, AOLDense
+from aol_jax import offset_cross_entropy
+from aol_jax import AOLNetwork, aol_convnet
 
 
 @dataclasses.dataclass(frozen=True)

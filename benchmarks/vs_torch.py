@@ -144,7 +144,7 @@ def agreement(torch, aol_linear, channels: int, features: int) -> dict[str, floa
   import numpy as np
   from flax import nnx
   from orthogonium.layers.conv.AOL import AOLConv2D
-  from aol_jax.layers import AOLConv, AOLDense
+  from aol_jax import AOLConv, AOLDense
 
   keys = jax.random.split(jax.random.key(2), 6)
   to_torch = lambda a, *axes: torch.from_numpy(np.asarray(a).transpose(*axes).copy())
@@ -176,7 +176,7 @@ def run(size_name: str, *, warmup: int, repeats: int,
   import jax.numpy as jnp
   import numpy as np
   from flax import nnx
-  from aol_jax.layers import AOLConv
+  from aol_jax import AOLConv
   from benchmarks import nets
 
   threads = len(os.sched_getaffinity(0))

@@ -11,11 +11,11 @@ import pytest
 from flax import nnx
 
 import aol_jax
-from aol_jax import models
-from aol_jax.layers import AOLDense
-from aol_jax.attacks import pgd_l2
-from aol_jax import certify, certify_dataset, margins, rounding_allowance, rounding_terms
-from aol_jax.certification.probabilistic import FLOAT32_UNIT_ROUNDOFF, operation_count
+from aol_jax._src.layers import AOLDense
+from aol_jax._src.attacks import pgd_l2
+from aol_jax import certify, certify_dataset, margins
+from aol_jax.certification import rounding_allowance, rounding_terms
+from aol_jax._src.certification.probabilistic import FLOAT32_UNIT_ROUNDOFF, operation_count
 from support.models import digits_split, train
 from support.certification import float64_logit_error
 
@@ -23,7 +23,7 @@ from support.certification import float64_logit_error
 @pytest.fixture(scope="module")
 def trained():
   x_train, y_train, x_test, y_test = digits_split()
-  model = models.aol_small(10, rngs=nnx.Rngs(0), channels=16, conv_depth=2, dense_depth=3,
+  model = aol_jax.aol_small(10, rngs=nnx.Rngs(0), channels=16, conv_depth=2, dense_depth=3,
                            width=8, pool=2, image_size=8, in_channels=1)
   train(model, x_train, y_train, steps=300, learning_rate=3e-3, batch_size=128, seed=1)
   return model, x_test, y_test
@@ -109,7 +109,7 @@ def test_attack_flips_uncertified_examples_at_a_larger_radius(trained):
 
 def test_pgd_stays_in_the_ball_and_the_box():
   x, y = digits_split()[2][:16], digits_split()[3][:16]
-  model = models.aol_fc(10, rngs=nnx.Rngs(0), width=32, depth=2, image_size=8, in_channels=1)
+  model = aol_jax.aol_fc(10, rngs=nnx.Rngs(0), width=32, depth=2, image_size=8, in_channels=1)
   eps = np.linspace(0.1, 2.0, 16).astype(np.float32)
   adv, adv_margin = pgd_l2(model, x, y, eps, steps=10, step_size=0.2, clip=(0.0, 1.0),
                            key=jax.random.key(3))
@@ -124,7 +124,7 @@ def test_pgd_stays_in_the_ball_and_the_box():
 FLOAT_ATTACK_DIM = 4096
 
 
-def _hadamard_net() -> models.AOLNetwork:
+def _hadamard_net() -> aol_jax.AOLNetwork:
   """One AOL layer 4096 -> 2 whose rows are two Hadamard columns / 64, +-1/64 each.
 
   AOL with ``eps = 0`` keeps this kernel exactly (every row sum of |P P^T| is 1), so the
@@ -138,7 +138,7 @@ def _hadamard_net() -> models.AOLNetwork:
   layer = AOLDense(FLOAT_ATTACK_DIM, 2, kernel_init=lambda *_: jnp.asarray(kernel, jnp.float32),
                    eps=0.0, rngs=nnx.Rngs(0))
   layer.bias[...] = jnp.array([0.25, 0.0])
-  return models.AOLNetwork([layer])
+  return aol_jax.AOLNetwork([layer])
 
 
 def _ulp_search(apply, x: np.ndarray, direction: np.ndarray, radius: float, dtype,
@@ -157,12 +157,12 @@ def _ulp_search(apply, x: np.ndarray, direction: np.ndarray, radius: float, dtyp
   return bool(inside.size) and bool(np.any(apply(inside) <= 0))
 
 
-@pytest.mark.parametrize("rounding,dtype", [("probabilistic", np.float32),
-                                            ("worst_case", np.float64)])
+@pytest.mark.parametrize("rounding,dtype", [("float32_statistical", np.float32),
+                                            ("float64", np.float64)])
 def test_float_attack_fools_the_exact_rule_and_neither_rounding_mode(rounding, dtype):
   """Margins placed just above sqrt(2) eps: the exact rule (allowance 0) certifies points
   whose prediction flips within eps in the evaluation the mode certifies (float32 for
-  'probabilistic', float64 for 'worst_case'); at the radius the mode itself certifies, the
+  'float32_statistical', float64 for 'float64'); at the radius the mode itself certifies, the
   same search never flips a point."""
   net = _hadamard_net()
   frozen = aol_jax.freeze(net)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from aol_jax import training
-from aol_jax.training.augment import NONE, AugmentConfig, affine_warp, augment
+from aol_jax._src.training.augment import NONE, AugmentConfig, affine_warp, augment
 
 # Everything under test runs jitted; the config is a pytree of arrays, so one compile per shape.
 augment_jit = jax.jit(augment)

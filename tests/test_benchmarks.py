@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aol_jax import rescaling
-from aol_jax.layers import AOLConv, AOLDense
+from aol_jax._src import rescaling
+from aol_jax._src.layers import AOLConv, AOLDense
 from benchmarks import aol_vs_plain, certify_throughput, gram, input_pipeline, nets, timing
 from benchmarks import gram_variants as gv
 from benchmarks import vs_torch

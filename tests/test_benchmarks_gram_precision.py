@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aol_jax import lipschitz
+from aol_jax._src import lipschitz
 from benchmarks import gram_precision_quality as gpq
 
 

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aol_jax import lipschitz
-from aol_jax.blocks import ConcatenationPooling, FirstChannels, Flatten, GroupSort, MaxMin, ZeroChannelPad
+from aol_jax._src import lipschitz
+from aol_jax._src.blocks import ConcatenationPooling, FirstChannels, Flatten, GroupSort, MaxMin, ZeroChannelPad
 
 
 def test_maxmin_values():
@@ -123,7 +123,7 @@ def test_network_runs_on_a_batch_sharded_input_under_an_explicit_mesh():
   from flax import nnx
   from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-  from aol_jax.models import aol_convnet
+  from aol_jax import aol_convnet
   model = aol_convnet(10, width=4, channels=8, conv_depth=1, dense_depth=2, pool=2,
                       image_size=8, in_channels=1, rngs=nnx.Rngs(0))
   x = jax.random.uniform(jax.random.key(1), (8, 8, 8, 1))
@@ -140,9 +140,9 @@ def test_network_runs_on_a_batch_sharded_input_under_an_explicit_mesh():
                                    FirstChannels(2), ZeroChannelPad(1), Flatten()])
 def test_blocks_state_one_lipschitz_and_no_rounding(block):
   """What each block states for certification: L = 1, exact in floating point."""
-  from aol_jax.certification import protocol
-  from aol_jax.certification.probabilistic import RoundingTerms
-  from aol_jax.certification.worst_case import WorstCaseTerms
+  from aol_jax._src.certification import protocol
+  from aol_jax._src.certification.probabilistic import RoundingTerms
+  from aol_jax._src.certification.worst_case import WorstCaseTerms
   assert protocol.lipschitz_bound(block) == 1.0
   assert protocol.rounding_terms(block) == RoundingTerms(lipschitz=1.0)
   assert protocol.worst_case_terms(block, (4, 4, 6)) == WorstCaseTerms.exact(1.0)

@@ -10,11 +10,10 @@ import pytest
 from flax import nnx
 
 import aol_jax
-from aol_jax import models
-from aol_jax.certification.dataset import certify_dataset
-from aol_jax.certification.margins import margins
-from aol_jax.certification.rule import certify
-from aol_jax.layers import AOLDense
+from aol_jax._src.certification.dataset import certify_dataset
+from aol_jax._src.certification.margins import margins
+from aol_jax._src.certification.rule import certify
+from aol_jax._src.layers import AOLDense
 from support.certification import (digits_like, numpy_margin, reference_counts, tiny_std_model,
                                    trained_like)
 
@@ -109,7 +108,7 @@ def test_a_bfloat16_model_gets_float32_certificates():
       layer.dtype = None
   labels = np.asarray(jnp.argmax(f32(jnp.asarray(images)), axis=-1))
   eps_list = (0.0, 0.01, 0.03, 0.1)
-  for rounding in ("probabilistic", "worst_case"):
+  for rounding in ("float32_statistical", "float64"):
     got = certify_dataset(bf16, images, labels, eps_list=eps_list, batch_size=32,
                           rounding=rounding)
     assert got == certify_dataset(f32, images, labels, eps_list=eps_list, batch_size=32,
@@ -123,7 +122,7 @@ def test_a_bfloat16_model_gets_float32_certificates():
   assert np.abs(m16 - m32).max() > 100 * max(got.max_allowance)
 
 
-class _CastsToBfloat16(aol_jax.ExactMap, nnx.Module):
+class _CastsToBfloat16(aol_jax.certification.ExactMap, nnx.Module):
   """Claims L = 1 but rounds its input to bfloat16 internally."""
 
   def __call__(self, x):
@@ -132,7 +131,7 @@ class _CastsToBfloat16(aol_jax.ExactMap, nnx.Module):
 
 def test_a_layer_that_computes_in_bfloat16_is_refused():
   images, labels = digits_like(8, seed=10)
-  model = models.AOLNetwork([*tiny_std_model().layers, _CastsToBfloat16()])
+  model = aol_jax.AOLNetwork([*tiny_std_model().layers, _CastsToBfloat16()])
   with pytest.raises(TypeError, match=r"still computes in \['bfloat16'\]"):
     certify_dataset(model, images, labels, batch_size=8)
 
@@ -140,7 +139,7 @@ def test_a_layer_that_computes_in_bfloat16_is_refused():
 _SEEN_PRECISION = []
 
 
-class _PrecisionSpy(aol_jax.ExactMap, nnx.Module):
+class _PrecisionSpy(aol_jax.certification.ExactMap, nnx.Module):
   """Records the default matmul precision in force when the forward pass is traced."""
 
   def __call__(self, x):
@@ -152,7 +151,7 @@ def test_certify_dataset_forces_highest_matmul_precision():
   """No global precision in conftest: certify_dataset itself must ask for 'highest'."""
   assert jax.config.jax_default_matmul_precision is None
   images, labels = digits_like(8, seed=11)
-  model = models.AOLNetwork([_PrecisionSpy(), *tiny_std_model().layers])
+  model = aol_jax.AOLNetwork([_PrecisionSpy(), *tiny_std_model().layers])
   _SEEN_PRECISION.clear()
   certify_dataset(model, images, labels, batch_size=8)
   assert _SEEN_PRECISION and set(_SEEN_PRECISION) == {"highest"}
@@ -170,11 +169,11 @@ def test_certify_dataset_any_batch_size_on_a_mesh():
                    for q in (0.0, 0.3, 0.7))
   want = certify_dataset(model, images, labels, eps_list=eps_list, batch_size=1203)
   mesh = jax.make_mesh((8,), ("data",))
-  for rounding in ("probabilistic", "worst_case"):
+  for rounding in ("float32_statistical", "float64"):
     got = certify_dataset(model, images, labels, eps_list=eps_list, batch_size=500, mesh=mesh,
                           rounding=rounding)
     assert got.num_examples == 1203
-    if rounding == "probabilistic":
+    if rounding == "float32_statistical":
       # The input norms of other batch shapes round differently, by float32 ulps.
       np.testing.assert_allclose(got.max_allowance, want.max_allowance, rtol=1e-6)
       assert dataclasses.replace(got, max_allowance=want.max_allowance) == want
@@ -197,25 +196,25 @@ def test_certify_dataset_any_batch_size_on_a_mesh():
     (lambda a: {**a, "batch_size": True}, "batch_size", "int"),
     (lambda a: {**a, "batch_size": 0}, "batch_size", ">= 1"),
     (lambda a: {**a, "model": np.zeros(3)}, "model", "nnx.Module"),
-    (lambda a: {**a, "rounding": "exact"}, "rounding", "probabilistic"),
+    (lambda a: {**a, "rounding": "exact"}, "rounding", "float32_statistical"),
 ])
 def test_bad_input_is_refused_naming_the_argument(change, argument, match):
   images, labels = digits_like(6, seed=20)
   args = change({"model": tiny_std_model(), "images": images, "labels": labels,
-                 "eps_list": (0.1,), "batch_size": 4, "rounding": "probabilistic"})
+                 "eps_list": (0.1,), "batch_size": 4, "rounding": "float32_statistical"})
   with pytest.raises(ValueError, match=match) as info:
     certify_dataset(args.pop("model"), args.pop("images"), args.pop("labels"), **args)
   assert argument in str(info.value)
 
 
-class _AttributeBound(aol_jax.ExactMap, nnx.Module):
+class _AttributeBound(aol_jax.certification.ExactMap, nnx.Module):
   lipschitz_bound = 1.0  # an attribute where a method belongs
 
   def __call__(self, x):
     return x
 
 
-class _NanBound(aol_jax.ExactMap, nnx.Module):
+class _NanBound(aol_jax.certification.ExactMap, nnx.Module):
   def lipschitz_bound(self):
     return float("nan")
 
@@ -226,19 +225,19 @@ class _NanBound(aol_jax.ExactMap, nnx.Module):
 def test_a_bound_stated_as_an_attribute_or_nan_is_refused():
   images, labels = digits_like(4, seed=21)
   base = list(tiny_std_model().layers)
-  with pytest.raises(aol_jax.UndeclaredBoundError, match="attribute where a method"):
-    certify_dataset(models.AOLNetwork([_AttributeBound(), *base]), images, labels,
+  with pytest.raises(aol_jax.certification.UndeclaredBoundError, match="attribute where a method"):
+    certify_dataset(aol_jax.AOLNetwork([_AttributeBound(), *base]), images, labels,
                     batch_size=4)
   with pytest.raises(ValueError, match="finite number >= 0"):
-    certify_dataset(models.AOLNetwork([_NanBound(), *base]), images, labels, batch_size=4)
+    certify_dataset(aol_jax.AOLNetwork([_NanBound(), *base]), images, labels, batch_size=4)
 
 
-class _UnderstatedTerms(aol_jax.ExactMap, nnx.Module):
+class _UnderstatedTerms(aol_jax.certification.ExactMap, nnx.Module):
   """States L = 2 but rounding terms computed with L = 1."""
   lipschitz = 2.0
 
   def rounding_terms(self):
-    return aol_jax.RoundingTerms.exact(1.0)
+    return aol_jax.certification.RoundingTerms.exact(1.0)
 
   def __call__(self, x):
     return 2 * x
@@ -246,17 +245,17 @@ class _UnderstatedTerms(aol_jax.ExactMap, nnx.Module):
 
 def test_rounding_terms_below_the_stated_constant_are_refused():
   images, labels = digits_like(4, seed=22)
-  model = models.AOLNetwork([_UnderstatedTerms(), *tiny_std_model().layers])
+  model = aol_jax.AOLNetwork([_UnderstatedTerms(), *tiny_std_model().layers])
   with pytest.raises(ValueError, match="rounding_terms"):
     certify_dataset(model, images, labels, batch_size=4)
 
 
-@pytest.mark.parametrize("rounding", ["probabilistic", "worst_case"])
+@pytest.mark.parametrize("rounding", ["float32_statistical", "float64"])
 def test_a_model_with_lipschitz_constant_zero_is_certified(rounding):
   """A zero kernel: the logits are the bias whatever the input, so every radius holds."""
   dense = AOLDense(64, 3, kernel_init=nnx.initializers.zeros_init(), rngs=nnx.Rngs(0))
   dense.bias[...] = jnp.array([1.0, 0.0, -1.0])
-  model = models.AOLNetwork([aol_jax.Flatten(), dense])
+  model = aol_jax.AOLNetwork([aol_jax.Flatten(), dense])
   images, _ = digits_like(5, seed=23)
   labels = np.zeros(5, np.int64)
   result = certify_dataset(model, images, labels, eps_list=(0.5, 100.0), batch_size=5,

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import aol_jax
-from aol_jax.certification import export
-from aol_jax.certification.dataset import _float32_radii
+from aol_jax._src.certification import export
+from aol_jax._src.certification.dataset import _float32_radii
 from support.certification import digits_like, tiny_std_model, trained_like
 
 _LOAD = textwrap.dedent("""
@@ -51,7 +51,7 @@ def test_exported_model_reproduces_certified_radii_with_jax_alone(tmp_path):
   lip = aol_jax.freeze(model).lipschitz_bound()
   assert on_disk["lipschitz_bound"] == pytest.approx(lip, rel=1e-12)
   assert on_disk["num_classes"] == 10 and on_disk["inputs"]["dtype"] == "float32"
-  assert on_disk["inputs"]["shape"] == ["n", 8, 8, 1] and on_disk["rounding"] == "probabilistic"
+  assert on_disk["inputs"]["shape"] == ["n", 8, 8, 1] and on_disk["rounding"] == "float32_statistical"
   assert on_disk["library_version"] == aol_jax.__version__
 
 
@@ -92,7 +92,7 @@ def test_export_writes_nothing_on_failure(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(input_shape=(8, 8, 1), rounding="worst_case"), "rounding"),
+    (dict(input_shape=(8, 8, 1), rounding="float64"), "rounding"),
     (dict(input_shape=(8, 0, 1)), "input_shape"),
     (dict(input_shape=(8, 8, 3)), "channels"),
 ])

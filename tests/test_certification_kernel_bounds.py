@@ -1,4 +1,4 @@
-"""The bound a frozen layer states (kernel_bounds.applied_kernel_bound) against exact norms,
+"""The bound a frozen layer states (layer.lipschitz_bound) against exact norms,
 layer by layer and for whole frozen networks."""
 
 import jax
@@ -8,8 +8,9 @@ import pytest
 from flax import nnx
 
 import aol_jax
-from aol_jax import lipschitz
-from aol_jax.certification import kernel_bounds, protocol, worst_case
+from aol_jax._src import lipschitz
+from aol_jax._src import spectral_bounds
+from aol_jax._src.certification import protocol, worst_case
 from support.certification import trained_like
 
 CONVS = [  # (in, out, kernel, strides, dilation, groups, padding, input spatial size)
@@ -34,7 +35,7 @@ def test_frozen_conv_states_at_least_its_exact_norm_and_at_most_schur(case):
   with jax.default_matmul_precision("highest"):
     exact = lipschitz.operator_norm(lambda x: frozen(x[None])[0], (*size, c_in))
   stated = frozen.lipschitz_bound()
-  schur = worst_case.conv_kernel_norm_bound(kernel_bounds.applied_kernel(frozen),
+  schur = spectral_bounds.conv_row_sum_bound(np.asarray(frozen.applied_kernel(), np.float64),
                                             feature_group_count=groups)
   print(f"{case}: exact {exact:.6f} <= stated {stated:.6f} <= schur {schur:.6f}")
   assert exact <= stated <= schur
@@ -43,10 +44,10 @@ def test_frozen_conv_states_at_least_its_exact_norm_and_at_most_schur(case):
 def test_frozen_dense_states_within_five_percent():
   layer = trained_like(aol_jax.AOLDense(24, 40, rngs=nnx.Rngs(0)), 0.3, seed=3)
   frozen = aol_jax.freeze(layer, dtype=jnp.float32)
-  exact = np.linalg.svd(kernel_bounds.applied_kernel(frozen), compute_uv=False)[0]
+  exact = np.linalg.svd(np.asarray(frozen.applied_kernel(), np.float64), compute_uv=False)[0]
   stated = frozen.lipschitz_bound()
   assert exact <= stated <= exact * 1.05
-  assert stated < worst_case.dense_kernel_norm_bound(kernel_bounds.applied_kernel(frozen))
+  assert stated < spectral_bounds.dense_row_sum_bound(np.asarray(frozen.applied_kernel(), np.float64))
 
 
 def _linear_network(seed: int) -> aol_jax.AOLNetwork:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from aol_jax.certification.rule import certify
+from aol_jax._src.certification.rule import certify
 
 def test_label_out_of_range_raises():
   with pytest.raises(ValueError, match=r"\[0, 3\)"):

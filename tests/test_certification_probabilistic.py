@@ -9,12 +9,11 @@ import pytest
 from flax import nnx
 
 import aol_jax
-from aol_jax import models
-from aol_jax.certification.protocol import rounding_terms
+from aol_jax._src.certification.protocol import rounding_terms
 from support.certification import SMALL_FAMILIES, float64_logit_error, trained_like
 
 def test_rounding_terms_count_fan_in_and_gram_lengths():
-  model = models.aol_small(2, rngs=nnx.Rngs(0), channels=8, conv_depth=1, dense_depth=2,
+  model = aol_jax.aol_small(2, rngs=nnx.Rngs(0), channels=8, conv_depth=1, dense_depth=2,
                            width=2, image_size=8, pool=4)
   terms = rounding_terms(model)
   # 1x1 conv 48 -> 8, one 3x3 conv 8 -> 8, 1x1 conv 8 -> 8, two dense 8 -> 8.
@@ -23,7 +22,7 @@ def test_rounding_terms_count_fan_in_and_gram_lengths():
              + 2 * math.sqrt(8 + 8))
   assert terms.forward == pytest.approx(forward)
   assert terms.rescale == pytest.approx(rescale)
-  normalised = models.aol_small(2, rngs=nnx.Rngs(0), channels=8, conv_depth=1, dense_depth=2,
+  normalised = aol_jax.aol_small(2, rngs=nnx.Rngs(0), channels=8, conv_depth=1, dense_depth=2,
                                 width=2, image_size=8, pool=4, input_std=(0.5, 0.5, 0.5))
   assert rounding_terms(normalised).forward == pytest.approx(forward + 2)
 
@@ -33,7 +32,7 @@ def test_allowance_exceeds_measured_float32_error(name):
   """The float32 logits of the frozen model differ from a float64 evaluation of the same
   kernels by far less than the modelled bound ``u S_f M`` the allowance is built from, at
   the paper's init and with perturbed kernels (trained weights: test_attacks.py)."""
-  model = models.MODELS[name](10, rngs=nnx.Rngs(0), in_channels=3, **SMALL_FAMILIES[name])
+  model = aol_jax.MODELS[name](10, rngs=nnx.Rngs(0), in_channels=3, **SMALL_FAMILIES[name])
   x = jax.random.uniform(jax.random.key(2), (8, 16, 16, 3), jnp.float32)
   for weights in ("init", "perturbed"):
     if weights == "perturbed":
@@ -49,7 +48,7 @@ def test_allowance_exceeds_measured_float32_error(name):
 def test_composition_tracks_the_largest_prefix_and_every_absolute_error():
   """[x2, x0.5]: L = 1, yet the middle value is twice the input, so M grows with P = 2, not
   max(1, L) = 1; an error made after the x2 is not amplified, one before it is."""
-  from aol_jax.certification.probabilistic import RoundingTerms, compose, rounding_allowance
+  from aol_jax._src.certification.probabilistic import RoundingTerms, compose, rounding_allowance
   double, halve = RoundingTerms.exact(2.0), RoundingTerms.exact(0.5)
   noisy = RoundingTerms(lipschitz=1.0, forward=3.0, prefix=1.0, amplification=1.0)
   terms = compose([noisy, double, halve])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import aol_jax
-from aol_jax.certification.dataset import _float32_radii
+from aol_jax._src.certification.dataset import _float32_radii
 from support.certification import digits_like, tiny_std_model, trained_like
 
 
@@ -15,13 +15,13 @@ def _model():
   return trained_like(tiny_std_model(), 0.3, seed=11)
 
 
-@pytest.mark.parametrize("rounding", ["probabilistic", "worst_case"])
+@pytest.mark.parametrize("rounding", ["float32_statistical", "float64"])
 def test_radii_reproduce_certify_dataset_at_every_radius(rounding):
   """For every eps, sum(pred == labels & radii > eps) is certify_dataset's count, radii
   included as eps (the boundary) and their float neighbours, float64 images included."""
   model = _model()
   images, labels = digits_like(45, seed=2)
-  if rounding == "probabilistic":
+  if rounding == "float32_statistical":
     images = images.astype(np.float64) + 1e-9  # certified at eps + ||x - x32||
   preds, radii = aol_jax.certified_radii(model, images, batch_size=16, rounding=rounding)
   assert preds.shape == radii.shape == (45,) and radii.dtype == np.float64

@@ -2,12 +2,12 @@
 
 import pytest
 
-from aol_jax.certification.results import CertificationResult, certification_markdown
+from aol_jax._src.certification.results import CertificationResult, certification_markdown
 
 def test_markdown_table():
   result = CertificationResult(num_examples=200, num_correct=141, eps_list=(36 / 255, 1.0),
                                num_certified=(120, 7), lipschitz_constant=1.0,
-                               max_allowance=(1e-4, 1e-4), rounding="worst_case")
+                               max_allowance=(1e-4, 1e-4), rounding="float64")
   assert result.clean_accuracy == 141 / 200 and result.cra == (0.6, 0.035)
   lines = certification_markdown(result, name="aol_small").splitlines()
   assert lines[:3] == [

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import aol_jax
-from aol_jax.certification.margins import margins
-from aol_jax.certification.rule import certified_robust_accuracy, certify
+from aol_jax._src.certification.margins import margins
+from aol_jax._src.certification.rule import certified_robust_accuracy, certify
 from support.certification import numpy_margin
 
 def test_certify_matches_independent_margin_under_jit():

@@ -18,8 +18,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import aol_jax
-from aol_jax import models
-
 NUM_CLASSES = 3
 SCALES = (1.0, 1e-3, 1e-30)  # the last puts every activation near float32's underflow
 
@@ -69,7 +67,7 @@ def _network(draw):
   channels = draw(st.sampled_from([1, 2]))
   convs, features = draw(_conv_stage(channels, seed, dtype))
   if draw(st.booleans()):  # nest the conv stage, with its own normalisation or not
-    convs = [models.AOLNetwork(convs or [jax.nn.relu],
+    convs = [aol_jax.AOLNetwork(convs or [jax.nn.relu],
                                input_std=draw(st.sampled_from([None, 0.5])))]
   convs.append(aol_jax.Flatten())
   width = draw(st.sampled_from([4, 6]))
@@ -83,7 +81,7 @@ def _network(draw):
   dense.append(aol_jax.FirstChannels(NUM_CLASSES))
   std = draw(st.sampled_from([None, 0.25, 2.0]))
   norm = {} if std is None else {"input_mean": (0.5,) * channels, "input_std": (std,) * channels}
-  model = models.AOLNetwork(convs + dense, **norm)
+  model = aol_jax.AOLNetwork(convs + dense, **norm)
   if draw(st.booleans()):
     model = aol_jax.freeze(model)  # frozen by the user, in its own dtype
   scale = draw(st.sampled_from(SCALES))
@@ -133,15 +131,15 @@ def test_every_certificate_survives_float32_and_float64_attacks(drawn):
   m = float(aol_jax.margins(logits, y)[0])
   # Radii just inside and around the exact-arithmetic boundary m / (sqrt(2) L).
   eps_list = tuple(max(m, 0.0) / (math.sqrt(2) * lip) * f for f in (0.5, 0.999, 1.0, 1.001))
-  # The largest radius each evaluation is certified at: 'probabilistic' covers float32
-  # (and, through its derivation, exact arithmetic), 'worst_case' exact arithmetic and float64.
+  # The largest radius each evaluation is certified at: 'float32_statistical' covers float32
+  # (and, through its derivation, exact arithmetic), 'float64' exact arithmetic and float64.
   largest = {np.float32: 0.0, np.float64: 0.0}
   for rounding in aol_jax.ROUNDING_MODES:
     result = aol_jax.certify_dataset(model, x, y, eps_list=eps_list, batch_size=1,
                                      rounding=rounding)
     certified = [e for e, c in zip(result.eps_list, result.num_certified) if c]
     if certified:
-      for dtype in (np.float32, np.float64) if rounding == "probabilistic" else (np.float64,):
+      for dtype in (np.float32, np.float64) if rounding == "float32_statistical" else (np.float64,):
         largest[dtype] = max(largest[dtype], max(certified))
   for dtype, eps in largest.items():
     if eps > 0:

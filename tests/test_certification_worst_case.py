@@ -9,9 +9,10 @@ import pytest
 from flax import nnx
 
 import aol_jax
-from aol_jax import lipschitz, models
-from aol_jax.certification.dataset import certify_dataset
-from aol_jax.layers import AOLDense
+import aol_jax
+from aol_jax._src import lipschitz
+from aol_jax._src.certification.dataset import certify_dataset
+from aol_jax._src.layers import AOLDense
 from support.certification import digits_like, numpy_margin, tiny_std_model, trained_like
 
 def _conv_matrix_norm(kernel: np.ndarray, groups: int, size: int, padding: str) -> float:
@@ -26,8 +27,8 @@ def test_worst_case_kernel_bounds_are_rigorous(rescaled):
   """The float64 Schur bound is >= the exact norm of the float32 kernel (SVD), and for an
   AOL-rescaled kernel it is 1 up to the float32 rounding of the factors (u sqrt(a + b) ~
   1e-6 here): the frozen kernel itself may exceed 1 by that much, which the bound sees."""
-  from aol_jax import rescaling
-  from aol_jax.certification import worst_case
+  from aol_jax._src import rescaling
+  from aol_jax._src.certification import worst_case
   rng = np.random.default_rng(14)
   dense = rng.normal(size=(40, 24)).astype(np.float32)
   conv = rng.normal(size=(3, 3, 3, 6)).astype(np.float32)
@@ -50,7 +51,7 @@ def test_worst_case_kernel_bounds_are_rigorous(rescaled):
 
 def test_worst_case_error_bound_holds_against_extended_precision():
   """The float64 logits of a frozen dense net lie within S r + I of an 80-bit evaluation."""
-  model = trained_like(models.aol_fc(10, rngs=nnx.Rngs(0), width=64, depth=3, image_size=8,
+  model = trained_like(aol_jax.aol_fc(10, rngs=nnx.Rngs(0), width=64, depth=3, image_size=8,
                                       in_channels=1), 0.1, seed=15)
   # No biases: the error must then be covered by the slope term alone (the bias term
   # gamma_n ||b|| would otherwise cover the small real error by itself).
@@ -98,10 +99,10 @@ def test_worst_case_mode_against_a_separate_float64_evaluation():
                             for q in (0.2, 0.5, 0.8))
   assert not jax.config.jax_enable_x64
   got = certify_dataset(model, images, labels, eps_list=eps_list, batch_size=32,
-                        rounding="worst_case")
+                        rounding="float64")
   assert not jax.config.jax_enable_x64  # the caller's setting is restored
   prob = certify_dataset(model, images, labels, eps_list=eps_list, batch_size=32)
-  assert got.rounding == "worst_case" and prob.rounding == "probabilistic"
+  assert got.rounding == "float64" and prob.rounding == "float32_statistical"
   assert got.lipschitz_constant == terms.lipschitz
   # At most max(1 / std) = 2 times AOL's 1 (+ float32 factor rounding), at least the
   # Jacobian norm of the frozen network at any point (a lower bound on its constant).

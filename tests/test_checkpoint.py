@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from aol_jax import training
-from aol_jax.models import aol_convnet
+from aol_jax import aol_convnet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

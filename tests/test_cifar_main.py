@@ -62,7 +62,7 @@ def test_end_to_end_writes_metrics_results_plots_and_checkpoints(tmp_path, archi
   cells = [c.strip() for c in row.strip("|").split("|")]
   assert cells[1] == "8"  # the whole test set
   results = json.loads((work / "results.json").read_text())
-  assert results["rounding"] == "probabilistic"  # the mode is named in both files
+  assert results["rounding"] == "float32_statistical"  # the mode is named in both files
   assert "probabilistic rounding allowance included" in table
   assert list(results["cra"]) == ["36/255", "72/255", "108/255", "1"]
   assert results["mode"] == "train" and results["step"] == 15
@@ -116,7 +116,7 @@ def test_resuming_refuses_another_dataset_even_when_the_shapes_agree(capsys):
   with pytest.raises(configs.ConfigError, match="different dataset"):
     train.check_resumable(saved, configs.get_config("tiny", dataset="cifar100"), "/w")
   train.check_resumable(saved, configs.get_config("tiny", epochs=5, data_dir="/elsewhere",
-                                                  rounding="worst_case"), "/w")
+                                                  rounding="float64"), "/w")
   assert capsys.readouterr().out.splitlines() == [
       "Note: resuming with changed epochs; the run is no longer identical to an "
       "uninterrupted one."]
@@ -155,8 +155,8 @@ def test_signal_handler_records_the_request_and_restores_the_previous_handler():
     (["--epoch=3"], "Unknown command line flag 'epoch'"),
     (["--config=/missing/config.py"], "--config=/missing/config.py: no such file; pass a "),
     (["--mode=fit"], "flag --mode=fit: value should be one of <train|certify|export>"),
-    (["--mode=export", "--rounding=worst_case"],
-     "--rounding='worst_case': an exported model certifies its own float32 forward pass"),
+    (["--mode=export", "--rounding=float64"],
+     "--rounding='float64': an exported model certifies its own float32 forward pass"),
     (["--config.gram_precision=fp8"], "--config.gram_precision='fp8': must be one of default,"),
     (["--preset=fast"], "--preset=fast: unknown preset; choose one of paper, digits"),
     (["--config=experiments/cifar/configs/paper.py"], "--preset and --config both"),
@@ -213,7 +213,7 @@ def test_every_config_field_can_be_set_on_the_command_line():
          "learning_rate": 0.5, "momentum": 0.5, "nesterov": False, "weight_decay": 0.0,
          "loss_offset": 1.0, "loss_temperature": 0.5, "augment": False, "seed": 9,
          "num_devices": 2, "checkpoint_every": 3, "max_to_keep": 5, "eval_every": 4,
-         "eval_batch_size": 333, "log_every": 2, "mode": "certify", "rounding": "worst_case",
+         "eval_batch_size": 333, "log_every": 2, "mode": "certify", "rounding": "float64",
          "gram_precision": "bfloat16"}
   fields = {f.name for f in dataclasses.fields(configs.Config)}
   assert set(new) | {"model_kwargs"} == fields
@@ -230,9 +230,9 @@ def test_every_config_field_can_be_set_on_the_command_line():
   # The short flags of earlier versions set the same fields.
   _, short, set_by = parse_flags(["--accelerator=cpu", "--workdir=/w", "--preset=digits",
                                   "--epochs=3", "--nodownload", "--learning_rate=0.25",
-                                  "--mode=export", "--rounding=worst_case"])
+                                  "--mode=export", "--rounding=float64"])
   assert (short.epochs, short.download, short.learning_rate) == (3, False, 0.25)
-  assert (short.mode, short.rounding) == ("export", "worst_case")
+  assert (short.mode, short.rounding) == ("export", "float64")
   assert short.dataset == "digits" and set_by["epochs"] == "--epochs"
 
 

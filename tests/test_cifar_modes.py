@@ -38,9 +38,9 @@ def test_certify_mode_recertifies_the_checkpoint_without_training(trained):
   tmp, flags, out = trained
   work = tmp / "work"
   before = _files(work)
-  again = main([*flags, "--mode=certify", "--rounding=worst_case"])
+  again = main([*flags, "--mode=certify", "--rounding=float64"])
   results = json.loads((work / "results.json").read_text())
-  assert (results["mode"], results["rounding"], results["step"]) == ("certify", "worst_case", 5)
+  assert (results["mode"], results["rounding"], results["step"]) == ("certify", "float64", 5)
   assert list(results["cra"]) == ["36/255", "72/255", "108/255", "1"]
   assert results["clean_accuracy"] == out["clean_accuracy"]  # the same trained model
   assert again["history"] == out["history"]
@@ -68,7 +68,7 @@ def test_export_mode_writes_the_certified_model_that_certified_radii_describes(t
   assert sorted(p.name for p in export_dir.iterdir()) == ["model.jaxexport",
                                                            "model.jaxexport.json"]
   description = json.loads((export_dir / "model.jaxexport.json").read_text())
-  assert (description["rounding"], description["num_classes"]) == ("probabilistic", 10)
+  assert (description["rounding"], description["num_classes"]) == ("float32_statistical", 10)
   assert description["inputs"]["shape"] == ["n", 32, 32, 3]
   model, _ = experiments.load(str(tmp / "work"))
   images = input_pipeline.load("cifar10", data_dir=str(tmp / "data"),
@@ -85,8 +85,8 @@ def test_export_mode_writes_the_certified_model_that_certified_radii_describes(t
 def test_export_mode_refuses_the_worst_case_rounding_and_writes_nothing(trained, tmp_path):
   _, flags, _ = trained
   with pytest.raises(SystemExit) as err:
-    main([*flags[:-1], f"--workdir={tmp_path / 'w'}", "--mode=export", "--rounding=worst_case"])
-  assert str(err.value).startswith("error: --rounding='worst_case': an exported model "
+    main([*flags[:-1], f"--workdir={tmp_path / 'w'}", "--mode=export", "--rounding=float64"])
+  assert str(err.value).startswith("error: --rounding='float64': an exported model "
                                    "certifies its own float32 forward pass")
   assert not os.path.exists(tmp_path / "w" / "export")
 

@@ -30,7 +30,7 @@ def _one_step(mesh, images, labels):
   """One sharded train step of a tiny AOL net from seed 0: (loss, flat parameters, state)."""
   import jax
   from flax import nnx
-  from aol_jax.models import aol_convnet
+  from aol_jax import aol_convnet
   from aol_jax import training
   model = aol_convnet(10, width=4, channels=8, conv_depth=1, dense_depth=2, pool=4,
                       image_size=8, rngs=nnx.Rngs(0))
@@ -103,12 +103,12 @@ def test_no_environment_is_a_noop(monkeypatch):
     ({"AOL_JAX_DISTRIBUTED": "1"}, {}),
 ])
 def test_distributed_env(env, expected):
-  from aol_jax.training.distributed import distributed_env
+  from aol_jax._src.training.distributed import distributed_env
   assert distributed_env(env) == expected
 
 
 def test_distributed_env_incomplete_is_an_error():
-  from aol_jax.training.distributed import distributed_env
+  from aol_jax._src.training.distributed import distributed_env
   with pytest.raises(ValueError, match="JAX_PROCESS_ID"):
     distributed_env({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"})
   with pytest.raises(ValueError, match="JAX_NUM_PROCESSES"):

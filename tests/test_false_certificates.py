@@ -11,11 +11,8 @@ import pytest
 from flax import nnx
 
 import aol_jax
-from aol_jax import models
-
-
-def _tiny_std(**kw) -> models.AOLNetwork:
-  return models.aol_std(10, rngs=nnx.Rngs(0), channels=8, num_stages=1, blocks_per_stage=1,
+def _tiny_std(**kw) -> aol_jax.AOLNetwork:
+  return aol_jax.aol_std(10, rngs=nnx.Rngs(0), channels=8, num_stages=1, blocks_per_stage=1,
                         dense_width=32, dense_depth=2, image_size=8, **kw)
 
 
@@ -45,10 +42,10 @@ def _rotations(key, shape, dtype):
   return jnp.asarray(k, dtype)
 
 
-def _bf16_dense_net(seed: int) -> models.AOLNetwork:
+def _bf16_dense_net(seed: int) -> aol_jax.AOLNetwork:
   layer = aol_jax.AOLDense(64, 64, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16,
                            kernel_init=_rotations, rngs=nnx.Rngs(seed))
-  return models.AOLNetwork([aol_jax.Flatten(), layer, aol_jax.FirstChannels(10)])
+  return aol_jax.AOLNetwork([aol_jax.Flatten(), layer, aol_jax.FirstChannels(10)])
 
 
 def test_a_bfloat16_model_frozen_by_the_user_is_certified_from_its_applied_kernel():
@@ -65,14 +62,14 @@ def test_a_bfloat16_model_frozen_by_the_user_is_certified_from_its_applied_kerne
   assert frozen is not None, "no bfloat16 kernel above 1: the test would be vacuous"
   x = np.random.default_rng(1).uniform(size=(16, 8, 8, 1)).astype(np.float32)
   y = np.asarray(jnp.argmax(frozen(jnp.asarray(x)).astype(jnp.float32), axis=-1))
-  for rounding in ("probabilistic", "worst_case"):
+  for rounding in ("float32_statistical", "float64"):
     result = aol_jax.certify_dataset(frozen, x, y, batch_size=16, rounding=rounding)
     print(f"{rounding}: exact norm {true:.6f}, L used {result.lipschitz_constant:.6f}")
     assert result.lipschitz_constant >= true
   assert frozen.lipschitz_bound() >= true
 
 
-class _LinearHead(models.AOLNetwork):
+class _LinearHead(aol_jax.AOLNetwork):
   """A subclass whose __call__ applies a module held outside ``layers``."""
 
   def __init__(self, layers, rngs):
@@ -83,7 +80,7 @@ class _LinearHead(models.AOLNetwork):
     return self.head(super().__call__(x))
 
 
-class _Doubled(models.AOLNetwork):
+class _Doubled(aol_jax.AOLNetwork):
   """A subclass whose __call__ doubles the logits: no module outside ``layers``."""
 
   def __call__(self, x):
@@ -95,16 +92,16 @@ def test_a_module_outside_layers_or_an_overridden_call_is_refused():
   y = np.zeros(8, np.int32)
   layers = lambda: [aol_jax.Flatten(), aol_jax.AOLDense(64, 10, rngs=nnx.Rngs(0))]
   head = _LinearHead(layers(), nnx.Rngs(1))
-  with pytest.raises(aol_jax.UndeclaredBoundError, match=r"Linear at path \('head',\)"):
+  with pytest.raises(aol_jax.certification.UndeclaredBoundError, match=r"Linear at path \('head',\)"):
     aol_jax.certify_dataset(head, x, y, batch_size=8)
-  with pytest.raises(aol_jax.UndeclaredBoundError, match="head"):
+  with pytest.raises(aol_jax.certification.UndeclaredBoundError, match="head"):
     head.lipschitz_bound()
   doubled = _Doubled(layers())
-  with pytest.raises(aol_jax.UndeclaredBoundError, match="overrides __call__"):
+  with pytest.raises(aol_jax.certification.UndeclaredBoundError, match="overrides __call__"):
     aol_jax.certify_dataset(doubled, x, y, batch_size=8)
   # Nested inside a plain network, still refused, with the full path.
-  outer = models.AOLNetwork([head])
-  with pytest.raises(aol_jax.UndeclaredBoundError, match=r"\('layers', 0, 'head'\)"):
+  outer = aol_jax.AOLNetwork([head])
+  with pytest.raises(aol_jax.certification.UndeclaredBoundError, match=r"\('layers', 0, 'head'\)"):
     outer.lipschitz_bound()
 
 
@@ -141,13 +138,13 @@ def test_worst_case_mode_certifies_around_the_float64_image_not_its_rounding():
   """The margin of a float64 image lies just below sqrt(2) eps; rounded to float32 it lay
   just above, so the float32 image was certified and a point inside the ball of the float64
   image flips it."""
-  net = models.AOLNetwork([aol_jax.Flatten(), aol_jax.FirstChannels(2)])
+  net = aol_jax.AOLNetwork([aol_jax.Flatten(), aol_jax.FirstChannels(2)])
   eps = (0.25 - 1e-10) / math.sqrt(2)
   x = np.zeros((1, 2, 2, 1), np.float64)
   x[0, 0, 0, 0], x[0, 0, 1, 0] = 0.75 - 2e-10, 0.5
   y = np.array([0])
   assert np.float32(x[0, 0, 0, 0]) == 0.75  # float32 rounds the margin up to 0.25
-  for rounding in ("worst_case", "probabilistic"):
+  for rounding in ("float64", "float32_statistical"):
     result = aol_jax.certify_dataset(net, x, y, eps_list=(eps,), batch_size=1,
                                      rounding=rounding)
     assert result.num_correct == 1 and result.num_certified == (0,), rounding
@@ -159,7 +156,7 @@ def test_worst_case_mode_certifies_around_the_float64_image_not_its_rounding():
   assert x_adv[0, 0, 0, 0] <= x_adv[0, 0, 1, 0]
   # And the certificate comes back at a radius the float64 margin allows.
   ok = aol_jax.certify_dataset(net, x, y, eps_list=(0.9 * eps,), batch_size=1,
-                               rounding="worst_case")
+                               rounding="float64")
   assert ok.num_certified == (1,)
 
 
@@ -167,7 +164,7 @@ def test_worst_case_mode_certifies_around_the_float64_image_not_its_rounding():
 def test_probabilistic_mode_certifies_float64_images_at_the_radius_their_rounding_adds():
   """The float64 margin is 2.9e-8 below what float32 rounds it to, 1e-8 below sqrt(2) eps:
   certifying the rounded image at eps would be false; at eps + ||x - x32|| it is refused."""
-  net = models.AOLNetwork([aol_jax.Flatten(), aol_jax.FirstChannels(2)])
+  net = aol_jax.AOLNetwork([aol_jax.Flatten(), aol_jax.FirstChannels(2)])
   a32, b32 = np.float32(0.75), np.float32(0.75) - np.float32(2.0 ** -13)
   x = np.zeros((1, 2, 2, 1), np.float64)
   x[0, 0, 0, 0], x[0, 0, 1, 0] = float(a32) - 2.9e-8, float(b32)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from aol_jax import blocks
-from aol_jax.freeze import freeze
-from aol_jax.layers import AOLConv, AOLDense, RescaledKernel
+from aol_jax._src import blocks
+from aol_jax._src.freeze import freeze
+from aol_jax._src.layers import AOLConv, AOLDense, RescaledKernel
 
 
 class _Net(nnx.Module):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aol_jax import gram
+from aol_jax._src import gram
 
 
 def _numpy_gram(kernel: np.ndarray) -> np.ndarray:

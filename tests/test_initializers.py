@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from aol_jax.initializers import aol_init
-from aol_jax.layers import AOLConv, AOLDense
+from aol_jax._src.initializers import aol_init
+from aol_jax._src.layers import AOLConv, AOLDense
 
 
 @pytest.mark.parametrize("ksize", [(1,), (3,), (4,), (3, 3), (2, 2), (4, 5), (1, 3), (2, 3, 4), (3, 3, 3)])
@@ -71,6 +71,6 @@ def test_dtype_and_bad_groups():
 
 def test_orthogonal_init_layer_has_norm_one():
   """The paper's first layer (1x1, 48 -> 192 here scaled down) keeps the bound tight."""
-  from aol_jax import lipschitz
+  from aol_jax._src import lipschitz
   layer = AOLConv(3, 8, (1, 1), use_bias=False, rngs=nnx.Rngs(0))
   assert lipschitz.operator_norm(lambda v: layer(v[None])[0], (2, 2, 3)) == pytest.approx(1.0, abs=1e-5)

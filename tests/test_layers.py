@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from aol_jax import lipschitz, rescaling
-from aol_jax.layers import AOLConv, AOLDense, RescaledKernel
+from aol_jax._src import lipschitz, rescaling
+from aol_jax._src.layers import AOLConv, AOLDense, RescaledKernel
 
 # float32 tolerance: the factors and the rescaled kernel are computed in float32, so the
 # applied kernel is the exactly-rescaled one up to a relative error of a few hundred ulp at
@@ -419,7 +419,7 @@ def test_malformed_explicit_padding_is_refused(padding):
 
 
 def test_padding_spellings_are_equivalent():
-  from aol_jax.padding import normalize_padding
+  from aol_jax._src.padding import normalize_padding
   want = ((1, 1), (2, 0))
   assert normalize_padding([1, (2, 0)], 2) == want
   assert normalize_padding([np.int64(1), (np.int32(2), 0)], 2) == want

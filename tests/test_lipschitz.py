@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aol_jax import lipschitz
+from aol_jax._src import lipschitz
 
 
 def test_explicit_matrix_of_a_matmul_is_the_matrix():

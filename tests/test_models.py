@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from aol_jax import lipschitz, models
-from aol_jax.blocks import ConcatenationPooling, FirstChannels, Flatten, MaxMin
-from aol_jax.layers import AOLConv, AOLDense
+import aol_jax
+from aol_jax._src import lipschitz
+from aol_jax._src.blocks import ConcatenationPooling, FirstChannels, Flatten, MaxMin
+from aol_jax._src.layers import AOLConv, AOLDense
 from support.models import SMALL
 
 
@@ -27,7 +28,7 @@ def _table2_count(w: int, num_classes: int = 10) -> int:
 @pytest.mark.parametrize("name,w,paper_millions", [
     ("aol_small", 16, 18.7), ("aol_medium", 32, 62.8), ("aol_large", 48, 136.2)])
 def test_parameter_counts_match_table2(name, w, paper_millions):
-  abstract = nnx.eval_shape(lambda: models.MODELS[name](10, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: aol_jax.MODELS[name](10, rngs=nnx.Rngs(0)))
   n = _num_params(abstract)
   assert n == _table2_count(w)
   assert n / 1e6 == pytest.approx(paper_millions, abs=0.05)  # the paper rounds to 0.1M
@@ -35,12 +36,12 @@ def test_parameter_counts_match_table2(name, w, paper_millions):
 
 @pytest.mark.parametrize("name,millions", [("aol_fc", 12.6), ("aol_std", 5.8)])
 def test_ablation_family_sizes_match_their_docstrings(name, millions):
-  abstract = nnx.eval_shape(lambda: models.MODELS[name](10, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: aol_jax.MODELS[name](10, rngs=nnx.Rngs(0)))
   assert _num_params(abstract) / 1e6 == pytest.approx(millions, abs=0.05)
 
 
 def test_aol_small_layer_structure():
-  model = nnx.eval_shape(lambda: models.aol_small(10, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: aol_jax.aol_small(10, rngs=nnx.Rngs(0)))
   layers = list(model.layers)
   assert isinstance(layers[0], ConcatenationPooling) and layers[0].window == (4, 4)
   convs = [l for l in layers if isinstance(l, AOLConv)]
@@ -59,7 +60,7 @@ def test_aol_small_layer_structure():
 
 
 def test_table2_init_is_identity_where_size_is_preserved():
-  model = models.aol_small(10, rngs=nnx.Rngs(0), channels=16, conv_depth=2, dense_depth=3,
+  model = aol_jax.aol_small(10, rngs=nnx.Rngs(0), channels=16, conv_depth=2, dense_depth=3,
                            width=4, image_size=8)
   convs = [l for l in model.layers if isinstance(l, AOLConv)]
   first = np.asarray(convs[0].kernel[...]).reshape(48, 16)
@@ -71,11 +72,11 @@ def test_table2_init_is_identity_where_size_is_preserved():
     assert np.count_nonzero(k) == 16
 
 
-@pytest.mark.parametrize("name", sorted(models.MODELS))
+@pytest.mark.parametrize("name", sorted(aol_jax.MODELS))
 @pytest.mark.parametrize("image_size", [8, 16])
 def test_every_family_builds_for_greyscale_digits(name, image_size):
-  assert set(SMALL) == set(models.MODELS)
-  model = models.MODELS[name](10, rngs=nnx.Rngs(0), image_size=image_size, in_channels=1,
+  assert set(SMALL) == set(aol_jax.MODELS)
+  model = aol_jax.MODELS[name](10, rngs=nnx.Rngs(0), image_size=image_size, in_channels=1,
                               **SMALL[name])
   for batch in (1, 3):
     x = jax.random.uniform(jax.random.key(batch), (batch, image_size, image_size, 1))
@@ -85,15 +86,15 @@ def test_every_family_builds_for_greyscale_digits(name, image_size):
 
 
 def test_wrong_input_shape_raises():
-  model = models.aol_fc(10, rngs=nnx.Rngs(0), width=16, depth=2, image_size=8, in_channels=1)
+  model = aol_jax.aol_fc(10, rngs=nnx.Rngs(0), width=16, depth=2, image_size=8, in_channels=1)
   with pytest.raises(ValueError):
     model(jnp.zeros((2, 16, 16, 1)))
   with pytest.raises(ValueError, match="divisible"):
-    models.aol_std(10, rngs=nnx.Rngs(0), image_size=12, num_stages=3)
+    aol_jax.aol_std(10, rngs=nnx.Rngs(0), image_size=12, num_stages=3)
 
 
 def test_activation_norm_is_the_largest_intermediate_norm():
-  model = models.aol_std(10, rngs=nnx.Rngs(0), image_size=8, in_channels=1, input_mean=(0.5,),
+  model = aol_jax.aol_std(10, rngs=nnx.Rngs(0), image_size=8, in_channels=1, input_mean=(0.5,),
                          input_std=(0.3,), **SMALL["aol_std"])
   x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1))
 
@@ -115,7 +116,7 @@ def test_activation_norm_is_the_largest_intermediate_norm():
 
 def test_lipschitz_bound_includes_input_normalisation():
   std = (0.2, 0.25, 0.5)
-  model = models.aol_fc(10, rngs=nnx.Rngs(0), width=64, depth=2, image_size=4,
+  model = aol_jax.aol_fc(10, rngs=nnx.Rngs(0), width=64, depth=2, image_size=4,
                         input_mean=(0.4, 0.5, 0.6), input_std=std)
   assert model.lipschitz_bound() == pytest.approx(max(1 / s for s in std)) == 5.0
   # The normalisation really scales the map: the first layer at init has orthonormal rows
@@ -124,7 +125,7 @@ def test_lipschitz_bound_includes_input_normalisation():
   norm = float(jax.jit(lambda x: lipschitz.power_iteration(lambda z: model(z), x, 100))(x))
   assert 1.5 < norm <= 5.0 * (1 + 1e-4)
   with pytest.raises(ValueError, match="positive"):
-    models.aol_fc(10, rngs=nnx.Rngs(0), width=16, depth=1, image_size=4,
+    aol_jax.aol_fc(10, rngs=nnx.Rngs(0), width=16, depth=1, image_size=4,
                   input_std=(0.2, 0.0, 0.3))
 
 
@@ -135,22 +136,22 @@ def test_lipschitz_bound_includes_input_normalisation():
 ])
 def test_bad_normalisation_values_are_refused(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    models.AOLNetwork([Flatten()], **kwargs)
+    aol_jax.AOLNetwork([Flatten()], **kwargs)
 
 
 def test_a_scalar_normalisation_applies_to_every_channel():
-  model = models.AOLNetwork([Flatten()], input_mean=0.5, input_std=0.25)
+  model = aol_jax.AOLNetwork([Flatten()], input_mean=0.5, input_std=0.25)
   assert model.input_std == (0.25,) and model.lipschitz_bound() == 4.0
   x = jnp.full((1, 2, 2, 3), 0.75)
   np.testing.assert_array_equal(np.asarray(model(x)), np.ones((1, 12)))
 
 
 def test_a_normalisation_for_other_channels_is_refused_not_broadcast():
-  model = models.AOLNetwork([Flatten()], input_mean=(0.5, 0.5, 0.5), input_std=(1.0, 1.0, 1.0))
+  model = aol_jax.AOLNetwork([Flatten()], input_mean=(0.5, 0.5, 0.5), input_std=(1.0, 1.0, 1.0))
   with pytest.raises(ValueError, match="input_mean has 3 channels but the input has 1"):
     model(jnp.zeros((1, 2, 2, 1)))
   with pytest.raises(ValueError, match="input_std has 3 channels but the input has 2"):
-    models.AOLNetwork([Flatten()], input_std=(1.0, 1.0, 1.0)).worst_case_terms((2, 2, 2))
+    aol_jax.AOLNetwork([Flatten()], input_std=(1.0, 1.0, 1.0)).worst_case_terms((2, 2, 2))
 
 
 def test_activation_norm_includes_nested_networks():
@@ -160,8 +161,8 @@ def test_activation_norm_includes_nested_networks():
   dense.bias[...] = jnp.array([4.0, 4.0, 4.0, 4.0])
   cancel = AOLDense(4, 4, rngs=nnx.Rngs(1))
   cancel.bias[...] = -4.0 * jnp.sum(cancel.rescale(cancel.kernel[...]), axis=0)
-  inner = models.AOLNetwork([dense, cancel])
-  outer = models.AOLNetwork([Flatten(), inner])
+  inner = aol_jax.AOLNetwork([dense, cancel])
+  outer = aol_jax.AOLNetwork([Flatten(), inner])
   logits, act = outer.logits_and_activation_norm(jnp.zeros((1, 2, 2, 1)))
   assert float(jnp.linalg.norm(logits)) < 1e-5
   assert float(act[0]) == pytest.approx(8.0)

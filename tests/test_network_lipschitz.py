@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import aol_jax
-from aol_jax import lipschitz
+from aol_jax._src import lipschitz
 from support.models import SMALL, build_small, digits, train
 
 TOL = 1e-4

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aol_jax import rescaling
-from aol_jax.rescaling import conv_factors, conv_gram, dense_factors, rescale_conv, rescale_dense
+from aol_jax._src import rescaling
+from aol_jax._src.rescaling import conv_factors, conv_gram, dense_factors, rescale_conv, rescale_dense
 
 EPS = 1e-6
 # Factors are computed in float32: sums of |G| over at most ~10^4 non-negative terms after

@@ -11,10 +11,11 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from aol_jax import rescaling, training
-from aol_jax.losses import offset_cross_entropy
-from aol_jax.models import aol_convnet
-from aol_jax.sharding import sharded_rescaling
+from aol_jax import training
+from aol_jax._src import rescaling
+from aol_jax._src.losses import offset_cross_entropy
+from aol_jax import aol_convnet
+from aol_jax._src.sharding import sharded_rescaling
 
 # Factors of float32 Gram rows summed in different blocks: a few ulp, far below any slip.
 RTOL, ATOL = 1e-5, 1e-7

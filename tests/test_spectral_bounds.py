@@ -19,11 +19,11 @@ import pytest
 import scipy.optimize
 
 import aol_jax
-from aol_jax import padding as padding_lib
-from aol_jax import spectral_bounds
-from aol_jax.certification import worst_case
-from aol_jax.lipschitz import circular_conv_singular_values, operator_norm
-from aol_jax.spectral_bounds import conv_norm_bound, dense_norm_bound
+from aol_jax._src import padding as padding_lib
+from aol_jax._src import spectral_bounds
+from aol_jax._src.certification import worst_case
+from aol_jax._src.lipschitz import circular_conv_singular_values, operator_norm
+from aol_jax._src.spectral_bounds import conv_norm_bound, dense_norm_bound
 
 DENSE_TIGHTNESS = 1e-4
 CONV_TOLERANCE = 0.0102 + 1e-5  # the second level's factor, and the shift's margin

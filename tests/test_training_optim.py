@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 from aol_jax import training
-from aol_jax.layers import AOLConv, AOLDense
-from aol_jax.models import aol_convnet
+from aol_jax._src.layers import AOLConv, AOLDense
+from aol_jax import aol_convnet
 
 
 def tiny_params():

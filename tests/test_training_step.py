@@ -13,8 +13,8 @@ import pytest
 from flax import nnx
 
 from aol_jax import training
-from aol_jax.losses import offset_cross_entropy
-from aol_jax.models import aol_convnet
+from aol_jax._src.losses import offset_cross_entropy
+from aol_jax import aol_convnet
 
 STEPS, BATCH, LR = 4, 16, 0.1
 

@@ -1,7 +1,22 @@
-"""Certification, one concept per module: the margin rule (:mod:`.rule`), margins
-(:mod:`.margins`), what a layer states (:mod:`.protocol`), the bound on a frozen kernel
-(:mod:`.kernel_bounds`), the two rounding models (:mod:`.probabilistic`, :mod:`.worst_case`),
-the table (:mod:`.results`) and the dataset driver with its table of modes (:mod:`.dataset`).
+"""The vocabulary for certifying networks with layers of your own.
 
-The public names are re-exported by :mod:`aol_jax`; nothing is re-exported here.
+A layer may sit in a certified network only if it states its l2 Lipschitz constant and its
+rounding (see :class:`ExactMap` for the methods); :class:`UndeclaredBoundError` names any that
+does not. The rounding models a mode certifies with are here too: their terms and allowances.
+The drivers (:func:`aol_jax.certify_dataset`, :func:`aol_jax.certified_radii`,
+:func:`aol_jax.export_certified`) are at the top level.
 """
+
+from aol_jax._src.certification.modes import ROUNDING_MODES, RoundingMode
+from aol_jax._src.certification.probabilistic import (RoundingTerms, operation_count,
+                                                      rounding_allowance)
+from aol_jax._src.certification.protocol import (ExactMap, UndeclaredBoundError,
+                                                 lipschitz_bound, register_exact_map,
+                                                 rounding_terms, worst_case_terms)
+from aol_jax._src.certification.worst_case import WorstCaseTerms, worst_case_allowance
+
+__all__ = [
+    "ExactMap", "ROUNDING_MODES", "RoundingMode", "RoundingTerms", "UndeclaredBoundError",
+    "WorstCaseTerms", "lipschitz_bound", "operation_count", "register_exact_map",
+    "rounding_allowance", "rounding_terms", "worst_case_allowance", "worst_case_terms",
+]

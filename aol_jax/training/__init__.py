@@ -1,7 +1,7 @@
 """Reusable training machinery: mesh, augmentation, optimiser, sharded steps, checkpoints.
 
 On a mesh of more than one device the steps split the AOL rescaling over ``'data'``
-(:func:`aol_jax.sharding.sharded_rescaling`): each device computes ``1/n`` of every Gram
+(each device computes 1/n of it): each device computes ``1/n`` of every Gram
 product and of its gradient; the results are those of the unsplit step.
 
 Typical use (one process or many; see :mod:`aol_jax.training.distributed`)::
@@ -20,15 +20,15 @@ Typical use (one process or many; see :mod:`aol_jax.training.distributed`)::
   ckpt.save(int(state.step), state, metadata={"epoch": epoch}); ckpt.close()
 """
 
-from aol_jax.training.augment import AugmentConfig, augment
-from aol_jax.training.checkpoint import CheckpointMismatchError, Checkpointer, tree_checksum
-from aol_jax.training.distributed import distributed_env, maybe_initialize
-from aol_jax.training.mesh import (DATA_AXIS, check_batch_size, data_sharding, global_batch,
-                                   make_data_mesh, replicated_sharding)
-from aol_jax.training.optim import make_optimizer, paper_schedule, weight_decay_mask
-from aol_jax.training.step import (NonFiniteLossError, TrainState, check_finite,
-                                   create_train_state, make_eval_step, make_train_step,
-                                   merge_model, to_inputs)
+from aol_jax._src.training.augment import AugmentConfig, augment
+from aol_jax._src.training.checkpoint import CheckpointMismatchError, Checkpointer, tree_checksum
+from aol_jax._src.training.distributed import distributed_env, maybe_initialize
+from aol_jax._src.training.mesh import (DATA_AXIS, check_batch_size, data_sharding, global_batch,
+                                        make_data_mesh, replicated_sharding)
+from aol_jax._src.training.optim import make_optimizer, paper_schedule, weight_decay_mask
+from aol_jax._src.training.step import (NonFiniteLossError, TrainState, check_finite,
+                                        create_train_state, make_eval_step, make_train_step,
+                                        merge_model, to_inputs)
 
 __all__ = [
     "AugmentConfig", "CheckpointMismatchError", "Checkpointer", "DATA_AXIS",

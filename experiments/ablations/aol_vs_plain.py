@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from aol_jax import certify_dataset
-from aol_jax.lipschitz import power_iteration
+from aol_jax import power_iteration
 from experiments.ablations import report, trainer
 from experiments.ablations.configs import PAPER_SETTING, PLAIN_LR_NOTE, AblationConfig
 

@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aol_jax.freeze import freeze
-from aol_jax.layers import AOLConv, AOLDense
-from aol_jax.lipschitz import explicit_matrix, power_iteration
+from aol_jax import freeze
+from aol_jax import AOLConv, AOLDense
+from aol_jax._src.lipschitz import explicit_matrix, power_iteration
 from experiments.ablations import report, trainer
 from experiments.ablations.configs import PAPER_SETTING, AblationConfig, Recipe
 

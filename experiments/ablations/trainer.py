@@ -19,11 +19,11 @@ import numpy as np
 from flax import nnx
 
 from aol_jax import training
-from aol_jax.attacks import pgd_l2
+from aol_jax import pgd_l2
 from aol_jax import CertificationResult, certify_dataset
-from aol_jax.freeze import freeze
-from aol_jax.losses import offset_cross_entropy
-from aol_jax.models import MODELS, AOLNetwork
+from aol_jax import freeze
+from aol_jax import offset_cross_entropy
+from aol_jax import MODELS, AOLNetwork
 from experiments.ablations.configs import LossSetting, Recipe
 from experiments.common import input_pipeline
 from experiments.common.plain import plain_like

@@ -4,7 +4,7 @@ Examples::
 
   python -m experiments.cifar --accelerator=cpu --preset=digits --workdir=runs/digits
   python -m experiments.cifar --accelerator=cpu --preset=digits --workdir=runs/digits \\
-      --mode=certify --rounding=worst_case
+      --mode=certify --rounding=float64
   python -m experiments.cifar --accelerator=gpu --preset=paper --workdir=runs/paper_cifar10
   python -m experiments.cifar --accelerator=tpu --config=experiments/cifar/configs/paper.py \\
       --config.batch_size=256 --config.eval_batch_size=512 --workdir=gs://BUCKET/paper

@@ -38,9 +38,9 @@ from flax import nnx
 
 import aol_jax
 from aol_jax import training
-from aol_jax.certification.export import EXPORT_ROUNDING
-from aol_jax.losses import offset_cross_entropy
-from aol_jax.models import MODELS
+from aol_jax._src.certification.export import EXPORT_ROUNDING
+from aol_jax import offset_cross_entropy
+from aol_jax import MODELS
 from experiments.cifar import configs, console, results
 from experiments.cifar.configs import EPOCH_FIELDS, RUN_FIELDS, STATE_FIELDS, Config, ConfigError
 from experiments.common import command_line, input_pipeline, storage

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from aol_jax import STANDARD_RADII
-from aol_jax.certification.results import radius_label  # the one import of it in experiments/
+from aol_jax._src.certification.results import radius_label  # the one import of it in experiments/
 
 __all__ = ["MNIST_RADIUS", "STANDARD_RADII", "radii", "radius_label"]
 

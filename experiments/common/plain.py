@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
-from aol_jax.initializers import aol_init
-from aol_jax.layers import AOLConv, AOLDense
-from aol_jax.models import AOLNetwork
+from aol_jax import aol_init
+from aol_jax import AOLConv, AOLDense
+from aol_jax import AOLNetwork
 
 
 class PlainNetwork(nnx.Module):

@@ -9,9 +9,8 @@ import numpy as np
 from flax import nnx
 
 import aol_jax
-from aol_jax import models
-from aol_jax.certification.probabilistic import FLOAT32_UNIT_ROUNDOFF, operation_count
-from aol_jax.certification.protocol import rounding_terms
+from aol_jax._src.certification.probabilistic import FLOAT32_UNIT_ROUNDOFF, operation_count
+from aol_jax._src.certification.protocol import rounding_terms
 
 
 def numpy_margin(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -67,8 +66,8 @@ def digits_like(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
   return rng.uniform(size=(n, 8, 8, 1)).astype(np.float32), rng.integers(0, 10, n)
 
 
-def tiny_std_model(**kw) -> models.AOLNetwork:
-  return models.aol_std(10, rngs=nnx.Rngs(0), channels=8, num_stages=1, blocks_per_stage=1,
+def tiny_std_model(**kw) -> aol_jax.AOLNetwork:
+  return aol_jax.aol_std(10, rngs=nnx.Rngs(0), channels=8, num_stages=1, blocks_per_stage=1,
                         dense_width=32, dense_depth=2, image_size=8, in_channels=1, **kw)
 
 

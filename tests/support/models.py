@@ -9,8 +9,6 @@ from flax import nnx
 from sklearn.datasets import load_digits
 
 import aol_jax
-from aol_jax import models
-
 SMALL = {
     "aol_small": dict(channels=16, conv_depth=2, dense_depth=3, width=4, pool=2),
     "aol_medium": dict(channels=16, conv_depth=2, dense_depth=3, width=8, pool=2),
@@ -22,8 +20,8 @@ SMALL = {
 
 
 def build_small(name: str, *, image_size: int = 8, in_channels: int = 1,
-                **kw) -> models.AOLNetwork:
-  return models.MODELS[name](10, rngs=nnx.Rngs(0), image_size=image_size,
+                **kw) -> aol_jax.AOLNetwork:
+  return aol_jax.MODELS[name](10, rngs=nnx.Rngs(0), image_size=image_size,
                              in_channels=in_channels, **SMALL[name], **kw)
 
 

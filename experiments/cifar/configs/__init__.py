@@ -56,14 +56,14 @@ class Config:
   eval_batch_size: int = 500  # rows per evaluation / certification call (any size, padded)
   log_every: int = 50  # steps between loss / accuracy updates of the progress bar
   mode: str = "train"  # 'train' (then certify), 'certify' (the newest checkpoint) or 'export'
-  rounding: str = "probabilistic"  # the certificate's rounding mode: 'probabilistic' or 'worst_case'
+  rounding: str = "float32_statistical"  # the certificate's rounding mode: 'float32_statistical' or 'float64'
   gram_precision: str = "default"  # matmul precision of the AOL Gram matrices: one of GRAM_PRECISIONS
 
 
 MODES = ("train", "certify", "export")
 # The certificates a run can report (aol_jax.results.ROUNDING_MODES without 'exact', which
 # holds for no float evaluation).
-ROUNDINGS = ("probabilistic", "worst_case")
+ROUNDINGS = ("float32_statistical", "float64")
 # The values of AOLDense / AOLConv's gram_precision, until the library exports its table.
 GRAM_PRECISIONS = ("default", "high", "highest", "bfloat16")
 # Fields that only select what a run does or how it reports: never a reason to refuse a resume.

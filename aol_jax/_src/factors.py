@@ -22,7 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from aol_jax.gram import dot, half_gram_rows, offset_table
+from aol_jax._src.gram import dot, half_gram_rows, offset_table
 
 
 def factors(kernel: jax.Array, ksize: tuple[int, ...], eps: float, precision: str,

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype
 
-from aol_jax.layers import AOLConv, AOLDense, RescaledKernel
+from aol_jax._src.layers import AOLConv, AOLDense, RescaledKernel
 
 
 def _narrower(dtype, than) -> bool:
@@ -44,8 +44,6 @@ def freeze(model: nnx.Module, *, dtype: Dtype | None = None) -> nnx.Module:
         module.dtype = None
   for _, layer in nnx.iter_modules(frozen):
     if isinstance(layer, (AOLDense, AOLConv)) and not isinstance(layer.kernel, RescaledKernel):
-      # One compiled program per layer, not an op-by-op dispatch of the rescaling; float32
-      # at 'highest' whatever the layer's training-time gram_precision.
-      rescale = lambda k, layer=layer: layer.rescale(k, gram_precision="highest")
-      layer.kernel = RescaledKernel(jax.jit(rescale)(layer.kernel[...]))
+      # float32 at 'highest' whatever the layer's training-time gram_precision.
+      layer.kernel = RescaledKernel(layer.applied_kernel(gram_precision="highest"))
   return frozen

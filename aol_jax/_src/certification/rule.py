@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from aol_jax.certification.margins import margins
+from aol_jax._src.certification.margins import margins
 
 STANDARD_RADII: tuple[float, ...] = (36 / 255, 72 / 255, 108 / 255, 1.0)
 """The radii of the AOL paper's tables."""

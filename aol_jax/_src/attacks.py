@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike
 
-from aol_jax.certification.margins import margins
+from aol_jax._src.certification.margins import margins
 
 
 def _project(x: jax.Array, x_adv: jax.Array, eps: jax.Array,

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from aol_jax.certification.protocol import ExactMap
-from aol_jax.sharding import batch_reshape
+from aol_jax._src.certification.protocol import ExactMap
+from aol_jax._src.sharding import batch_reshape
 
 
 class GroupSort(ExactMap, nnx.Module):

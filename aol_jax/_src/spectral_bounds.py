@@ -75,24 +75,35 @@ are those of the real matrix ``[[X, -Y], [Y, X]]`` whose Gram ``[[P, -Q], [Q, P]
 with the error of item 1, and bounded by items 2-5.
 
 Finally both functions return the minimum with the AOL row-sum (Schur) bound of
-:mod:`aol_jax.certification.worst_case` (itself rigorous in float64), so they never state more than it.
+:func:`dense_row_sum_bound` and :func:`conv_row_sum_bound` (rigorous in float64), so they never state more than it.
 """
 
 from __future__ import annotations
 
 import decimal
 import functools
+import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import scipy.sparse.linalg
 from jax.typing import ArrayLike
 
-from aol_jax import padding as padding_lib
-from aol_jax.certification import worst_case
+from aol_jax._src import padding as padding_lib
+from aol_jax._src.gram import offset_table
 
-_U = 2.0 ** -53  # float64 unit roundoff
+FLOAT32_UNIT_ROUNDOFF = 2.0 ** -24
+"""``u`` for float32 (round to nearest): every rounded operation has relative error <= u."""
+
+FLOAT64_UNIT_ROUNDOFF = 2.0 ** -53
+"""``u`` for float64 (round to nearest)."""
+
+FLOAT32_TINY = 2.0 ** -126
+"""The smallest normal float32: a result (or an input) flushed to zero loses less than this."""
+
+
+_U = FLOAT64_UNIT_ROUNDOFF
 _UNDERFLOW = 2.0 ** -1021  # absolute error of one float64 operation that underflows (any mode)
 _SUBNORMAL = 2.0 ** -1074  # largest change of an entry by an inexact power-of-two scaling
 _TWIDDLE_ERROR = 2.0 ** -52  # |table value - exact cos or sin|, see _unit_circle_table
@@ -231,18 +242,132 @@ def _sigma_max_upper_dense(w: np.ndarray) -> float:
   return _up(math.sqrt(_up(lam + gram_err)))
 
 
+def gamma(n: int, unit_roundoff: float = FLOAT64_UNIT_ROUNDOFF) -> float:
+  """``gamma_n = n u / (1 - n u)``: a float dot product of length ``n`` errs by at most
+  ``gamma_n |x|^T |y|`` (products and sums, in any order)."""
+  if n * unit_roundoff >= 0.5:
+    raise ValueError(f"A dot product of length {n} is too long for a float64 error bound.")
+  return n * unit_roundoff / (1 - n * unit_roundoff)
+
+
+def inflate(value: float, operations: int) -> float:
+  """``value`` times ``1 + 2 gamma_k``: covers the float64 rounding of computing ``value``
+  itself from non-negative terms in ``operations`` steps."""
+  return float(value) * (1.0 + 2.0 * gamma(operations + 2))
+
+
+def _schur_bound(abs_gram: np.ndarray, slack: Callable[[np.ndarray], np.ndarray],
+                 iterations: int = 1000, rtol: float = 1e-9) -> float:
+  """Rigorous ``min_q max_i ((A + E) q)_i / q_i`` over power-iteration vectors ``q`` of
+  ``A = abs_gram``, with ``E q = slack(q)``.
+
+  Every ``q > 0`` gives a valid bound (Collatz-Wielandt); the iterates approach ``A``'s
+  Perron vector, where the bound approaches the Perron root (<= 1 for an AOL-rescaled
+  kernel, AOL's own ``q = 1 / d`` being one such vector). The loop stops once the bound is
+  within ``rtol`` of the lower estimate ``min_i (A q)_i / q_i``.
+  """
+  n = abs_gram.shape[0]
+  q = np.ones(n)
+  best = np.inf
+  for _ in range(iterations):
+    aq = abs_gram @ q
+    best = min(best, float(np.max((aq + slack(q)) / q)))
+    if best <= float(np.min(aq / q)) * (1 + rtol) or aq.max() <= 0:
+      break
+    q = aq / aq.max() + 1e-12
+  return inflate(best, 2 * n + 4)
+
+
+def abs_norm_bound(row_sums: np.ndarray, col_sums: np.ndarray, terms: int) -> float:
+  """``|| |T| ||_2 <= sqrt(||T||_1 ||T||_inf)`` from non-negative row and column sums."""
+  return inflate(math.sqrt(inflate(row_sums.max() * col_sums.max(), terms)), 2)
+
+
+def dense_row_sum_bound(kernel: np.ndarray) -> float:
+  """Rigorous bound on ``||W||_2`` of a dense kernel ``(in, out)``, computed in float64.
+
+  The Gram over the smaller side, ``G = W W^T`` (AOL's own, ``in <= out``) or ``W^T W``,
+  has the same nonzero spectrum ``||W||^2``. Each entry, a dot product of length ``k`` (the
+  other side), errs by at most ``gamma_k (|W| |W|^T)_ij``, so ``||W||^2 <= max_i ((|G^| +
+  gamma' |W| |W|^T) q)_i / q_i`` (``gamma' = 2 gamma_{k+2}`` also covers computing
+  ``|W| |W|^T q``), which is <= 1 when ``W`` is AOL-rescaled.
+  """
+  w = np.asarray(kernel, np.float64)
+  side = w if w.shape[0] <= w.shape[1] else w.T
+  abss = np.abs(side)
+  g = 2.0 * gamma(side.shape[1] + 2)
+  gram = np.abs(side @ side.T)
+  return inflate(math.sqrt(_schur_bound(gram, lambda q: g * (abss @ (abss.T @ q)))), 2)
+
+
+def conv_row_sum_bound(kernel: np.ndarray, *, feature_group_count: int) -> float:
+  """Rigorous bound on the l2 norm of a convolution with kernel ``(*k, in // g, out)``.
+
+  Per group, the Gram ``G[s] = sum_{t - u = s} K_t K_u^T`` is computed in float64 with the
+  same error term as :func:`dense_row_sum_bound`; the Schur test on ``sum_s |G[s]|``
+  bounds the conv's norm for zero and circular padding, any input size, stride and
+  dilation (AOL Theorem 2).
+  """
+  k = np.asarray(kernel, np.float64)
+  nd = k.ndim - 2
+  ksize = k.shape[:nd]
+  taps = math.prod(ksize)
+  c_in_g, c_out = k.shape[-2:]
+  g = feature_group_count
+  c_out_g = c_out // g
+  flat = k.reshape(taps, c_in_g, g, c_out_g)
+  table, count = offset_table(ksize)
+  err = 2.0 * gamma(taps * c_out_g + 2)  # products per Gram entry, at most
+  lip_sq = 0.0
+  for group in range(g):
+    kg = flat[:, :, group, :]  # (taps, in_g, out_g)
+    rows = kg.reshape(taps * c_in_g, c_out_g)
+    pairs = (rows @ rows.T).reshape(taps, c_in_g, taps, c_in_g).transpose(0, 2, 1, 3)
+    per_offset = np.zeros((count, c_in_g, c_in_g))
+    np.add.at(per_offset, table, pairs)
+    abs_gram = np.abs(per_offset).sum(0)
+    absk_sum = np.abs(kg).sum(0)  # (in_g, out_g): sum over taps
+    # sum_{s, j} (sum_{t - u = s} |K_t| |K_u|^T)_ij q_j = (sum_t |K_t|) (sum_u |K_u|)^T q.
+    slack = lambda q, a=absk_sum: err * (a @ (a.T @ q))
+    lip_sq = max(lip_sq, _schur_bound(abs_gram, slack))
+  return inflate(math.sqrt(lip_sq), 2)
+
+
 def _schur_dense(scaled: np.ndarray, p: int) -> float:
   """The AOL row-sum bound of ``scaled * 2^p`` (homogeneous: computed on the scaled kernel,
   whose Gram neither overflows nor underflows)."""
-  return _unscale_up(worst_case.dense_kernel_norm_bound(scaled), p)
+  return _unscale_up(dense_row_sum_bound(scaled), p)
 
 
 def _schur_conv(scaled: np.ndarray, p: int, feature_group_count: int) -> float:
   """As :func:`_schur_dense`, for a conv kernel."""
-  return _unscale_up(worst_case.conv_kernel_norm_bound(
+  return _unscale_up(conv_row_sum_bound(
       scaled, feature_group_count=feature_group_count), p)
 
 
+_MEMO: dict = {}
+_MEMO_SIZE = 4096
+
+
+def _memoised(fn):
+  """``fn(kernel, **options)`` computed once per distinct kernel (its bytes, shape and dtype)
+  and options: a trained model's layers are bounded once, however often they are asked."""
+
+  @functools.wraps(fn)
+  def memoised(kernel: ArrayLike, **options) -> float:
+    arr = np.ascontiguousarray(np.asarray(kernel))
+    key = (fn.__name__, arr.shape, str(arr.dtype), hashlib.sha256(arr.tobytes()).hexdigest(),
+           repr(sorted(options.items())))
+    if key not in _MEMO:
+      if len(_MEMO) >= _MEMO_SIZE:
+        _MEMO.clear()
+      _MEMO[key] = fn(arr, **options)
+    return _MEMO[key]
+
+  return memoised
+
+
+@_memoised
 def dense_norm_bound(kernel: ArrayLike) -> float:
   """A rigorous upper bound on the spectral norm ``||W||_2`` of a 2-D kernel.
 
@@ -485,6 +610,7 @@ def _trimmed(kernel: np.ndarray, nd: int) -> np.ndarray:
   return kernel[tuple(index)]
 
 
+@_memoised
 def conv_norm_bound(kernel: ArrayLike, *, strides: int | Sequence[int] = 1,
                     kernel_dilation: int | Sequence[int] = 1, feature_group_count: int = 1,
                     padding: padding_lib.PaddingLike = "SAME",

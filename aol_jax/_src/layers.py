@@ -13,17 +13,18 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.typing import Dtype, Initializer, PrecisionLike
 
-from aol_jax import padding as padding_lib
-from aol_jax import rescaling
-from aol_jax.gram import check_precision
-from aol_jax.initializers import aol_init
-from aol_jax.certification import kernel_bounds, probabilistic, worst_case
-from aol_jax.certification.probabilistic import RoundingTerms
-from aol_jax.certification.worst_case import WorstCaseTerms
-from aol_jax.sharding import apply_rescaled, batch_reshape
+from aol_jax._src import padding as padding_lib
+from aol_jax._src import rescaling, spectral_bounds
+from aol_jax._src.certification import probabilistic, worst_case
+from aol_jax._src.certification.probabilistic import RoundingTerms
+from aol_jax._src.certification.worst_case import WorstCaseTerms
+from aol_jax._src.gram import check_precision
+from aol_jax._src.initializers import aol_init
+from aol_jax._src.sharding import apply_rescaled, batch_reshape
 
 
 class RescaledKernel(nnx.Variable):
@@ -56,10 +57,31 @@ def _frozen(layer) -> bool:
 def _apply_kernel(layer, op: Callable[[jax.Array, jax.Array], jax.Array],
                   x: jax.Array) -> jax.Array:
   """``op(x, kernel)`` with the kernel the layer applies: frozen, or rescaled now
-  (:func:`aol_jax.sharding.apply_rescaled`)."""
+  (:func:`aol_jax._src.sharding.apply_rescaled`, the training path of
+  :meth:`AOLDense.applied_kernel`)."""
   if isinstance(layer.kernel, RescaledKernel):
     return op(x, layer.kernel[...])
   return apply_rescaled(layer, op, layer.kernel[...], x)
+
+
+def _host_kernel(layer) -> np.ndarray:
+  """``layer.applied_kernel()`` as a float64 host array, refused if not finite."""
+  kernel = np.asarray(layer.applied_kernel(), np.float64)
+  if not np.all(np.isfinite(kernel)):
+    raise ValueError(f"{type(layer).__name__} applies a kernel with non-finite entries (a zero "
+                     "row rescaled with eps=0?); no Lipschitz bound can be stated for it.")
+  return kernel
+
+
+def _bias(layer) -> jax.Array | None:
+  return None if layer.bias is None else layer.bias[...]
+
+
+# One compiled rescaling per kernel shape and setting, shared by every layer (applied_kernel
+# outside a trace); inside jax.jit it is inlined like any other call.
+_rescale_dense = jax.jit(rescaling.rescale_dense, static_argnames=("eps", "gram_precision"))
+_rescale_conv = jax.jit(rescaling.rescale_conv, static_argnames=(
+    "eps", "feature_group_count", "method", "gram_precision"))
 
 
 class AOLDense(nnx.Module):
@@ -107,19 +129,31 @@ class AOLDense(nnx.Module):
     return self.apply_factors(kernel, self.factors(kernel, gram_precision=gram_precision,
                                                    axis_name=axis_name))
 
+  def applied_kernel(self, *, gram_precision: str | None = None) -> jax.Array:
+    """The kernel this layer applies: the stored one once frozen, else ``diag(d) P``
+    rescaled now at ``gram_precision`` (default: the layer's). The one definition used by
+    the call, :func:`aol_jax.freeze` (at ``'highest'``) and :meth:`lipschitz_bound`."""
+    if _frozen(self):
+      return self.kernel[...]
+    precision = self.gram_precision if gram_precision is None else gram_precision
+    return _rescale_dense(self.kernel[...], eps=self.eps, gram_precision=precision)
+
   def lipschitz_bound(self) -> float:
-    """1 (AOL, Theorem 1, exact arithmetic); once frozen, a rigorous bound on the stored
-    kernel (:func:`~aol_jax.certification.kernel_bounds.applied_kernel_bound`)."""
-    return kernel_bounds.applied_kernel_bound(self) if _frozen(self) else 1.0
+    """A rigorous bound on the spectral norm of :meth:`applied_kernel`
+    (:func:`aol_jax.dense_norm_bound`, float64, its own rounding included): at most
+    about 1 by AOL's Theorem 1, usually less once trained."""
+    return spectral_bounds.dense_norm_bound(_host_kernel(self))
 
   def rounding_terms(self) -> RoundingTerms:
-    """:func:`aol_jax.certification.probabilistic.dense_terms`."""
+    """:func:`aol_jax._src.certification.probabilistic.dense_terms`."""
     return probabilistic.dense_terms(self.in_features, self.out_features,
                                      self.lipschitz_bound(), frozen=_frozen(self))
 
   def worst_case_terms(self, input_shape: Sequence[int]) -> WorstCaseTerms:
-    """:func:`aol_jax.certification.worst_case.dense_layer_terms` (freeze the layer first)."""
-    return worst_case.dense_layer_terms(self, input_shape)
+    """:func:`aol_jax._src.certification.worst_case.dense_kernel_terms` of the applied kernel."""
+    del input_shape
+    return worst_case.dense_kernel_terms(_host_kernel(self), _bias(self),
+                                         lipschitz=self.lipschitz_bound())
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.shape[-1] != self.in_features:
@@ -205,10 +239,25 @@ class AOLConv(nnx.Module):
     return self.apply_factors(kernel, self.factors(kernel, gram_precision=gram_precision,
                                                    axis_name=axis_name))
 
+  def applied_kernel(self, *, gram_precision: str | None = None) -> jax.Array:
+    """The kernel this layer applies: the stored one once frozen, else the raw kernel
+    rescaled now at ``gram_precision`` (default: the layer's). The one definition used by
+    the call, :func:`aol_jax.freeze` (at ``'highest'``) and :meth:`lipschitz_bound`."""
+    if _frozen(self):
+      return self.kernel[...]
+    precision = self.gram_precision if gram_precision is None else gram_precision
+    return _rescale_conv(self.kernel[...], eps=self.eps,
+                         feature_group_count=self.feature_group_count, method=self.gram_method,
+                         gram_precision=precision)
+
   def lipschitz_bound(self) -> float:
-    """1 (AOL, Theorem 2, exact arithmetic); once frozen, a rigorous bound on the stored
-    kernel (:func:`~aol_jax.certification.kernel_bounds.applied_kernel_bound`)."""
-    return kernel_bounds.applied_kernel_bound(self) if _frozen(self) else 1.0
+    """A rigorous bound on the l2 norm of the convolution with :meth:`applied_kernel`, for
+    this layer's padding, strides, dilation and groups and any input size
+    (:func:`aol_jax.conv_norm_bound`): at most about 1 by AOL's Theorem 2."""
+    return spectral_bounds.conv_norm_bound(
+        _host_kernel(self), strides=tuple(self.strides),
+        kernel_dilation=tuple(self.kernel_dilation),
+        feature_group_count=self.feature_group_count, padding=self.padding)
 
   def rounding_terms(self) -> RoundingTerms:
     """:func:`aol_jax.certification.probabilistic.conv_terms`."""
@@ -217,8 +266,13 @@ class AOLConv(nnx.Module):
                                     frozen=_frozen(self))
 
   def worst_case_terms(self, input_shape: Sequence[int]) -> WorstCaseTerms:
-    """:func:`aol_jax.certification.worst_case.conv_layer_terms` (freeze the layer first)."""
-    return worst_case.conv_layer_terms(self, input_shape)
+    """:func:`aol_jax._src.certification.worst_case.conv_kernel_terms` of the applied kernel,
+    for one example of ``input_shape``."""
+    out = jax.eval_shape(self, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
+    return worst_case.conv_kernel_terms(_host_kernel(self), _bias(self),
+                                        feature_group_count=self.feature_group_count,
+                                        output_positions=math.prod(out.shape[1:-1]),
+                                        lipschitz=self.lipschitz_bound())
 
   def __call__(self, x: jax.Array) -> jax.Array:
     nd = len(self.kernel_size)

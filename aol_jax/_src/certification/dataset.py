@@ -15,7 +15,6 @@ import functools
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -25,50 +24,19 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from aol_jax.certification import protocol
-from aol_jax.certification.margins import check_labels, margins
-from aol_jax.certification.probabilistic import (FLOAT32_UNIT_ROUNDOFF, RoundingTerms,
+from aol_jax._src.certification import protocol
+from aol_jax._src.certification.margins import check_labels, margins
+from aol_jax._src.certification.probabilistic import (FLOAT32_UNIT_ROUNDOFF, RoundingTerms,
                                                  operation_count, rounding_allowance)
-from aol_jax.certification.results import CertificationResult
-from aol_jax.certification.rule import STANDARD_RADII, certify
-from aol_jax.certification.worst_case import WorstCaseTerms, worst_case_allowance
-from aol_jax.freeze import freeze
+from aol_jax._src.certification.modes import ROUNDING_MODES, Rounding
+from aol_jax._src.certification.results import CertificationResult
+from aol_jax._src.certification.rule import STANDARD_RADII, certify
+from aol_jax._src.certification.worst_case import WorstCaseTerms, worst_case_allowance
+from aol_jax._src.freeze import freeze
 
-
-@dataclasses.dataclass(frozen=True)
-class RoundingMode:
-  """One way of certifying: the evaluation its certificates hold for, its rounding model,
-  and when to choose it (both modes use the same ``L``; they differ in the allowance)."""
-  evaluation: str
-  model: str
-  use: str
-
-
-ROUNDING_MODES: dict[str, RoundingMode] = {
-    "probabilistic": RoundingMode(
-        evaluation="float32 forward pass",
-        model="probabilistic rounding model (aol_jax.certification.probabilistic)",
-        use="serving a float32 model (or an export_certified artifact); allowance about 1e-4 "
-            "of the margin"),
-    "worst_case": RoundingMode(
-        evaluation="float64 forward pass of the float32 weights, and exact arithmetic",
-        model="worst-case rounding bounds (aol_jax.certification.worst_case)",
-        use="a rigorous statement about exact arithmetic and the float64 pass; allowance "
-            "about 1e-11, so it certifies as much or slightly more, but not for a float32 "
-            "evaluation"),
-}
-"""The rounding modes of :func:`certify_dataset`, with what each certifies."""
-
-Rounding = Literal[tuple(ROUNDING_MODES)]  # type: ignore[valid-type]
 
 OVERFLOW_GUARD = 2.0 ** 100
 """Activations bounded above this are never certified: float32 could overflow inside the ball."""
-
-
-def mode_description(rounding: str) -> str:
-  """``'<evaluation>, <model>'`` for a key of :data:`ROUNDING_MODES`."""
-  mode = ROUNDING_MODES[rounding]
-  return f"{mode.evaluation}, {mode.model}"
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -273,7 +241,7 @@ def _float32_radii(eps: np.ndarray) -> np.ndarray:
 def certify_dataset(model: nnx.Module, images: ArrayLike, labels: ArrayLike, *,
                     eps_list: Sequence[float] = STANDARD_RADII, batch_size: int,
                     mesh: jax.sharding.Mesh | None = None,
-                    rounding: Rounding = "probabilistic") -> CertificationResult:
+                    rounding: Rounding = "float32_statistical") -> CertificationResult:
   """Certifies a whole dataset with the frozen model; returns the table as data.
 
   The model is frozen into float32 (:func:`aol_jax.freeze` with ``dtype=float32``: bfloat16
@@ -282,12 +250,12 @@ def certify_dataset(model: nnx.Module, images: ArrayLike, labels: ArrayLike, *,
   (:mod:`aol_jax.certification.protocol`; else :class:`~aol_jax.UndeclaredBoundError` names
   the layer and its path), and each example is certified at each radius by
   :func:`aol_jax.certify` with its own allowance. ``L`` is computed once, from the kernels
-  the frozen copy applies (:func:`aol_jax.certification.kernel_bounds.applied_kernel_bound`,
+  the frozen copy applies (each layer's ``lipschitz_bound()``,
   the same in both modes). The modes of :data:`ROUNDING_MODES` certify different
-  evaluations, so 'worst_case', whose allowance is smaller, may certify slightly more than
+  evaluations, so 'float64', whose allowance is smaller, may certify slightly more than
   the default without being the one to use for a float32 deployment:
 
-  * ``'probabilistic'`` (default): the prediction of the float32 forward pass (matmul
+  * ``'float32_statistical'`` (default): the prediction of the float32 forward pass (matmul
     precision 'highest', enforced here) is the same at every ``x'`` of the ball, under the
     probabilistic rounding model of
     :func:`~aol_jax.certification.probabilistic.rounding_allowance` (independent zero-mean
@@ -295,7 +263,7 @@ def certify_dataset(model: nnx.Module, images: ArrayLike, labels: ArrayLike, *,
     M(0)``, with ``P`` the largest Lipschitz constant from the input to any value the
     network computes, so each batch costs one bare float32 forward pass and an input norm.
     float64 images are rounded to float32 and certified at ``eps + ||x - x32||``.
-  * ``'worst_case'``: the network is evaluated in float64 on its frozen float32 parameters
+  * ``'float64'``: the network is evaluated in float64 on its frozen float32 parameters
     (inside ``jax.enable_x64``, which is restored on exit), at the images as given (float64
     images are not rounded). A certified ``x`` keeps its label at every ``x'`` of the ball
     both in exact arithmetic and in that float64 evaluation, whatever the rounding errors
@@ -330,7 +298,7 @@ def certify_dataset(model: nnx.Module, images: ArrayLike, labels: ArrayLike, *,
   # Every trace below, the checks included, sees the precision the allowance assumes.
   with jax.default_matmul_precision("highest"):
     run = _prepared(model, images, batch_size, mesh, rounding, check)
-    if rounding == "probabilistic":
+    if rounding == "float32_statistical":
       step = lambda c, state, x, s, y, valid: _probabilistic_counts(
           c.graphdef, c.terms, c.operations, state, x, s, y, valid, eps32, c.zero_norm)
     else:
@@ -348,7 +316,7 @@ def certify_dataset(model: nnx.Module, images: ArrayLike, labels: ArrayLike, *,
       max_allowance=tuple(float(a) for a in max_allow), rounding=rounding)
 
 
-def certified_radii(model: nnx.Module, images: ArrayLike, *, rounding: Rounding = "probabilistic",
+def certified_radii(model: nnx.Module, images: ArrayLike, *, rounding: Rounding = "float32_statistical",
                     batch_size: int, mesh: jax.sharding.Mesh | None = None
                     ) -> tuple[np.ndarray, np.ndarray]:
   """Per example, the predicted class and the l2 radius within which it is certified.
@@ -378,7 +346,7 @@ def certified_radii(model: nnx.Module, images: ArrayLike, *, rounding: Rounding 
   model, images, batch_size = _checked_arguments(model, images, batch_size, rounding)
   with jax.default_matmul_precision("highest"):
     run = _prepared(model, images, batch_size, mesh, rounding, lambda *_: None)
-    if rounding == "probabilistic":
+    if rounding == "float32_statistical":
       step = lambda c, state, x, s, y, valid: _probabilistic_radii(
           c.graphdef, c.terms, c.operations, state, x, s, c.zero_norm)
     else:
@@ -417,9 +385,9 @@ def _probabilistic_certifier(frozen: nnx.Module, image_shape) -> _Certifier:
   """The probabilistic mode's fixed terms for the float32 copy ``frozen`` (``zero_norm`` is
   set once the state is placed)."""
   if not hasattr(frozen, "logits_and_activation_norm"):
-    raise TypeError("rounding='probabilistic' needs a model with "
+    raise TypeError("rounding='float32_statistical' needs a model with "
                     "logits_and_activation_norm(x) such as aol_jax.AOLNetwork; use "
-                    "rounding='worst_case' otherwise.")
+                    "rounding='float64' otherwise.")
   graphdef, state = nnx.split(frozen)
   terms = protocol.rounding_terms(frozen)
   x_struct = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
@@ -449,7 +417,7 @@ def _prepared(model, images, batch_size, mesh, rounding, check):
     data_sharding = NamedSharding(mesh, P("data"))
 
   mesh_context = contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
-  if rounding == "probabilistic":
+  if rounding == "float32_statistical":
     certifier = _probabilistic_certifier(frozen, image_shape)
     images32 = images.astype(np.float32)
     shift = np.zeros(n, np.float32)
@@ -468,18 +436,18 @@ def _prepared(model, images, batch_size, mesh, rounding, check):
   def run(step, labels):
     nonlocal state
     with arithmetic, mesh_context:
-      if rounding == "worst_case":
+      if rounding == "float64":
         state = jax.tree.map(lambda a: a.astype(jnp.float64)
                              if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
         x64 = jax.ShapeDtypeStruct((1, *image_shape), jnp.float64)
         found = _floating_dtypes(lambda s, v: nnx.merge(graphdef, s)(v), state, x64)
         if found - {jnp.dtype(jnp.float64)}:
-          raise TypeError(f"rounding='worst_case' needs a float64 forward pass, but the model "
+          raise TypeError(f"rounding='float64' needs a float64 forward pass, but the model "
                           f"also computes in {sorted(str(d) for d in found)}: a layer fixes "
                           "its compute dtype. Leave layers' dtype=None.")
       if mesh is not None:
         state = jax.device_put(state, NamedSharding(mesh, P()))
-      if rounding == "probabilistic":
+      if rounding == "float32_statistical":
         certifier.zero_norm = _zero_input_activation_norm(graphdef, state, image_shape)
       for start in range(0, n, rows):
         x = images[start:start + rows]

@@ -20,10 +20,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from aol_jax.losses import offset_cross_entropy
-from aol_jax.sharding import sharded_rescaling
-from aol_jax.training.augment import AugmentConfig, augment as augment_images
-from aol_jax.training.mesh import (DATA_AXIS, check_batch_size, data_sharding,
+from aol_jax._src.losses import offset_cross_entropy
+from aol_jax._src.sharding import sharded_rescaling
+from aol_jax._src.training.augment import AugmentConfig, augment as augment_images
+from aol_jax._src.training.mesh import (DATA_AXIS, check_batch_size, data_sharding,
                                    replicated_sharding)
 
 

@@ -12,7 +12,7 @@ A layer may sit in a certified network (:class:`aol_jax.AOLNetwork`,
   float arithmetic evaluates exactly (a permutation, max / min, a reshape, a channel
   selection).
 * ``worst_case_terms(input_shape) -> WorstCaseTerms``: its rigorous float64 terms
-  (:mod:`aol_jax.certification.worst_case`), needed only by ``rounding='worst_case'``. ``input_shape`` is
+  (:mod:`aol_jax.certification.worst_case`), needed only by ``rounding='float64'``. ``input_shape`` is
   the shape of one example entering the layer.
 
 To certify with a layer of your own, write those methods on your ``nnx.Module``; a
@@ -42,8 +42,8 @@ import math
 import jax
 import numpy as np
 
-from aol_jax.certification.probabilistic import RoundingTerms
-from aol_jax.certification.worst_case import WorstCaseTerms
+from aol_jax._src.certification.probabilistic import RoundingTerms
+from aol_jax._src.certification.worst_case import WorstCaseTerms
 
 Path = tuple[Any, ...]
 

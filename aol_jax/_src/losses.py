@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from aol_jax.certification.margins import check_labels
+from aol_jax._src.certification.margins import check_labels
 
 
 def offset_cross_entropy(logits: jax.Array, labels: jax.Array, *, offset: float = math.sqrt(2),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from aol_jax._src.certification.modes import ROUNDING_MODES, mode_description
+
 @dataclasses.dataclass(frozen=True)
 class CertificationResult:
   """The certification table as data.
@@ -27,7 +29,6 @@ class CertificationResult:
   rounding: str
 
   def __post_init__(self):
-    from aol_jax.certification.dataset import ROUNDING_MODES  # noqa: PLC0415  (imports this)
     if self.rounding not in ROUNDING_MODES:
       raise ValueError(f"rounding must be one of {sorted(ROUNDING_MODES)}, got "
                        f"{self.rounding!r}.")
@@ -63,7 +64,6 @@ def certification_markdown(result: CertificationResult, *, name: str = "model",
 
     Rounding: probabilistic (float32 forward pass, probabilistic rounding model (...)).
   """
-  from aol_jax.certification.dataset import mode_description  # noqa: PLC0415  (imports this)
   header = ["model", "n", "clean"] + [radius_label(e) for e in result.eps_list]
   pct = lambda v: f"{100 * v:.{digits}f}"
   row = [name, str(result.num_examples), pct(result.clean_accuracy)]

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 from jax.typing import ArrayLike
 
-from aol_jax import factors as factors_lib
-from aol_jax.gram import (DEFAULT_GRAM_METHOD, GRAM_METHODS, GRAM_PRECISIONS, GramMethod,
+from aol_jax._src import factors as factors_lib
+from aol_jax._src.gram import (DEFAULT_GRAM_METHOD, GRAM_METHODS, GRAM_PRECISIONS, GramMethod,
                           GramPrecision, check_groups, check_kernel, check_method,
                           check_precision, compute_dtype, conv_gram, dense_gram, dot)
 

@@ -12,7 +12,6 @@ A JSON file beside it (``path + '.json'``) states what the radii mean.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import tempfile
@@ -22,14 +21,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from aol_jax.certification import dataset
+from aol_jax._src.certification import dataset
+from aol_jax._src.certification.modes import mode_description
+from aol_jax._src.version import __version__
 
-EXPORT_ROUNDING = ("probabilistic",)
+EXPORT_ROUNDING = ("float32_statistical",)
 """The modes an artifact can carry: the one certifying the float32 forward pass it runs."""
 
 
 def export_certified(model: nnx.Module, path: str | os.PathLike, *, input_shape: Sequence[int],
-                     rounding: str = "probabilistic") -> dict:
+                     rounding: str = "float32_statistical") -> dict:
   """Writes ``model``'s certified classifier to ``path`` and its description to
   ``path + '.json'``; returns that description.
 
@@ -49,7 +50,7 @@ def export_certified(model: nnx.Module, path: str | os.PathLike, *, input_shape:
     model: as for :func:`aol_jax.certify_dataset` (an ``AOLNetwork``, trained or frozen).
     path: the artifact's file; the JSON goes to ``path + '.json'``.
     input_shape: one image's shape, e.g. ``(32, 32, 3)``.
-    rounding: a key of :data:`EXPORT_ROUNDING`; ``'worst_case'`` certifies a float64
+    rounding: a key of :data:`EXPORT_ROUNDING`; ``'float64'`` certifies a float64
       evaluation, which a float32 artifact does not perform, and is refused.
 
   Returns:
@@ -110,7 +111,7 @@ def export_certified(model: nnx.Module, path: str | os.PathLike, *, input_shape:
       "num_classes": num_classes,
       "lipschitz_bound": float(certifier.lipschitz),
       "rounding": rounding,
-      "rounding_model": dataset.mode_description(rounding),
+      "rounding_model": mode_description(rounding),
       "assumptions": [
           "the artifact's own float32 forward pass, matmul precision 'highest' (true float32 "
           "products, no TF32 or bfloat16 passes)",
@@ -119,18 +120,10 @@ def export_certified(model: nnx.Module, path: str | os.PathLike, *, input_shape:
           "IEEE float32 round to nearest",
           "finite images in [0, 1] of the exported shape",
       ],
-      "library": "aol_jax", "library_version": _version(), "jax_version": jax.__version__,
+      "library": "aol_jax", "library_version": __version__, "jax_version": jax.__version__,
   }
   _write_both(path, blob, json.dumps(description, indent=2, sort_keys=True).encode())
   return description
-
-
-def _version() -> str:
-  try:
-    return importlib.metadata.version("aol_jax")
-  except importlib.metadata.PackageNotFoundError:
-    from aol_jax import __version__  # noqa: PLC0415  (a source checkout)
-    return __version__
 
 
 def _write_both(path: str, blob: bytes, text: bytes) -> None:

@@ -1,4 +1,4 @@
-"""The probabilistic float32 rounding model: the margin slack of ``rounding='probabilistic'``.
+"""The probabilistic float32 rounding model: the margin slack of ``rounding='float32_statistical'``.
 
 A certificate ``m > sqrt(2) L eps`` is exact-arithmetic; this module adds the slack ``A`` that
 keeps it true for the float32 evaluation of the network at ``x`` and at every ``x'`` of the
