@@ -7,7 +7,7 @@ The drivers (:func:`aol_jax.certify_dataset`, :func:`aol_jax.certified_radii`,
 :func:`aol_jax.export_certified`) are at the top level.
 """
 
-from aol_jax._src.certification.modes import ROUNDING_MODES, RoundingMode
+from aol_jax._src.certification.modes import DEFAULT_ROUNDING, ROUNDING_MODES, RoundingMode
 from aol_jax._src.certification.probabilistic import (RoundingTerms, operation_count,
                                                       rounding_allowance)
 from aol_jax._src.certification.protocol import (ExactMap, UndeclaredBoundError,
@@ -16,7 +16,7 @@ from aol_jax._src.certification.protocol import (ExactMap, UndeclaredBoundError,
 from aol_jax._src.certification.worst_case import WorstCaseTerms, worst_case_allowance
 
 __all__ = [
-    "ExactMap", "ROUNDING_MODES", "RoundingMode", "RoundingTerms", "UndeclaredBoundError",
+    "DEFAULT_ROUNDING", "ExactMap", "ROUNDING_MODES", "RoundingMode", "RoundingTerms", "UndeclaredBoundError",
     "WorstCaseTerms", "lipschitz_bound", "operation_count", "register_exact_map",
     "rounding_allowance", "rounding_terms", "worst_case_allowance", "worst_case_terms",
 ]

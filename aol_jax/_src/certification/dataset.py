@@ -28,7 +28,7 @@ from aol_jax._src.certification import protocol
 from aol_jax._src.certification.margins import check_labels, margins
 from aol_jax._src.certification.probabilistic import (FLOAT32_UNIT_ROUNDOFF, RoundingTerms,
                                                  operation_count, rounding_allowance)
-from aol_jax._src.certification.modes import ROUNDING_MODES, Rounding
+from aol_jax._src.certification.modes import DEFAULT_ROUNDING, ROUNDING_MODES, Rounding
 from aol_jax._src.certification.results import CertificationResult
 from aol_jax._src.certification.rule import STANDARD_RADII, certify
 from aol_jax._src.certification.worst_case import WorstCaseTerms, worst_case_allowance
@@ -241,7 +241,7 @@ def _float32_radii(eps: np.ndarray) -> np.ndarray:
 def certify_dataset(model: nnx.Module, images: ArrayLike, labels: ArrayLike, *,
                     eps_list: Sequence[float] = STANDARD_RADII, batch_size: int,
                     mesh: jax.sharding.Mesh | None = None,
-                    rounding: Rounding = "float32_statistical") -> CertificationResult:
+                    rounding: Rounding = DEFAULT_ROUNDING) -> CertificationResult:
   """Certifies a whole dataset with the frozen model; returns the table as data.
 
   The model is frozen into float32 (:func:`aol_jax.freeze` with ``dtype=float32``: bfloat16
@@ -316,7 +316,7 @@ def certify_dataset(model: nnx.Module, images: ArrayLike, labels: ArrayLike, *,
       max_allowance=tuple(float(a) for a in max_allow), rounding=rounding)
 
 
-def certified_radii(model: nnx.Module, images: ArrayLike, *, rounding: Rounding = "float32_statistical",
+def certified_radii(model: nnx.Module, images: ArrayLike, *, rounding: Rounding = DEFAULT_ROUNDING,
                     batch_size: int, mesh: jax.sharding.Mesh | None = None
                     ) -> tuple[np.ndarray, np.ndarray]:
   """Per example, the predicted class and the l2 radius within which it is certified.

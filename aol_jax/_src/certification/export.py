@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from aol_jax._src.certification import dataset
-from aol_jax._src.certification.modes import mode_description
+from aol_jax._src.certification.modes import DEFAULT_ROUNDING, mode_description
 from aol_jax._src.version import __version__
 
 EXPORT_ROUNDING = ("float32_statistical",)
@@ -30,7 +30,7 @@ EXPORT_ROUNDING = ("float32_statistical",)
 
 
 def export_certified(model: nnx.Module, path: str | os.PathLike, *, input_shape: Sequence[int],
-                     rounding: str = "float32_statistical") -> dict:
+                     rounding: str = DEFAULT_ROUNDING, metadata: dict | None = None) -> dict:
   """Writes ``model``'s certified classifier to ``path`` and its description to
   ``path + '.json'``; returns that description.
 
@@ -52,6 +52,9 @@ def export_certified(model: nnx.Module, path: str | os.PathLike, *, input_shape:
     input_shape: one image's shape, e.g. ``(32, 32, 3)``.
     rounding: a key of :data:`EXPORT_ROUNDING`; ``'float64'`` certifies a float64
       evaluation, which a float32 artifact does not perform, and is refused.
+    metadata: JSON-serialisable facts about the model recorded under ``"model"`` in the
+      description (the runner writes the dataset, input scaling, model name, checkpoint
+      step, class names, clean accuracy and certified accuracies).
 
   Returns:
     The JSON description as a dict.
@@ -122,6 +125,8 @@ def export_certified(model: nnx.Module, path: str | os.PathLike, *, input_shape:
       ],
       "library": "aol_jax", "library_version": __version__, "jax_version": jax.__version__,
   }
+  if metadata is not None:
+    description["model"] = dict(metadata)
   _write_both(path, blob, json.dumps(description, indent=2, sort_keys=True).encode())
   return description
 

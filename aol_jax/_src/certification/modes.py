@@ -30,6 +30,10 @@ ROUNDING_MODES: dict[str, RoundingMode] = {
 }
 """The rounding modes of :func:`certify_dataset`, with what each certifies."""
 
+DEFAULT_ROUNDING = "float32_statistical"
+"""The mode of :func:`aol_jax.certify_dataset`, :func:`aol_jax.certified_radii`,
+:func:`aol_jax.export_certified` and the experiments when none is named."""
+
 Rounding = Literal[tuple(ROUNDING_MODES)]  # type: ignore[valid-type]
 
 def mode_description(rounding: str) -> str:
