@@ -11,8 +11,9 @@ from aol_jax._src.architectures import (MODELS, aol_convnet, aol_fc, aol_large, 
 from aol_jax._src.attacks import pgd_l2
 from aol_jax._src.blocks import (ConcatenationPooling, FirstChannels, Flatten, GroupSort, MaxMin,
                                  ZeroChannelPad)
-from aol_jax._src.certification.dataset import certified_radii, certify_dataset
+from aol_jax._src.certification.dataset import certify_dataset
 from aol_jax._src.certification.export import export_certified
+from aol_jax._src.certification.radii import certified_radii
 from aol_jax._src.certification.margins import margins
 from aol_jax._src.certification.modes import ROUNDING_MODES
 from aol_jax._src.certification.results import CertificationResult, certification_markdown

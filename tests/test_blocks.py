@@ -6,11 +6,14 @@ MaxMin and GroupSort: the Jacobian at random points is a permutation matrix, and
 ||f(x) - f(y)|| <= ||x - y|| on many random pairs.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import aol_jax
 from aol_jax._src import lipschitz
 from aol_jax._src.blocks import ConcatenationPooling, FirstChannels, Flatten, GroupSort, MaxMin, ZeroChannelPad
 
@@ -141,11 +144,14 @@ def test_network_runs_on_a_batch_sharded_input_under_an_explicit_mesh():
 def test_blocks_state_one_lipschitz_and_no_rounding(block):
   """What each block states for certification: L = 1, exact in floating point."""
   from aol_jax._src.certification import protocol
-  from aol_jax._src.certification.probabilistic import RoundingTerms
-  from aol_jax._src.certification.worst_case import WorstCaseTerms
+  from aol_jax._src.certification.statistical import StatisticalTerms
   assert protocol.lipschitz_bound(block) == 1.0
-  assert protocol.rounding_terms(block) == RoundingTerms(lipschitz=1.0)
-  assert protocol.worst_case_terms(block, (4, 4, 6)) == WorstCaseTerms.exact(1.0)
+  assert protocol.statistical_terms(block) == StatisticalTerms(lipschitz=1.0)
+  x = jnp.ones((2, 4, 4, 6))
+  y, bound = block.rounding_error(x, aol_jax.certification.FLOAT32)
+  assert np.array_equal(np.asarray(y), np.asarray(block(x)))  # exact: only subnormal flushes
+  assert np.all(np.asarray(bound) <= math.sqrt(96) * 2.0 ** -126 * 1.01)
+  assert block.rounding_error_slope(aol_jax.certification.FLOAT32) == 0.0
   # Exact in float32 indeed: the float32 output equals the float64 output rounded.
   x = np.random.default_rng(0).normal(size=(2, 4, 4, 6))
   y32 = np.asarray(block(jnp.asarray(x, jnp.float32)))

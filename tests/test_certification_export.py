@@ -12,7 +12,7 @@ import pytest
 
 import aol_jax
 from aol_jax._src.certification import export
-from aol_jax._src.certification.dataset import _float32_radii
+from aol_jax._src.certification.certifier import float_radii
 from support.certification import digits_like, tiny_std_model, trained_like
 
 _LOAD = textwrap.dedent("""
@@ -45,13 +45,17 @@ def test_exported_model_reproduces_certified_radii_with_jax_alone(tmp_path):
   # The float32 radii are certified_radii's rounded up to float32. A separate compilation
   # may sum in another order: the float32 logits then differ by far less than the rounding
   # allowance (u S_f M, ~1e-6 relative here), and so may the radii.
-  np.testing.assert_allclose(out["radii"], _float32_radii(radii), rtol=1e-4, atol=0)
+  logits = np.asarray(aol_jax.freeze(model)(images[:13]))
+  ulps = 16 * 2.0 ** -24 * float(np.max(np.abs(logits)))
+  np.testing.assert_allclose(out["radii"], float_radii(radii, np.float32), rtol=1e-5,
+                             atol=ulps / np.sqrt(2))
   on_disk = json.loads((tmp_path / "model.jaxexport.json").read_text())
   assert on_disk == description
   lip = aol_jax.freeze(model).lipschitz_bound()
   assert on_disk["lipschitz_bound"] == pytest.approx(lip, rel=1e-12)
   assert on_disk["num_classes"] == 10 and on_disk["inputs"]["dtype"] == "float32"
-  assert on_disk["inputs"]["shape"] == ["n", 8, 8, 1] and on_disk["rounding"] == "float32_statistical"
+  assert on_disk["inputs"]["shape"] == ["n", 8, 8, 1] and on_disk["rounding"] == (
+      aol_jax.certification.DEFAULT_ROUNDING)
   assert on_disk["library_version"] == aol_jax.__version__
 
 

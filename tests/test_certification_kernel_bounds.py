@@ -10,7 +10,7 @@ from flax import nnx
 import aol_jax
 from aol_jax._src import lipschitz
 from aol_jax._src import spectral_bounds
-from aol_jax._src.certification import protocol, worst_case
+from aol_jax._src.certification import protocol
 from support.certification import trained_like
 
 CONVS = [  # (in, out, kernel, strides, dilation, groups, padding, input spatial size)

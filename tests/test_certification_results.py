@@ -15,7 +15,7 @@ def test_markdown_table():
       "|---|---|---|---|---|",
       "| aol_small | 200 | 70.5 | 60.0 | 3.5 |",
   ]
-  assert lines[4].startswith("Rounding: worst_case (float64 forward pass")
+  assert lines[4].startswith("Rounding: float64 on cpu, the float64 evaluation")
   with pytest.raises(ValueError, match="rounding must be one of"):
     CertificationResult(num_examples=1, num_correct=1, eps_list=(1.0,), num_certified=(1,),
                         lipschitz_constant=1.0, max_allowance=(0.0,), rounding="bf16")

@@ -79,3 +79,18 @@ def test_circular_conv_singular_values_against_explicit_matrix(ksize, c_in, c_ou
 def test_circular_conv_singular_values_checks_rank():
   with pytest.raises(ValueError, match="spatial dims"):
     lipschitz.circular_conv_singular_values(np.ones((3, 3, 1, 1)), (4,))
+
+
+def test_operator_norm_is_float64_exact_for_a_circular_conv_wider_than_its_input():
+  """A 5x5 circular kernel on a 3x3 input: several taps sum into one matrix entry. In float32
+  those sums rounded and the SVD exceeded the exact norm (1.0000001 x); in float64 it matches
+  the FFT's singular values of the folded kernel."""
+  from aol_jax._src.lipschitz import circular_conv_singular_values, operator_norm
+  from flax import nnx
+  import aol_jax
+  layer = aol_jax.freeze(aol_jax.AOLConv(3, 3, (5, 5), padding="CIRCULAR", use_bias=False,
+                                         rngs=nnx.Rngs(0)))
+  exact = operator_norm(lambda v: layer(v[None])[0], (3, 3, 3))
+  fft = circular_conv_singular_values(np.asarray(layer.kernel[...], np.float64), (3, 3))[0]
+  assert abs(exact - fft) <= 1e-12 * fft
+  assert exact <= layer.lipschitz_bound()

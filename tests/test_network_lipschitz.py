@@ -86,7 +86,7 @@ def test_every_family_is_one_lipschitz_random_and_trained(name):
 def test_normalising_network_is_bounded_by_max_inverse_std():
   model = build_small("aol_fc", input_mean=(0.5,), input_std=(0.25,))
   lip = model.lipschitz_bound()
-  assert lip == 4.0
+  assert lip <= 4.0 * (1 + 1e-5)
   norms = _jacobian_norms(model, _inputs(8))
   assert np.all(norms <= lip * (1 + TOL)) and norms.max() > 1.0  # above 1: the constant matters
   _check_pairs(model, lip)

@@ -23,6 +23,7 @@ class GroupSort(ExactMap, nnx.Module):
   A permutation of its input at every point, hence 1-Lipschitz and gradient-norm preserving
   (Anil et al., 2019). ``GroupSort(2)`` is :class:`MaxMin`.
   """
+  _FORWARD_METHODS = ("_sort_groups",)
 
   def __init__(self, group_size: int):
     if group_size < 1:

@@ -18,10 +18,9 @@ from flax import nnx
 from flax.typing import Dtype, Initializer, PrecisionLike
 
 from aol_jax._src import padding as padding_lib
-from aol_jax._src import rescaling, spectral_bounds
-from aol_jax._src.certification import probabilistic, worst_case
-from aol_jax._src.certification.probabilistic import RoundingTerms
-from aol_jax._src.certification.worst_case import WorstCaseTerms
+from aol_jax._src import patches, rescaling, spectral_bounds
+from aol_jax._src.certification import rigorous, statistical
+from aol_jax._src.certification.statistical import StatisticalTerms
 from aol_jax._src.gram import check_precision
 from aol_jax._src.initializers import aol_init
 from aol_jax._src.sharding import apply_rescaled, batch_reshape
@@ -75,6 +74,46 @@ def _host_kernel(layer) -> np.ndarray:
 
 def _bias(layer) -> jax.Array | None:
   return None if layer.bias is None else layer.bias[...]
+
+
+def _frozen_kernel(layer) -> jax.Array:
+  """The stored kernel of a frozen layer: a rounding-error bound is stated for the kernel
+  whose norm was bounded, which only a frozen layer holds as an array."""
+  if not _frozen(layer):
+    raise ValueError(f"{type(layer).__name__}.rounding_error() needs a frozen layer (the "
+                     "kernel it bounds must be the one it applies); call aol_jax.freeze "
+                     "first (certify_dataset, certified_radii and export_certified do).")
+  return layer.kernel[...]
+
+
+def _affine_error(layer, x: jax.Array, kernel: jax.Array, apply, fmt: spectral_bounds.FloatFormat
+                  ) -> tuple[jax.Array, jax.Array]:
+  """``(y, bound)`` of an affine layer evaluated in ``fmt``: ``y = apply(x, kernel) + b`` and
+  the rigorous bound from the same map applied to ``|x|`` with ``|kernel|``, ``|b|``."""
+  dtype = jnp.dtype(fmt.name)
+  x = x.astype(dtype)
+  kernel = kernel.astype(dtype)
+  bias = _bias(layer)
+  y = apply(x, kernel)
+  absolute = apply(jnp.abs(x), jnp.abs(kernel))
+  max_weight = jnp.max(jnp.abs(kernel))
+  if bias is not None:
+    bias = bias.astype(dtype)
+    y = y + bias
+    absolute = absolute + jnp.abs(bias)
+    max_weight = jnp.maximum(max_weight, jnp.max(jnp.abs(bias)))
+  products = math.prod(kernel.shape[:-1])  # taps * c_in / g, or in_features
+  bound = rigorous.affine_error(absolute, products=products, has_bias=bias is not None,
+                                max_abs_weight=max_weight, fmt=fmt)
+  return y, bound
+
+
+def _abs_norm_bound(kernel: np.ndarray) -> float:
+  """A rigorous bound on ``|| |T| ||_2``, ``T`` the layer's map with every weight made
+  non-negative: ``|| |W| ||`` for a dense kernel; for a conv, ``max_g || sum_t |K_t| ||``
+  (a non-negative kernel's symbol is largest at frequency 0, for any padding, stride,
+  dilation and input size)."""
+  return spectral_bounds.dense_norm_bound(np.abs(kernel))
 
 
 # One compiled rescaling per kernel shape and setting, shared by every layer (applied_kernel
@@ -144,16 +183,29 @@ class AOLDense(nnx.Module):
     about 1 by AOL's Theorem 1, usually less once trained."""
     return spectral_bounds.dense_norm_bound(_host_kernel(self))
 
-  def rounding_terms(self) -> RoundingTerms:
-    """:func:`aol_jax._src.certification.probabilistic.dense_terms`."""
-    return probabilistic.dense_terms(self.in_features, self.out_features,
-                                     self.lipschitz_bound(), frozen=_frozen(self))
+  def statistical_terms(self) -> StatisticalTerms:
+    """:func:`aol_jax._src.certification.statistical.dense_terms` of the kernel's shape."""
+    n_in, n_out = self.kernel[...].shape
+    return statistical.dense_terms(n_in, n_out, self.lipschitz_bound(), frozen=_frozen(self))
 
-  def worst_case_terms(self, input_shape: Sequence[int]) -> WorstCaseTerms:
-    """:func:`aol_jax._src.certification.worst_case.dense_kernel_terms` of the applied kernel."""
-    del input_shape
-    return worst_case.dense_kernel_terms(_host_kernel(self), _bias(self),
-                                         lipschitz=self.lipschitz_bound())
+  def rounding_error(self, x: jax.Array, fmt: spectral_bounds.FloatFormat
+                     ) -> tuple[jax.Array, jax.Array]:
+    """``(x @ W + b, bound)`` evaluated in ``fmt`` with the frozen kernel, and per example the
+    rigorous bound on its error (:func:`aol_jax._src.certification.rigorous.affine_error`)."""
+    kernel = _frozen_kernel(self)
+    if x.ndim != 2 or x.shape[-1] != kernel.shape[0]:
+      raise ValueError(f"AOLDense expects inputs (batch, {kernel.shape[0]}), got shape "
+                       f"{x.shape}.")
+    dot = lambda a, w: jax.lax.dot_general(a, w, (((1,), (0,)), ((), ())),
+                                           precision=jax.lax.Precision.HIGHEST,
+                                           preferred_element_type=w.dtype)
+    return _affine_error(self, x, kernel, dot, fmt)
+
+  def rounding_error_slope(self, fmt: spectral_bounds.FloatFormat) -> float:
+    """``gamma_N || |W| ||_2`` (:func:`aol_jax._src.certification.rigorous.affine_slope`)."""
+    kernel = _host_kernel(self)
+    return rigorous.affine_slope(_abs_norm_bound(kernel), products=kernel.shape[0],
+                                 has_bias=self.bias is not None, fmt=fmt)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.shape[-1] != self.in_features:
@@ -259,20 +311,47 @@ class AOLConv(nnx.Module):
         kernel_dilation=tuple(self.kernel_dilation),
         feature_group_count=self.feature_group_count, padding=self.padding)
 
-  def rounding_terms(self) -> RoundingTerms:
-    """:func:`aol_jax.certification.probabilistic.conv_terms`."""
-    return probabilistic.conv_terms(self.kernel_size, self.in_features, self.out_features,
-                                    self.feature_group_count, self.lipschitz_bound(),
-                                    frozen=_frozen(self))
+  def statistical_terms(self) -> StatisticalTerms:
+    """:func:`aol_jax._src.certification.statistical.conv_terms` of the kernel's shape."""
+    kernel = self.kernel[...]
+    g = self.feature_group_count
+    return statistical.conv_terms(kernel.shape[:-2], kernel.shape[-2] * g, kernel.shape[-1], g,
+                                  self.lipschitz_bound(), frozen=_frozen(self))
 
-  def worst_case_terms(self, input_shape: Sequence[int]) -> WorstCaseTerms:
-    """:func:`aol_jax._src.certification.worst_case.conv_kernel_terms` of the applied kernel,
-    for one example of ``input_shape``."""
-    out = jax.eval_shape(self, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
-    return worst_case.conv_kernel_terms(_host_kernel(self), _bias(self),
-                                        feature_group_count=self.feature_group_count,
-                                        output_positions=math.prod(out.shape[1:-1]),
-                                        lipschitz=self.lipschitz_bound())
+  def rounding_error(self, x: jax.Array, fmt: spectral_bounds.FloatFormat
+                     ) -> tuple[jax.Array, jax.Array]:
+    """The convolution evaluated in ``fmt`` as slices and one dot product
+    (:func:`aol_jax._src.patches.conv_as_dot`, a sum of products on every platform) with the
+    frozen kernel and this layer's padding, strides, dilation and groups, and per example
+    the rigorous bound on its error (:func:`aol_jax._src.certification.rigorous.affine_error`)."""
+    kernel = _frozen_kernel(self)
+    ksize = kernel.shape[:-2]
+    nd = len(ksize)
+    g = self.feature_group_count
+    if x.ndim != nd + 2 or x.shape[-1] != kernel.shape[-2] * g:
+      raise ValueError(f"AOLConv expects inputs (batch, {nd} spatial dims, "
+                       f"{kernel.shape[-2] * g} channels), got shape {x.shape}.")
+    padding = padding_lib.normalize_padding(self.padding, nd)
+    strides = _tuple(self.strides, nd, "strides")
+    dilation = _tuple(self.kernel_dilation, nd, "kernel_dilation")
+
+    def conv(a, k):
+      cols = patches.conv_patches(a, ksize, strides=strides, dilation=dilation, padding=padding)
+      return patches.conv_as_dot(cols, k, g, k.dtype)
+
+    return _affine_error(self, x, kernel, conv, fmt)
+
+  def rounding_error_slope(self, fmt: spectral_bounds.FloatFormat) -> float:
+    """``gamma_N max_g || sum_t |K_t| ||_2``, ``N`` the taps times the group's input channels
+    (:func:`aol_jax._src.certification.rigorous.affine_slope`)."""
+    kernel = _host_kernel(self)
+    nd = kernel.ndim - 2
+    g = self.feature_group_count
+    c_in_g, c_out = kernel.shape[-2:]
+    summed = np.abs(kernel).sum(axis=tuple(range(nd))).reshape(c_in_g, g, c_out // g)
+    abs_norm = max(_abs_norm_bound(summed[:, i, :]) for i in range(g))
+    return rigorous.affine_slope(abs_norm, products=math.prod(kernel.shape[:-1]),
+                                 has_bias=self.bias is not None, fmt=fmt)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     nd = len(self.kernel_size)
@@ -283,8 +362,8 @@ class AOLConv(nnx.Module):
     x = batch_reshape(x, (-1,) + x.shape[-(nd + 1):])
     bias = None if self.bias is None else self.bias[...]
     pad = self.padding
-    if pad == "CIRCULAR":
-      x = padding_lib.circular_pad(x, self.kernel_size, self.kernel_dilation)
+    if pad == "CIRCULAR":  # by the stored kernel's size, whatever the attribute says
+      x = padding_lib.circular_pad(x, self.kernel[...].shape[:nd], self.kernel_dilation)
       pad = "VALID"
     spatial = "DHW"[3 - nd:]
 

@@ -16,23 +16,25 @@ import numpy as np
 
 
 def explicit_matrix(f: Callable[[jax.Array], jax.Array], input_shape: Sequence[int],
-                    dtype=jnp.float32) -> np.ndarray:
+                    dtype=jnp.float64) -> np.ndarray:
   """The Jacobian of ``f`` at zero as a float64 ``(out_size, in_size)`` matrix.
 
   For an affine ``f`` this is exactly its linear part: each column is ``f`` applied to a
-  unit vector by forward-mode differentiation, so no finite-difference error enters (each
-  entry is a single coefficient of ``f``, whatever the summation order). ``f`` must be
-  jit-able: the whole Jacobian is one compiled program, which is several times cheaper
-  than dispatching the batched forward pass op by op.
+  unit vector by forward-mode differentiation, so no finite-difference error enters. By
+  default it is computed in float64 (inside ``jax.enable_x64``; float32 parameters are
+  promoted exactly), so an entry that sums several coefficients (a circular conv whose
+  kernel wraps around a smaller input) is exact too, up to float64 rounding. ``f`` must be
+  jit-able: the whole Jacobian is one compiled program.
   """
-  x0 = jnp.zeros(tuple(input_shape), dtype)
-  flat = lambda v: f(v.reshape(x0.shape)).reshape(-1)
-  jac = jax.jit(jax.jacfwd(flat))(x0.reshape(-1))
-  return np.asarray(jac, dtype=np.float64)
+  with jax.enable_x64(jnp.dtype(dtype) == jnp.float64):
+    x0 = jnp.zeros(tuple(input_shape), dtype)
+    flat = lambda v: f(v.reshape(x0.shape)).reshape(-1)
+    jac = jax.jit(jax.jacfwd(flat))(x0.reshape(-1))
+    return np.asarray(jac, dtype=np.float64)
 
 
 def operator_norm(f: Callable[[jax.Array], jax.Array], input_shape: Sequence[int],
-                  dtype=jnp.float32) -> float:
+                  dtype=jnp.float64) -> float:
   """Exact spectral norm (l2 -> l2) of the linear map ``f`` on inputs of ``input_shape``."""
   mat = explicit_matrix(f, input_shape, dtype)
   return float(np.linalg.svd(mat, compute_uv=False)[0]) if mat.size else 0.0

@@ -1,32 +1,32 @@
 """The certified container: a sequence of layers that states its own Lipschitz bound.
 
 :meth:`AOLNetwork.lipschitz_bound` returns the constant to certify with: the product of what
-its layers state (the protocol of :mod:`aol_jax.certification`), times ``max(1 / std)`` when
-the network normalises its input. The paper's architectures are built from it in
+its steps state (the protocol of :mod:`aol_jax.certification`), the input normalisation's
+``max(1 / std)`` included. The paper's architectures are built from it in
 :mod:`aol_jax._src.architectures`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from aol_jax._src.certification import probabilistic, protocol, worst_case
-from aol_jax._src.certification.probabilistic import RoundingTerms
-from aol_jax._src.certification.worst_case import WorstCaseTerms
+from aol_jax._src.certification import protocol, rigorous, statistical
+from aol_jax._src.certification.statistical import StatisticalTerms
+from aol_jax._src.spectral_bounds import FloatFormat
 
 
 def _channel_values(values, name: str, *, positive: bool) -> tuple[float, ...] | None:
   """``values`` (a number or a sequence) as a tuple of finite floats, else ValueError."""
   if values is None:
     return None
-  seq = (values,) if isinstance(values, numbers.Real) else tuple(values)
+  seq = (values,) if isinstance(values, numbers.Real) else tuple(np.asarray(values).reshape(-1))
   try:
     out = tuple(float(v) for v in seq)
   except (TypeError, ValueError):
@@ -38,20 +38,60 @@ def _channel_values(values, name: str, *, positive: bool) -> tuple[float, ...] |
   return out
 
 
-_FORWARD_METHODS = ("__call__", "_forward", "logits_and_activation_norm")
+class Normalisation:
+  """The step ``(x - mean) / std`` per channel (the last axis), as a certificate sees it.
+
+  Built from an :class:`AOLNetwork`'s attributes as they are when it is certified, validated
+  then (``std`` finite and positive, one value or one per channel). Its Lipschitz constant
+  is ``max(1 / std)`` for the values the evaluation divides by: float64, and float32 as the
+  float32 evaluation rounds them (the larger of the two, rounded up).
+  """
+
+  def __init__(self, mean: Sequence[float] | None, std: Sequence[float] | None):
+    self.mean = _channel_values(mean, "input_mean", positive=False) or (0.0,)
+    self.std = _channel_values(std, "input_std", positive=True) or (1.0,)
+
+  def check_channels(self, channels: int) -> None:
+    for name, values in (("input_mean", self.mean), ("input_std", self.std)):
+      if len(values) not in (1, channels):
+        raise ValueError(f"{name} has {len(values)} channels but the input has {channels} "
+                         "(its last axis); the normalisation would broadcast the input to "
+                         f"{len(values)} channels and raise the Lipschitz constant. Give "
+                         f"one value per input channel, or one number.")
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    self.check_channels(x.shape[-1])
+    return (x - jnp.asarray(self.mean, x.dtype)) / jnp.asarray(self.std, x.dtype)
+
+  def lipschitz_bound(self) -> float:
+    worst = 0.0
+    for s in self.std:
+      for held in (s, float(np.float32(s))):
+        worst = max(worst, rigorous.div_up(1.0, held))
+    return worst
+
+  def statistical_terms(self) -> StatisticalTerms:
+    return statistical.normalisation_terms(self.lipschitz_bound())
+
+  def rounding_error(self, x: jax.Array, fmt: FloatFormat) -> tuple[jax.Array, jax.Array]:
+    self.check_channels(x.shape[-1])
+    x = x.astype(fmt.name)
+    return self(x), rigorous.normalisation_error(x, self.mean, self.std, fmt)
+
+  def rounding_error_slope(self, fmt: FloatFormat) -> float:
+    return rigorous.normalisation_slope(self.lipschitz_bound(), fmt)
 
 
 class AOLNetwork(nnx.Module):
   """A sequence of Lipschitz layers behind an optional per-channel normalisation.
 
-  Each layer states its l2 Lipschitz constant and rounding
-  (:mod:`aol_jax.certification.protocol`: the AOL layers and the blocks do; ``nnx.Linear``,
+  Each layer states its l2 Lipschitz constant and rounding (the protocol of
+  :mod:`aol_jax.certification`: the AOL layers and the blocks do; ``nnx.Linear``,
   ``nnx.Conv`` and unknown modules do not and are refused by :meth:`lipschitz_bound`, hence
-  by certification). The network states the same three things about itself, so it can
-  also be a layer of a larger ``AOLNetwork``. Every module its forward pass can reach must
-  be declared: a module held outside ``layers`` (a subclass's extra head) is refused, and
-  so is a subclass that overrides ``__call__`` without stating its own bounds (overriding
-  the method asked for).
+  by certification). A network inside a network is expanded into its own steps. Every
+  module its forward pass can reach must be declared: a module held outside ``layers`` (a
+  subclass's extra head) is refused, and so is a subclass that overrides ``__call__``
+  without stating its own ``certification_steps``.
 
   Args:
     layers: the layers, applied in order.
@@ -59,8 +99,9 @@ class AOLNetwork(nnx.Module):
       number or one value per input channel (the input's last axis must have that many
       channels, or the value is one number; never broadcast to more channels). It
       multiplies the Lipschitz constant by ``max(1 / std)``, which :meth:`lipschitz_bound`
-      includes, so certificates stay sound.
+      includes. Both are validated again whenever the network is certified or called.
   """
+  _FORWARD_METHODS = ("_forward",)
 
   def __init__(self, layers: Sequence[nnx.Module], *,
                input_mean: float | Sequence[float] | None = None,
@@ -69,113 +110,46 @@ class AOLNetwork(nnx.Module):
     self.input_mean = _channel_values(input_mean, "input_mean", positive=False)
     self.input_std = _channel_values(input_std, "input_std", positive=True)
 
-  def _paths(self):
-    return [(("layers", i), layer) for i, layer in enumerate(self.layers)]
+  def _normalisation(self) -> Normalisation | None:
+    if self.input_mean is None and self.input_std is None:
+      return None
+    return Normalisation(self.input_mean, self.input_std)
 
-  def _check_declared(self, method: str) -> None:
-    """Refuses a module outside ``layers``, and an overridden forward pass whose class
-    does not state ``method`` itself."""
+  def certification_steps(self) -> list[tuple[tuple, object]]:
+    """``(path, step)`` in the order the forward pass applies them: the normalisation (if
+    any), then each layer. Refuses a module held outside ``layers``."""
     for path, module in nnx.iter_modules(self):
       if path and path[0] != "layers":
         raise protocol.UndeclaredBoundError(
-            path, module, method, "is held outside the network's layers, where no bound "
-            "covers it (a subclass's forward pass may apply it)")
-    cls = type(self)
-    overridden = [m for m in _FORWARD_METHODS if getattr(cls, m) is not getattr(AOLNetwork, m)]
-    if overridden and getattr(cls, method) is getattr(AOLNetwork, method):
-      raise protocol.UndeclaredBoundError(
-          (), self, method, f"overrides {overridden[0]} (its forward pass is no longer the "
-          f"layers in order) but not {method}()")
-
-  def _terms_in_order(self, layer_terms, normalisation):
-    terms = []
-    if self.input_mean is not None or self.input_std is not None:
-      terms.append(normalisation)
-    return terms + [layer_terms(path, layer) for path, layer in self._paths()]
+            path, module, "certification_steps", "is held outside the network's layers, "
+            "where no bound covers it (a subclass's forward pass may apply it)")
+    steps: list[tuple[tuple, object]] = []
+    normalisation = self._normalisation()
+    if normalisation is not None:
+      steps.append((("normalisation",), normalisation))
+    steps += [(("layers", i), layer) for i, layer in enumerate(self.layers)]
+    return steps
 
   def lipschitz_bound(self) -> float:
-    """``max(1 / std) * prod_k L_k``: the l2 Lipschitz constant from input to logits.
+    """``max(1 / std) * prod_k L_k``, rounded up: the l2 Lipschitz constant from input to
+    logits in exact arithmetic.
 
-    Raises :class:`aol_jax.UndeclaredBoundError` (naming the layer and its path) if a layer
-    states no constant, or a module outside ``layers`` could be applied.
+    Raises :class:`aol_jax.certification.UndeclaredBoundError` (naming the layer and its
+    path) if a layer states no constant, or computes something its statement does not cover.
     """
-    self._check_declared("lipschitz_bound")
-    lip = 1.0 if self.input_std is None else max(1.0 / s for s in self.input_std)
-    for path, layer in self._paths():
-      lip *= protocol.lipschitz_bound(layer, path)
-    return lip
+    return protocol.lipschitz_bound(self)
 
-  def rounding_terms(self) -> RoundingTerms:
-    """The layers' :class:`~aol_jax.certification.probabilistic.RoundingTerms` composed in
-    order (:func:`~aol_jax.certification.probabilistic.compose`), the normalisation first."""
-    self._check_declared("rounding_terms")
-    terms = probabilistic.compose(self._terms_in_order(
-        lambda path, layer: protocol.rounding_terms(layer, path),
-        probabilistic.normalisation_terms(self.input_std)))
-    # The same constant as lipschitz_bound(), whatever the order of the products.
-    return dataclasses.replace(terms, lipschitz=max(terms.lipschitz, self.lipschitz_bound()))
-
-  def worst_case_terms(self, input_shape: Sequence[int]) -> WorstCaseTerms:
-    """The layers' :class:`~aol_jax.certification.worst_case.WorstCaseTerms` chained by
-    :func:`~aol_jax.certification.worst_case.compose`, the normalisation first."""
-    self._check_declared("worst_case_terms")
-    shape = tuple(input_shape)
-    self._check_channels(shape[-1])
-    terms = []
-    if self.input_mean is not None or self.input_std is not None:
-      terms.append(worst_case.normalisation_terms(self.input_mean, self.input_std, shape))
-    for path, layer in self._paths():
-      terms.append(protocol.worst_case_terms(layer, shape, path))
-      shape = jax.eval_shape(layer, jax.ShapeDtypeStruct((1, *shape), jnp.float32)).shape[1:]
-    return worst_case.compose(terms)
+  def statistical_terms(self) -> StatisticalTerms:
+    """The steps' :class:`~aol_jax.certification.StatisticalTerms` composed in order."""
+    return protocol.statistical_terms(self)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self._forward(x, track_norm=False)[0]
+    return self._forward(x)
 
-  def logits_and_activation_norm(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The logits and, per example, ``M = max_k ||x_k||_2`` over every activation ``x_k``.
-
-    ``x_0`` is the raw input, then the normalised input, then each layer's output, and
-    inside a nested network (a layer with ``logits_and_activation_norm``) its own
-    activations. ``M`` scales the float32 rounding allowance of
-    :func:`aol_jax.certification.probabilistic.rounding_allowance`.
-    """
-    return self._forward(x, track_norm=True)
-
-  def _check_channels(self, channels: int) -> None:
-    for name, values in (("input_mean", self.input_mean), ("input_std", self.input_std)):
-      if values is not None and len(values) not in (1, channels):
-        raise ValueError(f"{name} has {len(values)} channels but the input has {channels} "
-                         "(its last axis); the normalisation would broadcast the input to "
-                         f"{len(values)} channels and raise the Lipschitz constant. Give "
-                         f"one value per input channel, or one number.")
-
-  def _forward(self, x: jax.Array, *, track_norm: bool) -> tuple[jax.Array, jax.Array | None]:
-    batch = x.shape[0]
-    max_norm = None
-
-    def track(n: jax.Array) -> None:
-      nonlocal max_norm
-      max_norm = n if max_norm is None else jnp.maximum(max_norm, n)
-
-    def norm(a: jax.Array) -> jax.Array:
-      return jnp.linalg.norm(a.reshape(batch, -1).astype(jnp.float32), axis=-1)
-
-    self._check_channels(x.shape[-1])
-    if track_norm:
-      track(norm(x))
-    if self.input_mean is not None:
-      x = x - jnp.asarray(self.input_mean, x.dtype)
-    if self.input_std is not None:
-      x = x / jnp.asarray(self.input_std, x.dtype)
+  def _forward(self, x: jax.Array) -> jax.Array:
+    normalisation = self._normalisation()
+    if normalisation is not None:
+      x = normalisation(x)
     for layer in self.layers:
-      if track_norm:
-        track(norm(x))
-      if track_norm and hasattr(layer, "logits_and_activation_norm"):
-        x, inner = layer.logits_and_activation_norm(x)
-        track(inner)
-      else:
-        x = layer(x)
-    if track_norm:
-      track(norm(x))
-    return x, max_norm
+      x = layer(x)
+    return x

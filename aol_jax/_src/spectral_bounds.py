@@ -85,6 +85,7 @@ import functools
 import hashlib
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse.linalg
@@ -101,6 +102,28 @@ FLOAT64_UNIT_ROUNDOFF = 2.0 ** -53
 
 FLOAT32_TINY = 2.0 ** -126
 """The smallest normal float32: a result (or an input) flushed to zero loses less than this."""
+
+FLOAT64_TINY = 2.0 ** -1022
+"""The smallest normal float64."""
+
+
+class FloatFormat(NamedTuple):
+  """An IEEE binary floating-point format with round to nearest, as a certificate uses it.
+
+  Attributes:
+    name: ``'float32'`` or ``'float64'``, the dtype's name.
+    unit_roundoff: ``u``: a correctly rounded operation with a normal result has relative
+      error at most ``u``.
+    tiny: the smallest normal number: a result or an input that underflows (gradually, or
+      flushed to zero) moves by less than this.
+  """
+  name: str
+  unit_roundoff: float
+  tiny: float
+
+
+FLOAT32 = FloatFormat("float32", FLOAT32_UNIT_ROUNDOFF, FLOAT32_TINY)
+FLOAT64 = FloatFormat("float64", FLOAT64_UNIT_ROUNDOFF, FLOAT64_TINY)
 
 
 _U = FLOAT64_UNIT_ROUNDOFF

@@ -1,22 +1,26 @@
-"""The vocabulary for certifying networks with layers of your own.
+"""The vocabulary for certifying, and for certifying layers of your own.
 
-A layer may sit in a certified network only if it states its l2 Lipschitz constant and its
-rounding (see :class:`ExactMap` for the methods); :class:`UndeclaredBoundError` names any that
-does not. The rounding models a mode certifies with are here too: their terms and allowances.
-The drivers (:func:`aol_jax.certify_dataset`, :func:`aol_jax.certified_radii`,
-:func:`aol_jax.export_certified`) are at the top level.
+A network is certified as the sequence of steps it applies; a step may be certified only if
+it states its l2 Lipschitz constant and its rounding (the protocol: see :class:`ExactMap` and
+:func:`flatten`); :class:`UndeclaredBoundError` names any that does not. The modes
+(:data:`ROUNDING_MODES`) say what a certificate holds for; :func:`prepare` gives the prepared
+certifier that :func:`aol_jax.certify_dataset`, :func:`aol_jax.certified_radii` and
+:func:`aol_jax.export_certified` share. The formats, the rigorous and the statistical
+rounding models' formulas are here for layers of your own.
 """
 
-from aol_jax._src.certification.modes import DEFAULT_ROUNDING, ROUNDING_MODES, RoundingMode
-from aol_jax._src.certification.probabilistic import (RoundingTerms, operation_count,
-                                                      rounding_allowance)
-from aol_jax._src.certification.protocol import (ExactMap, UndeclaredBoundError,
+from aol_jax._src.certification.certifier import Certifier, prepare
+from aol_jax._src.certification.modes import DEFAULT_ROUNDING, ROUNDING_MODES, Mode
+from aol_jax._src.certification.protocol import (ExactMap, UndeclaredBoundError, flatten,
                                                  lipschitz_bound, register_exact_map,
-                                                 rounding_terms, worst_case_terms)
-from aol_jax._src.certification.worst_case import WorstCaseTerms, worst_case_allowance
+                                                 statistical_terms)
+from aol_jax._src.certification.rigorous import affine_error, affine_slope
+from aol_jax._src.certification.statistical import StatisticalTerms, statistical_allowance
+from aol_jax._src.spectral_bounds import FLOAT32, FLOAT64, FloatFormat
 
 __all__ = [
-    "DEFAULT_ROUNDING", "ExactMap", "ROUNDING_MODES", "RoundingMode", "RoundingTerms", "UndeclaredBoundError",
-    "WorstCaseTerms", "lipschitz_bound", "operation_count", "register_exact_map",
-    "rounding_allowance", "rounding_terms", "worst_case_allowance", "worst_case_terms",
+    "Certifier", "DEFAULT_ROUNDING", "ExactMap", "FLOAT32", "FLOAT64", "FloatFormat", "Mode",
+    "ROUNDING_MODES", "StatisticalTerms", "UndeclaredBoundError", "affine_error",
+    "affine_slope", "flatten", "lipschitz_bound", "prepare", "register_exact_map",
+    "statistical_allowance", "statistical_terms",
 ]

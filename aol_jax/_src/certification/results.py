@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from aol_jax._src.certification.modes import ROUNDING_MODES, mode_description
+from aol_jax._src.certification.modes import get_mode
+
 
 @dataclasses.dataclass(frozen=True)
 class CertificationResult:
@@ -17,8 +18,9 @@ class CertificationResult:
     num_certified: per radius, examples certified at that radius.
     lipschitz_constant: the ``L`` used.
     max_allowance: the largest rounding allowance applied, per radius.
-    rounding: the rounding mode that produced the certificates, a key of
-      :data:`aol_jax.certification.dataset.ROUNDING_MODES`.
+    rounding: the mode that produced the certificates, a key of
+      :data:`aol_jax.ROUNDING_MODES`.
+    platform: where the certified evaluation ran (``'cpu'``, ``'cuda'``).
   """
   num_examples: int
   num_correct: int
@@ -27,11 +29,10 @@ class CertificationResult:
   lipschitz_constant: float
   max_allowance: tuple[float, ...]
   rounding: str
+  platform: str = "cpu"
 
   def __post_init__(self):
-    if self.rounding not in ROUNDING_MODES:
-      raise ValueError(f"rounding must be one of {sorted(ROUNDING_MODES)}, got "
-                       f"{self.rounding!r}.")
+    get_mode(self.rounding)
 
   @property
   def clean_accuracy(self) -> float:
@@ -62,7 +63,7 @@ def certification_markdown(result: CertificationResult, *, name: str = "model",
     |---|---|---|---|---|---|---|
     | aol_small | 10000 | 70.3 | 62.9 | 55.0 | 47.7 | 22.3 |
 
-    Rounding: probabilistic (float32 forward pass, probabilistic rounding model (...)).
+    Rounding: float32 on cpu, the float32 evaluation of the frozen network: rigorous (...).
   """
   header = ["model", "n", "clean"] + [radius_label(e) for e in result.eps_list]
   pct = lambda v: f"{100 * v:.{digits}f}"
@@ -70,5 +71,6 @@ def certification_markdown(result: CertificationResult, *, name: str = "model",
   row += [pct(v) for v in result.cra]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
            "| " + " | ".join(row) + " |", "",
-           f"Rounding: {result.rounding} ({mode_description(result.rounding)})."]
+           f"Rounding: {result.rounding} on {result.platform}, "
+           f"{get_mode(result.rounding).describe()}."]
   return "\n".join(lines)

@@ -4,8 +4,8 @@ For a network ``f`` with l2 Lipschitz constant ``L``, logits ``s = f(x)`` and la
 the margin ``m(s) = s_y - max_{j != y} s_j`` is ``sqrt(2)``-Lipschitz in ``s`` (l2), so
 every ``x'`` with ``||x' - x||_2 <= eps`` keeps the label when ``m(f(x)) > sqrt(2) L eps``
 (AOL paper, Section 6; Tsuzuku et al., NeurIPS 2018). That is the exact-arithmetic
-certificate; the allowance that keeps it true for a floating-point evaluation comes from
-:mod:`aol_jax.certification.probabilistic` or :mod:`aol_jax.certification.worst_case`.
+certificate; the allowance that keeps it true for a floating-point evaluation comes from the mode's rounding model
+(:data:`aol_jax.ROUNDING_MODES`).
 """
 
 from __future__ import annotations
@@ -64,9 +64,11 @@ def certify(logits: ArrayLike, labels: ArrayLike, eps: ArrayLike, *,
       (``model.lipschitz_bound()``, which includes ``max(1 / std)`` for a normalising
       model).
     allowance: margin slack for floating-point rounding, scalar or per example, finite and
-      >= 0, from :func:`aol_jax.certification.probabilistic.rounding_allowance`
-      (:func:`aol_jax.certify_dataset` computes it). ``None`` gives the exact-arithmetic
-      certificate and warns; pass ``0.0`` to ask for it explicitly.
+      >= 0 (:func:`aol_jax.certify_dataset` computes it for its mode). ``None`` gives the
+      exact-arithmetic certificate and warns; pass ``0.0`` to ask for it explicitly.
+
+  A value that cannot be checked here (a traced ``eps``, ``allowance`` or constant under
+  ``jax.jit``) that is negative, NaN or infinite certifies nothing.
   """
   allowance = _allowance_or_warn(allowance, "certify")
   _check_non_negative(eps, "eps")
@@ -76,10 +78,15 @@ def certify(logits: ArrayLike, labels: ArrayLike, eps: ArrayLike, *,
   info = jnp.finfo(m.dtype)
   eps = jnp.asarray(eps, m.dtype)
   allowance = jnp.asarray(allowance, m.dtype)
-  threshold = math.sqrt(2) * lipschitz_constant * eps + allowance
-  positive = ((lipschitz_constant > 0) & (eps > 0)) | (allowance > 0)
+  lip = jnp.asarray(lipschitz_constant, m.dtype)
+  # Under jax.jit the checks above cannot see the values: a negative, NaN or infinite eps,
+  # allowance or constant then certifies nothing.
+  valid = ((eps >= 0) & (allowance >= 0) & (lip >= 0) & jnp.isfinite(eps)
+           & jnp.isfinite(allowance) & jnp.isfinite(lip))
+  threshold = math.sqrt(2) * lip * eps + allowance
+  positive = ((lip > 0) & (eps > 0)) | (allowance > 0)
   threshold = jnp.where(positive, threshold * (1 + 8 * float(info.eps) / 2) + info.tiny, 0)
-  return m > threshold
+  return (m > threshold) & valid
 
 
 def certified_robust_accuracy(logits: ArrayLike, labels: ArrayLike, eps_list: Sequence[float], *,

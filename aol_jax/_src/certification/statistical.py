@@ -1,11 +1,13 @@
-"""The probabilistic float32 rounding model: the margin slack of ``rounding='float32_statistical'``.
+"""The statistical float32 rounding model: the margin slack of ``'float32_statistical'``.
 
 A certificate ``m > sqrt(2) L eps`` is exact-arithmetic; this module adds the slack ``A`` that
 keeps it true for the float32 evaluation of the network at ``x`` and at every ``x'`` of the
-ball, under the probabilistic rounding model of Higham & Mary (SIAM J. Sci. Comput. 2019),
-plus a deterministic absolute term for underflow. It also holds the per-layer counting
-formulas (:func:`dense_terms`, :func:`conv_terms`) that the layers delegate to. The rigorous,
-worst-case alternative is :mod:`aol_jax.certification.worst_case`.
+ball **under a statistical assumption**: the probabilistic rounding model of Higham & Mary
+(SIAM J. Sci. Comput. 2019), independent zero-mean rounding errors, plus a deterministic
+absolute term for underflow. The assumption is the model author's to break (long chains of
+equal products round the same way); the rigorous modes (:mod:`.rigorous`) hold for every
+summation order. It also holds the per-layer counting formulas (:func:`dense_terms`,
+:func:`conv_terms`) that the layers delegate to.
 """
 
 from __future__ import annotations
@@ -19,11 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-FLOAT32_UNIT_ROUNDOFF = 2.0 ** -24
-"""``u`` for float32 (round to nearest): every rounded operation has relative error <= u."""
-
-FLOAT32_TINY = 2.0 ** -126
-"""The smallest normal float32: a result (or an input) flushed to zero loses less than this."""
+from aol_jax._src.spectral_bounds import FLOAT32_TINY, FLOAT32_UNIT_ROUNDOFF
 
 SELF_ROUNDING = 2.0 ** -10
 """Relative inflation of ``A`` covering the float32 rounding of computing ``A`` and ``M``
@@ -31,8 +29,8 @@ themselves, and weights flushed to zero (at most ``2^-102`` of the modelled erro
 
 
 @dataclasses.dataclass(frozen=True)
-class RoundingTerms:
-  """What a map ``f`` states about its float32 evaluation, for :func:`rounding_allowance`.
+class StatisticalTerms:
+  """What a map ``f`` states about its float32 evaluation, for :func:`statistical_allowance`.
 
   With ``M`` the largest l2 norm of a value ``f`` computes (its input, output and every
   partial sum inside it) and ``u = 2^-24``:
@@ -57,13 +55,13 @@ class RoundingTerms:
   amplification: float = 1.0
 
   @classmethod
-  def exact(cls, lipschitz: float) -> RoundingTerms:
+  def exact(cls, lipschitz: float) -> StatisticalTerms:
     """A map that float arithmetic evaluates exactly (a permutation, max / min, a reshape)."""
     lip = float(lipschitz)
     return cls(lipschitz=lip, prefix=max(1.0, lip), amplification=max(1.0, lip))
 
   @classmethod
-  def affine(cls, lipschitz: float, fan_in: int, *, rescale: float = 0.0) -> RoundingTerms:
+  def affine(cls, lipschitz: float, fan_in: int, *, rescale: float = 0.0) -> StatisticalTerms:
     """``f(x) = T x + b``, each output a sum of ``fan_in`` products and the bias."""
     lip = float(lipschitz)
     grow = max(1.0, lip)
@@ -71,8 +69,8 @@ class RoundingTerms:
                prefix=grow, amplification=grow)
 
 
-def compose(terms: Sequence[RoundingTerms]) -> RoundingTerms:
-  """The :class:`RoundingTerms` of the maps applied in order.
+def compose(terms: Sequence[StatisticalTerms]) -> StatisticalTerms:
+  """The :class:`StatisticalTerms` of the maps applied in order.
 
   ``L = prod L_k``; each forward term is multiplied by ``max(1, prod_{j > k} L_j)``, the
   maps after it, which carry its error to the output; ``S_r`` adds up (to first order,
@@ -89,35 +87,36 @@ def compose(terms: Sequence[RoundingTerms]) -> RoundingTerms:
   for t in reversed(terms):
     forward += max(after, 1.0) * t.forward
     after *= t.lipschitz
-  return RoundingTerms(lipschitz=lip, forward=forward, rescale=rescale, prefix=prefix,
+  return StatisticalTerms(lipschitz=lip, forward=forward, rescale=rescale, prefix=prefix,
                        amplification=amplification)
 
 
 def dense_terms(in_features: int, out_features: int, lipschitz: float, *,
-                frozen: bool) -> RoundingTerms:
+                frozen: bool) -> StatisticalTerms:
   """A dense layer ``(in -> out)``: fan-in ``n = in``; unfrozen, the rescaling's Gram entries
   have length ``a = out`` and ``b = in`` of them are summed per factor, ``S_r = sqrt(a + b)``."""
   rescale = 0.0 if frozen else math.sqrt(out_features + in_features)
-  return RoundingTerms.affine(lipschitz, in_features, rescale=rescale)
+  return StatisticalTerms.affine(lipschitz, in_features, rescale=rescale)
 
 
 def conv_terms(kernel_size: Sequence[int], in_features: int, out_features: int,
-               feature_group_count: int, lipschitz: float, *, frozen: bool) -> RoundingTerms:
+               feature_group_count: int, lipschitz: float, *, frozen: bool) -> StatisticalTerms:
   """A conv with kernel ``(*k, c_in/g, c_out)``: ``n = prod(k) c_in/g``; unfrozen,
   ``a = prod(k) c_out/g``, ``b = prod(2k - 1) c_in/g``."""
   g = feature_group_count
   taps = math.prod(kernel_size)
   a = taps * out_features // g
   b = math.prod(2 * k - 1 for k in kernel_size) * in_features // g
-  return RoundingTerms.affine(lipschitz, taps * in_features // g,
+  return StatisticalTerms.affine(lipschitz, taps * in_features // g,
                               rescale=0.0 if frozen else math.sqrt(a + b))
 
 
-def normalisation_terms(std: Sequence[float] | None) -> RoundingTerms:
-  """``(x - mean) / std``: one subtraction and one division per element, so ``S_f = 2``."""
-  lip = 1.0 if std is None else max(1.0 / s for s in std)
+def normalisation_terms(lipschitz: float) -> StatisticalTerms:
+  """``(x - mean) / std`` with ``max(1 / std) = lipschitz``: one subtraction and one division
+  per element, so ``S_f = 2``."""
+  lip = float(lipschitz)
   grow = max(1.0, lip)
-  return RoundingTerms(lipschitz=lip, forward=2.0, prefix=grow, amplification=grow)
+  return StatisticalTerms(lipschitz=lip, forward=2.0, prefix=grow, amplification=grow)
 
 
 def operation_count(fn: Callable[..., Any], *args) -> int:
@@ -156,20 +155,20 @@ def operation_count(fn: Callable[..., Any], *args) -> int:
   return walk(closed.jaxpr, 1) + sum(size(v) for v in closed.jaxpr.invars)
 
 
-def rounding_allowance(terms: RoundingTerms, activation_norm: ArrayLike, eps: ArrayLike, *,
+def statistical_allowance(terms: StatisticalTerms, activation_norm: ArrayLike, eps: ArrayLike, *,
                        operations: int,
                        unit_roundoff: float = FLOAT32_UNIT_ROUNDOFF) -> jax.Array:
   """Margin slack ``A`` so that ``m > sqrt(2) L eps + A`` survives float32 rounding.
 
   ``A = {sqrt(2) u [S_f (2 M + P eps) + S_r L eps] + 2 sqrt(2) K N 2^-126} (1 + 2^-10)``, with
-  ``L, S_f, S_r, P, K`` the network's :class:`RoundingTerms`, ``M`` an upper bound on the
+  ``L, S_f, S_r, P, K`` the network's :class:`StatisticalTerms`, ``M`` an upper bound on the
   largest l2 norm of a value the float32 forward pass at ``x`` computes (nested networks
   included), and ``N`` = ``operations``, the :func:`operation_count` of one example's
   forward pass.
 
   Derivation. Let ``f`` be the network in exact arithmetic with the kernels it applies and
   ``f^`` its float32 evaluation. (i) Forward rounding: a layer's error is at most
-  ``u S_{f,k} M`` (:class:`RoundingTerms`; independent zero-mean rounding errors, Higham &
+  ``u S_{f,k} M`` (:class:`StatisticalTerms`; independent zero-mean rounding errors, Higham &
   Mary 2019) and reaches the logits multiplied by the Lipschitz constant of the layers
   after it, which :func:`compose` includes; summed linearly. (ii) Underflow: float32 may
   flush a subnormal result or input to zero, an absolute error below ``2^-126`` per value,
