@@ -669,6 +669,8 @@ class _SymbolGram:
     # product with them.
     self.even = np.concatenate([centre[None], positive + transposed]).reshape(num + 1, a * a)
     self.odd = (positive - transposed).reshape(num, a * a)
+    # float32 copies for the estimates, which need no rigour and half the memory traffic.
+    self.even32, self.odd32 = self.even.astype(np.float32), self.odd.astype(np.float32)
     dots = 2 * count * b
     g = _gamma(dots)
     c = _up(_up(_up(g * (1 + _TWIDDLE_ERROR)) + _TWIDDLE_ERROR) +
@@ -677,14 +679,19 @@ class _SymbolGram:
     a_sq = _up(_sq_frobenius_up(abs_sum) * _up(1.0 + 2.0 * _gamma(count)) ** 2)
     self.error = _up(_up(2.0 * _up(c * a_sq)) + 2 * a * (dots + num + 2) * _UNDERFLOW)
 
-  def blocks(self, points: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``P``, ``Q`` ``(S, a, a)`` at ``w = 2 pi points / n`` (``points`` ``(S, nd)``)."""
+  def blocks(self, points: np.ndarray, n: int,
+             estimate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``P``, ``Q`` ``(S, a, a)`` at ``w = 2 pi points / n`` (``points`` ``(S, nd)``); in
+    float32 if only an ``estimate`` is wanted."""
     cos, sin = _unit_circle_table(n)
     phase = (points @ self.offsets.T) % n  # exact integers: (S, O)
     even = np.concatenate([np.ones((len(points), 1)), cos[phase]], axis=1)
+    odd = np.negative(sin[phase])
     a = self.side
-    return ((even @ self.even).reshape(-1, a, a),
-            (np.negative(sin[phase]) @ self.odd).reshape(-1, a, a))
+    if estimate:
+      return ((even.astype(np.float32) @ self.even32).reshape(-1, a, a),
+              (odd.astype(np.float32) @ self.odd32).reshape(-1, a, a))
+    return (even @ self.even).reshape(-1, a, a), (odd @ self.odd).reshape(-1, a, a)
 
   def chunks(self, count: int) -> list[np.ndarray]:
     size = max(1, _CHUNK_ENTRIES // self.side ** 2)
@@ -694,10 +701,10 @@ class _SymbolGram:
 def _lanczos_top(p: np.ndarray, q: np.ndarray, steps: int) -> np.ndarray:
   """Lanczos estimates (Ritz values, from below) of ``lambda_max([[P, -Q], [Q, P]])``."""
   batch, a, _ = p.shape
-  start = np.concatenate([np.ones(a), np.linspace(0.0, 1.0, a)])
+  start = np.concatenate([np.ones(a), np.linspace(0.0, 1.0, a)]).astype(p.dtype)
   v = np.tile(start / np.linalg.norm(start), (batch, 1))
   previous = np.zeros_like(v)
-  beta = np.zeros(batch)
+  beta = np.zeros(batch, p.dtype)
   alphas, betas = [], []
   for _ in range(steps):
     x = np.stack([v[:, :a], v[:, a:]], axis=-1)  # (batch, a, 2)
@@ -709,7 +716,7 @@ def _lanczos_top(p: np.ndarray, q: np.ndarray, steps: int) -> np.ndarray:
     alphas.append(alpha)
     betas.append(beta)
     previous, v = v, w / np.maximum(beta, 1e-300)[:, None]
-  tri = np.zeros((batch, steps, steps))
+  tri = np.zeros((batch, steps, steps), p.dtype)
   i = np.arange(steps)
   tri[:, i, i] = np.stack(alphas, axis=1)
   off = np.stack(betas[:-1], axis=1) if steps > 1 else np.zeros((batch, 0))
@@ -722,15 +729,15 @@ def _estimate_batch_lambda_max(p: np.ndarray, q: np.ndarray, exact: bool = False
   """Float estimates of ``lambda_max(P + i Q)`` per sample (no guarantee either way): LAPACK's
   eigenvalues if ``exact`` or the side is small, else :func:`_lanczos_top`."""
   if exact or p.shape[-1] <= _EIGVALSH_UP_TO:
-    return np.linalg.eigvalsh(p + 1j * q)[:, -1]
-  return _lanczos_top(p, q, _LANCZOS_STEPS)
+    return np.linalg.eigvalsh(p + 1j * q)[:, -1].astype(np.float64)
+  return _lanczos_top(p, q, _LANCZOS_STEPS).astype(np.float64)
 
 
 def _symbol_estimates(symbol: _SymbolGram, points: np.ndarray, n: int) -> np.ndarray:
   """Float estimates of ``||K^(2 pi m / n)||_2`` for each row ``m`` of ``points``."""
 
   def chunk(index):
-    return _estimate_batch_lambda_max(*symbol.blocks(points[index], n))
+    return _estimate_batch_lambda_max(*symbol.blocks(points[index], n, estimate=True))
 
   parts = _parallel_map(chunk, symbol.chunks(len(points)))
   return np.sqrt(np.maximum(np.concatenate(parts), 0.0))
