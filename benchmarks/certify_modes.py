@@ -24,7 +24,7 @@ BATCH = 64
 
 def _digits_model():
   """The small AOL net of tests/test_attacks.py, trained on digits; its test split."""
-  from tests.support.models import digits_split, train  # the tests' fixture: same rows
+  from benchmarks.digits import digits_split, train  # the tests' split and loop
   from flax import nnx
   import aol_jax
   x_train, y_train, x_test, y_test = digits_split()

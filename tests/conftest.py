@@ -1,9 +1,13 @@
-"""Simulate 8 devices on the CPU before JAX initialises.
+"""Simulate 8 devices on the CPU before JAX initialises; one BLAS thread per test process.
 
 No global matmul precision: certify_dataset must force 'highest' itself (test_certify checks
 that it does), and a test that needs exact float32 products asks for them in its own scope.
+
+``--file-durations`` prints, after the run, the time spent in each test file (setup, call
+and teardown of its tests, summed; with pytest-xdist, per worker process as it ran them).
 """
 
+import collections
 import os
 
 # pytest-xdist workers each load libtpu for the TPU compile tests; without this the second
@@ -12,7 +16,37 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # CPU only, and said before JAX starts: the CUDA plugin (the gpu-compile extra) then compiles
 # for H100 targets (test_compile_targets) instead of failing to find a GPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite runs one process per core (make test: -n 2 on 2 cores). OpenBLAS's own threads
+# on top of that spin-wait for each other: on the loaded 2-core machine a batch of 384 x 384
+# Cholesky factorisations took 20 s with two BLAS threads per process and 0.5 s with one.
+# Said before numpy loads OpenBLAS (and inherited by the subprocesses tests start); a BLAS
+# already loaded is limited through threadpoolctl.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+  os.environ.setdefault(_var, "1")
 
 import jax  # noqa: E402  (after the environment above)
+import threadpoolctl  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+_BLAS_LIMIT = threadpoolctl.threadpool_limits(int(os.environ["OPENBLAS_NUM_THREADS"]),
+                                              user_api="blas")
+
+_FILE_SECONDS: collections.Counter = collections.Counter()
+
+
+def pytest_addoption(parser):
+  parser.addoption("--file-durations", action="store_true", default=False,
+                   help="print the seconds spent in each test file, slowest first")
+
+
+def pytest_runtest_logreport(report):
+  _FILE_SECONDS[report.nodeid.split("::")[0]] += report.duration
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+  if not config.getoption("--file-durations") or not _FILE_SECONDS:
+    return
+  terminalreporter.section("seconds per test file")
+  for path, seconds in _FILE_SECONDS.most_common():
+    terminalreporter.write_line(f"{seconds:8.1f}  {path}")
+  terminalreporter.write_line(f"{sum(_FILE_SECONDS.values()):8.1f}  total (summed over workers)")
