@@ -86,25 +86,23 @@ def _frozen_kernel(layer) -> jax.Array:
   return layer.kernel[...]
 
 
-def _affine_error(layer, x: jax.Array, kernel: jax.Array, apply, fmt: spectral_bounds.FloatFormat
+def _affine_error(layer, y: jax.Array, absolute: jax.Array, kernel: jax.Array, *,
+                  products: int, abs_products: int, fmt: spectral_bounds.FloatFormat
                   ) -> tuple[jax.Array, jax.Array]:
-  """``(y, bound)`` of an affine layer evaluated in ``fmt``: ``y = apply(x, kernel) + b`` and
-  the rigorous bound from the same map applied to ``|x|`` with ``|kernel|``, ``|b|``."""
+  """``(y + b, bound)`` of an affine layer evaluated in ``fmt``: ``y`` its linear part,
+  ``absolute`` an evaluation (sums of ``abs_products`` products) of an entrywise upper bound
+  on ``|T| |x|``, ``products`` the dot length of ``y``
+  (:func:`aol_jax._src.certification.rigorous.affine_error`)."""
   dtype = jnp.dtype(fmt.name)
-  x = x.astype(dtype)
-  kernel = kernel.astype(dtype)
   bias = _bias(layer)
-  y = apply(x, kernel)
-  absolute = apply(jnp.abs(x), jnp.abs(kernel))
   max_weight = jnp.max(jnp.abs(kernel))
   if bias is not None:
     bias = bias.astype(dtype)
     y = y + bias
     absolute = absolute + jnp.abs(bias)
     max_weight = jnp.maximum(max_weight, jnp.max(jnp.abs(bias)))
-  products = math.prod(kernel.shape[:-1])  # taps * c_in / g, or in_features
-  bound = rigorous.affine_error(absolute, products=products, has_bias=bias is not None,
-                                max_abs_weight=max_weight, fmt=fmt)
+  bound = rigorous.affine_error(absolute, products=products, abs_products=abs_products,
+                                has_bias=bias is not None, max_abs_weight=max_weight, fmt=fmt)
   return y, bound
 
 
@@ -196,10 +194,14 @@ class AOLDense(nnx.Module):
     if x.ndim != 2 or x.shape[-1] != kernel.shape[0]:
       raise ValueError(f"AOLDense expects inputs (batch, {kernel.shape[0]}), got shape "
                        f"{x.shape}.")
+    dtype = jnp.dtype(fmt.name)
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
     dot = lambda a, w: jax.lax.dot_general(a, w, (((1,), (0,)), ((), ())),
                                            precision=jax.lax.Precision.HIGHEST,
-                                           preferred_element_type=w.dtype)
-    return _affine_error(self, x, kernel, dot, fmt)
+                                           preferred_element_type=dtype)
+    n = kernel.shape[0]
+    return _affine_error(self, dot(x, kernel), dot(jnp.abs(x), jnp.abs(kernel)), kernel,
+                         products=n, abs_products=n, fmt=fmt)
 
   def rounding_error_slope(self, fmt: spectral_bounds.FloatFormat) -> float:
     """``gamma_N || |W| ||_2`` (:func:`aol_jax._src.certification.rigorous.affine_slope`)."""
@@ -335,11 +337,19 @@ class AOLConv(nnx.Module):
     strides = _tuple(self.strides, nd, "strides")
     dilation = _tuple(self.kernel_dilation, nd, "kernel_dilation")
 
-    def conv(a, k):
-      cols = patches.conv_patches(a, ksize, strides=strides, dilation=dilation, padding=padding)
-      return patches.conv_as_dot(cols, k, g, k.dtype)
-
-    return _affine_error(self, x, kernel, conv, fmt)
+    dtype = jnp.dtype(fmt.name)
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    cols = patches.conv_patches(x, ksize, strides=strides, dilation=dilation, padding=padding)
+    y = patches.conv_as_dot(cols, kernel, g, dtype)
+    # |T| |x| at output p, channel o is sum_{t, c} |K[t, c, o]| |x[p + t, c]|, at most
+    # sum_c (sum_t |K[t, c, o]|) max_t |x[p + t, c]|: a 1x1 conv of the window maxima,
+    # 1 / taps of the products. Each term is then rounded at most taps + c_in / g times.
+    window = jnp.max(jnp.abs(cols), axis=-2, keepdims=True)
+    summed = jnp.sum(jnp.abs(kernel).reshape(-1, *kernel.shape[-2:]), axis=0)
+    absolute = patches.conv_as_dot(window, summed, g, dtype)
+    taps = math.prod(ksize)
+    return _affine_error(self, y, absolute, kernel, products=taps * kernel.shape[-2],
+                         abs_products=taps + kernel.shape[-2], fmt=fmt)
 
   def rounding_error_slope(self, fmt: spectral_bounds.FloatFormat) -> float:
     """``gamma_N max_g || sum_t |K_t| ||_2``, ``N`` the taps times the group's input channels

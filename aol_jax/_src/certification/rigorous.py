@@ -137,27 +137,35 @@ def _norm_up_factors(m: int, fmt: FloatFormat) -> tuple[float, float]:
 
 
 def affine_error(abs_out: jax.Array, *, products: int, has_bias: bool,
-                 max_abs_weight: jax.Array, fmt: FloatFormat) -> jax.Array:
+                 max_abs_weight: jax.Array, fmt: FloatFormat,
+                 abs_products: int | None = None) -> jax.Array:
   """Per example, the bound ``d(z)`` of an affine step (module docstring).
 
   Args:
-    abs_out: ``A^ = |T| |z| + |b|`` evaluated in ``fmt`` (the step applied to ``|z|`` with
-      every weight and bias made non-negative), ``(batch, ...)``.
-    products: ``n``, the products per output (the dot length).
+    abs_out: an evaluation in ``fmt`` of ``A' >= A = |T| |z| + |b|`` entrywise (the step
+      applied to ``|z|`` with every weight and bias made non-negative, or an upper bound of
+      it), ``(batch, ...)``.
+    products: ``n``, the products per output of the step (its dot length).
     has_bias: whether a bias is added (``N = n + 1`` terms, else ``n``).
     max_abs_weight: the largest ``|weight|`` and ``|bias|`` of the step (a scalar).
     fmt: the format of the evaluation.
+    abs_products: the most roundings a term of ``A'`` goes through, less the bias's
+      (default ``n``): ``A' <= (A'^ + tau) / (1 - gamma)`` with that ``gamma``.
   """
   n = int(products)
   terms = n + int(has_bias)
+  abs_terms = (n if abs_products is None else int(abs_products)) + int(has_bias)
   m = math.prod(abs_out.shape[1:])
   g = gamma(terms, fmt)
-  g1 = up(g / (1.0 - g))
+  g_abs = gamma(abs_terms, fmt)
+  # |F - f| <= gamma_N A + tau and A <= A' <= (A'^ + tau') / (1 - gamma_abs), tau' <= tau.
+  ratio = up(g / (1.0 - g_abs))
   a, b = _norm_up_factors(m, fmt)
-  carry = up(up(math.sqrt(m)) * up(1.0 + g1))  # sqrt(m) (1 + g1): how tau reaches the norm
-  c_r = up(g1 * a)
-  c_0 = up(up(g1 * b) + up(carry * up(fmt.tiny * (4 * terms + 1))))
-  c_w = up(carry * up(fmt.tiny * n))  # subnormal inputs flushed: n max|w| t per output
+  carry = up(up(math.sqrt(m)) * up(1.0 + ratio))  # sqrt(m) (1 + ratio): how tau reaches
+  c_r = up(ratio * a)
+  tau_terms = max(terms, abs_terms)
+  c_0 = up(up(ratio * b) + up(carry * up(fmt.tiny * (4 * tau_terms + 1))))
+  c_w = up(carry * up(fmt.tiny * max(n, abs_terms)))  # subnormal inputs flushed
   dtype = jnp.dtype(fmt.name)
   nu = _norm(abs_out.astype(dtype))
   weight = jnp.asarray(max_abs_weight, dtype)
