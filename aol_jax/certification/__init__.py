@@ -11,6 +11,7 @@ rounding models' formulas are here for layers of your own.
 
 from aol_jax._src.certification.certifier import Certifier, prepare
 from aol_jax._src.certification.modes import DEFAULT_ROUNDING, ROUNDING_MODES, Mode
+from aol_jax._src.certification.results import radius_label
 from aol_jax._src.certification.protocol import (ExactMap, UndeclaredBoundError, flatten,
                                                  lipschitz_bound, register_exact_map,
                                                  statistical_terms)
@@ -21,6 +22,6 @@ from aol_jax._src.spectral_bounds import FLOAT32, FLOAT64, FloatFormat
 __all__ = [
     "Certifier", "DEFAULT_ROUNDING", "ExactMap", "FLOAT32", "FLOAT64", "FloatFormat", "Mode",
     "ROUNDING_MODES", "StatisticalTerms", "UndeclaredBoundError", "affine_error",
-    "affine_slope", "flatten", "lipschitz_bound", "prepare", "register_exact_map",
+    "affine_slope", "flatten", "lipschitz_bound", "prepare", "radius_label", "register_exact_map",
     "statistical_allowance", "statistical_terms",
 ]
