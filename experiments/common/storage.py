@@ -83,3 +83,27 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
         os.remove(tmp)
   else:
     epath.Path(path).write_bytes(data)
+
+
+def exists(path: str | os.PathLike) -> bool:
+  """Whether ``path`` exists (an object store has a directory once anything lies under it)."""
+  return epath.Path(path).exists()
+
+
+def remove(path: str | os.PathLike) -> None:
+  """Delete the file ``path`` if it exists."""
+  epath.Path(path).unlink(missing_ok=True)
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+  """Delete ``path`` and everything under it, if it exists."""
+  p = epath.Path(path)
+  if p.exists():
+    p.rmtree()
+
+
+def has_checkpoint(workdir: str | os.PathLike) -> bool:
+  """Whether ``<workdir>/checkpoints`` holds a step directory (committed or not), without
+  creating anything; whether one verifies is the checkpointer's to say."""
+  directory = epath.Path(workdir) / "checkpoints"
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())

@@ -1,0 +1,55 @@
+"""Around an entry point's work: the accelerator first, then one line and an exit status for
+every way a run can end, and no workdir left behind by a run that made nothing of it."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable
+
+from absl import logging
+
+from aol_jax import training
+from experiments.common import accelerator, command_line, input_pipeline, signals, storage
+
+# The errors of a run that are the user's to fix: each is one line, exit status 1.
+ERRORS = (accelerator.AcceleratorError, input_pipeline.DataMissingError,
+          training.NonFiniteLossError)
+
+
+def run(parsed: command_line.Parsed, work: Callable[[], int | None], *,
+        errors: tuple[type[Exception], ...] = ()) -> int:
+  """Select and check ``parsed.accelerator``, then ``work()``; its exit status (0 for None).
+
+  * An error of :data:`ERRORS` or ``errors``: ``sys.exit('error: <one line>')`` (status 1).
+  * SIGINT / SIGTERM outside the training loop (:class:`signals.Interrupted`): one line,
+    exit status 130 / 143 (the training loop itself stops after an epoch, with a checkpoint,
+    and ``work`` returns that status).
+  * Either way, a workdir that did not exist before and holds no checkpoint is removed.
+  """
+  logging.set_verbosity(logging.WARNING)  # absl.app sets INFO: orbax would log every save
+  workdir = parsed.workdir
+  created = not storage.exists(workdir)
+
+  def clean() -> None:
+    if created and storage.exists(workdir) and not storage.has_checkpoint(workdir):
+      try:
+        storage.remove_tree(workdir)
+      except OSError:  # another process of the job removed it first
+        pass
+
+  try:
+    accelerator.select(parsed.accelerator)
+    training.maybe_initialize()  # jax.distributed, before the backend starts
+    accelerator.require(parsed.accelerator)
+    return work() or 0
+  except (*ERRORS, *errors) as e:
+    clean()
+    sys.exit("error: " + " ".join(str(e).split()))
+  except signals.Interrupted as e:
+    signals.ignore()
+    clean()
+    kept = (" The last checkpoint is kept; rerun the same command to resume."
+            if storage.has_checkpoint(workdir) else "")
+    print(f"Stopped by {signal.Signals(e.signum).name}.{kept}", file=sys.stderr, flush=True)
+    sys.exit(signals.status(e.signum))
