@@ -3,9 +3,9 @@
 from experiments.common import signals
 
 signals.install()  # first: a signal during the imports below ends in one line too
-with signals.exit_on_interrupt():
-  from absl import app
 
-  from experiments.cifar.main import PROGRAM, main
+from absl import app  # noqa: E402
 
-  app.run(main, flags_parser=PROGRAM.parse_or_exit)
+from experiments.cifar.main import PROGRAM, main  # noqa: E402
+
+app.run(main, flags_parser=PROGRAM.parse_or_exit)

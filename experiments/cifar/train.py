@@ -218,7 +218,7 @@ def check_resumable(saved: dict, config: Config, directory: str) -> None:
         f"{steps[0]} {saved[steps[0]]!r} (an epoch has another number of steps now); resume "
         f"with --{steps[0]}={saved[steps[0]]!r}, or start a new --workdir.")
   changed = [k for k in changed if k not in RUN_FIELDS]
-  if changed:
+  if changed and config.mode == "train":
     print(f"Note: resuming with changed {', '.join(changed)}; the run is no longer identical "
           f"to an uninterrupted one.", flush=True)
 
@@ -261,7 +261,7 @@ class _StopRequest:
         self._previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame) -> None:
-    print(f"\n{signal.Signals(signum).name}: stopping after this epoch with a checkpoint "
+    print(f"{signal.Signals(signum).name}: stopping after this epoch with a checkpoint "
           f"(send it again to stop at once).", flush=True)
     self.requested, self.signal = True, signum
     self.restore()
@@ -421,14 +421,20 @@ def export(run: Run) -> str:
       raise ConfigError(f"--rounding={config.rounding}: {e}") from None
     if jax.process_index() == 0:
       storage.makedirs(directory)
-      try:
-        for path in paths:
-          with open(os.path.join(tmp, os.path.basename(path)), "rb") as f:
-            storage.write_atomic(path, f.read())
-      except BaseException:  # an error or a signal: no artifact without its description
+
+      def remove_both() -> str:
         for path in paths:
           storage.remove(path)
-        raise
+        return f"Nothing exported to {directory}."
+
+      with signals.cleanup(remove_both):  # no artifact without its description
+        try:
+          for path in paths:
+            with open(os.path.join(tmp, os.path.basename(path)), "rb") as f:
+              storage.write_atomic(path, f.read())
+        except Exception:
+          remove_both()
+          raise
   print(f"Wrote {paths[0]} and {os.path.basename(paths[1])} beside it: the certified "
         f"{config.model} of step {int(run.state.step)}, {config.rounding} rounding, input "
         f"float32 (n, {', '.join(map(str, shape))}) = {metadata['input_scaling']}; clean "
@@ -472,10 +478,11 @@ def train_and_evaluate(config: Config, workdir: str, *,
     if step is not None and step >= run.total_steps:
       print(f"{workdir} holds a finished run (epoch {config.epochs}/{config.epochs}, step "
             f"{step}): certifying its last checkpoint.", flush=True)
-    elif step is not None:
-      print(f"Resumed from {run.checkpointer.directory} at step {step} "
-            f"(epoch {step // run.steps_per_epoch}).", flush=True)
-    console.describe(run)
+    else:
+      if step is not None:
+        print(f"Resumed from {run.checkpointer.directory} at step {step} "
+              f"(epoch {step // run.steps_per_epoch}).", flush=True)
+      console.describe(run)
     stopped = train(run, hooks=hooks)
     if stopped is not None:
       return {"history": run.history, "stopped": stopped}

@@ -13,6 +13,7 @@ and cannot parse the same override twice into the global ``FLAGS``).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
 import re
@@ -62,8 +63,7 @@ class Program:
                       f"{os.path.relpath(self.preset_path('NAME'))}", flag_values=values)
     config_flags.DEFINE_config_file(
         "config", None, "a config file defining get_config(); override a field with "
-        "--config.<field>=<value>", flag_values=values, sys_argv=argv,
-        lock_config=False, accept_new_attributes=True)  # an unknown field: one line, below
+        "--config.<field>=<value>", flag_values=values, sys_argv=argv)
     self.define(values)
 
   def parse(self, argv: Sequence[str]) -> Parsed:
@@ -87,6 +87,7 @@ class Program:
       argv = [f"--config={self.preset_path(preset_only.preset)}", *argv]
     elif not config_given:
       raise UsageError(f"give --preset=NAME ({', '.join(self.presets)}) or --config=PATH.")
+    argv, entries = self._dict_entries(argv)
     argv = [self.name, *argv]
     values = flags.FlagValues()
     self._define_all(values, argv)
@@ -108,10 +109,6 @@ class Program:
       raise UsageError(f"--config: get_config() returned {type(config).__name__}, not a "
                        f"{self.config_type.__name__}.")
     typed = _typed(argv[1:], values)
-    fields = [f.name for f in dataclasses.fields(self.config_type)]
-    for name in sorted(set(vars(config)) - set(fields)):
-      raise UsageError(f"{typed.get(name, '--config.' + name)}: not a field of the config; the "
-                       f"fields are {', '.join(fields)}.")
     short = {}
     for field in dataclasses.fields(self.config_type):
       if field.name in values and values[field.name].present:
@@ -120,8 +117,46 @@ class Program:
                            f"give one of them.")
         value = values[field.name].value
         short[field.name] = tuple(value) if isinstance(value, list) else value
+    for field, (flag, entry) in entries.items():
+      typed[field] = flag
+      short[field] = {**getattr(config, field), **entry}
     config = dataclasses.replace(config, **short) if short else config
     return Parsed(values.accelerator, values.workdir, config, typed)
+
+  def _dict_entries(self, argv: list[str]) -> tuple[list[str], dict[str, tuple[str, dict]]]:
+    """Check that every ``--config.<field>`` names a field, and take out the entries of dict
+    fields, ``--config.<field>.<key>=<value>``, which config_flags cannot add to a dataclass
+    field (a key the preset does not list). Returns the rest of ``argv`` and ``{field:
+    (the last such flag as typed, {key: value})}``."""
+    fields = {f.name: f for f in dataclasses.fields(self.config_type)}
+    rest, entries, i = [], {}, 0
+    while i < len(argv):
+      arg = argv[i]
+      match = re.match(r"^--config\.([^=.]+)(?:\.([^=]+))?(?:=(.*))?$", arg, flags=re.S)
+      if not match:
+        rest.append(arg)
+        i += 1
+        continue
+      field, key, value = match.groups()
+      if field not in fields:
+        raise UsageError(f"{arg}: not a field of the config; the fields are "
+                         f"{', '.join(fields)}.")
+      if key is None or "dict" not in str(fields[field].type):
+        rest.append(arg)
+        i += 1
+        continue
+      if value is None and i + 1 < len(argv):
+        value, i = argv[i + 1], i + 1
+      if not key.isidentifier() or value is None:
+        raise UsageError(f"{arg}: expected --config.{field}.NAME=VALUE.")
+      try:
+        value = ast.literal_eval(value)
+      except (ValueError, SyntaxError):
+        pass  # a string
+      flag, entry = entries.get(field, ("", {}))
+      entries[field] = (f"--config.{field}.{key}={value}", {**entry, key: value})
+      i += 1
+    return rest, entries
 
   def parse_or_exit(self, argv: Sequence[str]) -> Parsed:
     """:meth:`parse` of ``sys.argv``-like ``argv`` (program name first) for ``absl.app.run``:

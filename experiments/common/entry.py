@@ -3,7 +3,6 @@ every way a run can end, and no workdir left behind by a run that made nothing o
 
 from __future__ import annotations
 
-import signal
 import sys
 from collections.abc import Callable
 
@@ -22,34 +21,35 @@ def run(parsed: command_line.Parsed, work: Callable[[], int | None], *,
   """Select and check ``parsed.accelerator``, then ``work()``; its exit status (0 for None).
 
   * An error of :data:`ERRORS` or ``errors``: ``sys.exit('error: <one line>')`` (status 1).
-  * SIGINT / SIGTERM outside the training loop (:class:`signals.Interrupted`): one line,
-    exit status 130 / 143 (the training loop itself stops after an epoch, with a checkpoint,
-    and ``work`` returns that status).
-  * Either way, a workdir that did not exist before and holds no checkpoint is removed.
+  * SIGINT / SIGTERM outside the training loop (:func:`signals.stop`): one line, exit status
+    130 / 143 (the training loop itself stops after an epoch, with a checkpoint, and
+    ``work`` returns that status).
+  * Either way, half-written files are removed, and so is a workdir that did not exist
+    before and holds no checkpoint.
   """
   logging.set_verbosity(logging.WARNING)  # absl.app sets INFO: orbax would log every save
   workdir = parsed.workdir
   created = not storage.exists(workdir)
 
-  def clean() -> None:
-    if created and storage.exists(workdir) and not storage.has_checkpoint(workdir):
+  def clean() -> str | None:
+    storage.remove_partial()
+    if storage.has_checkpoint(workdir):
+      return "The last checkpoint is kept; rerun the same command to resume."
+    if created and storage.exists(workdir):
       try:
         storage.remove_tree(workdir)
       except OSError:  # another process of the job removed it first
         pass
+    return None
 
-  try:
-    accelerator.select(parsed.accelerator)
-    training.maybe_initialize()  # jax.distributed, before the backend starts
-    accelerator.require(parsed.accelerator)
-    return work() or 0
-  except (*ERRORS, *errors) as e:
-    clean()
-    sys.exit("error: " + " ".join(str(e).split()))
-  except signals.Interrupted as e:
-    signals.ignore()
-    clean()
-    kept = (" The last checkpoint is kept; rerun the same command to resume."
-            if storage.has_checkpoint(workdir) else "")
-    print(f"Stopped by {signal.Signals(e.signum).name}.{kept}", file=sys.stderr, flush=True)
-    sys.exit(signals.status(e.signum))
+  with signals.cleanup(clean):
+    try:
+      accelerator.select(parsed.accelerator)
+      training.maybe_initialize()  # jax.distributed, before the backend starts
+      accelerator.require(parsed.accelerator)
+      return work() or 0
+    except Exception as e:
+      clean()
+      if isinstance(e, (*ERRORS, *errors)):
+        sys.exit("error: " + " ".join(str(e).split()))
+      raise  # a bug: its traceback

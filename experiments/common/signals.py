@@ -1,46 +1,30 @@
-"""SIGINT and SIGTERM at any stage of an entry point: one line, exit ``128 + signal``.
+"""SIGINT and SIGTERM at any stage of an entry point: one line, exit ``128 + signal``, and
+nothing partial left.
 
 :func:`install` is the first thing an entry point's ``__main__`` does, before it imports
-anything heavy: from then on either signal raises :class:`Interrupted` in the main thread,
-wherever it is (imports, setup, certification, export), and :func:`exit_on_interrupt` turns
-it into one line on stderr and the exit status. The training loop replaces the handlers
-while it runs so that a signal stops it after the current epoch, with a checkpoint
-(``experiments.cifar.train``). This module imports nothing but the standard library.
+anything heavy. From then on either signal runs the cleanups registered with
+:func:`cleanup` (newest first: a half-written file, a workdir the run created and made
+nothing of), prints one line and ends the process at once. Raising an exception from the
+handler instead would reach code that cannot take one: a C extension being imported prints
+it with its own traceback (and was seen to crash), a garbage-collection callback reports it
+as "ignored".
+
+The training loop replaces the handler while it runs, so that a signal stops it after the
+current epoch with a checkpoint (``experiments.cifar.train``); a second signal comes here.
+This module imports nothing but the standard library.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
+from collections.abc import Callable
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-
-class Interrupted(BaseException):
-  """SIGINT or SIGTERM arrived. A ``BaseException``, like ``KeyboardInterrupt``, so that no
-  ``except Exception`` on the way swallows it."""
-
-  def __init__(self, signum: int):
-    super().__init__(signal.Signals(signum).name)
-    self.signum = signum
-
-
-def _raise(signum, frame) -> None:
-  raise Interrupted(signum)
-
-
-def install() -> None:
-  """Make SIGINT and SIGTERM raise :class:`Interrupted` (SIGTERM's default would kill the
-  process without a word, SIGINT's raise ``KeyboardInterrupt`` with a traceback)."""
-  for sig in SIGNALS:
-    signal.signal(sig, _raise)
-
-
-def ignore() -> None:
-  """Ignore both signals: while a stopping process cleans up and says why."""
-  for sig in SIGNALS:
-    signal.signal(sig, signal.SIG_IGN)
+_cleanups: list[Callable[[], str | None]] = []
 
 
 def status(signum: int) -> int:
@@ -48,12 +32,40 @@ def status(signum: int) -> int:
   return 128 + signum
 
 
+def ignore() -> None:
+  """Ignore both signals (while a stopping process cleans up)."""
+  for sig in SIGNALS:
+    signal.signal(sig, signal.SIG_IGN)
+
+
+def stop(signum: int, frame=None) -> None:
+  """The handler: run the cleanups, print one line, exit ``128 + signum``."""
+  ignore()
+  notes = []
+  for fn in reversed(_cleanups):
+    try:
+      notes.append(fn())
+    except Exception as e:  # noqa: BLE001  (the process is ending; say what was left)
+      notes.append(f"(cleanup failed: {e})")
+  sys.stdout.flush()
+  text = " ".join(n for n in notes if n)
+  print(f"Stopped by {signal.Signals(signum).name}.{' ' + text if text else ''}",
+        file=sys.stderr, flush=True)
+  os._exit(status(signum))
+
+
+def install() -> None:
+  """Make SIGINT and SIGTERM call :func:`stop`."""
+  for sig in SIGNALS:
+    signal.signal(sig, stop)
+
+
 @contextlib.contextmanager
-def exit_on_interrupt():
-  """Turn :class:`Interrupted` into one line on stderr and ``sys.exit(128 + signal)``."""
+def cleanup(fn: Callable[[], str | None]):
+  """Run ``fn`` if a signal stops the process inside this block; it may return a note for
+  the line the process prints."""
+  _cleanups.append(fn)
   try:
     yield
-  except Interrupted as e:
-    ignore()
-    print(f"Stopped by {signal.Signals(e.signum).name}.", file=sys.stderr, flush=True)
-    sys.exit(status(e.signum))
+  finally:
+    _cleanups.remove(fn)
