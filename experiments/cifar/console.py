@@ -57,8 +57,9 @@ def summary(record: dict, epochs: int, eta: str) -> str:
   time apart (CRA: certified robust accuracy)."""
   return (f"epoch {record['epoch']}/{epochs}  step {record['step']}  "
           f"loss {record['train_loss']:.4f}  train acc {record['train_accuracy']:.3f}  "
-          f"test acc {record['test_accuracy']:.3f}  CRA(36/255) {record['test_cra_36']:.3f}  "
-          f"train {record['train_seconds']:.1f} s  eval {record['eval_seconds']:.1f} s  {eta}")
+          f"test acc {record['test_accuracy']:.3f}  "
+          + (f"CRA(36/255) {record['test_cra_36']:.3f}  " if "test_cra_36" in record else "")
+          + f"train {record['train_seconds']:.1f} s  eval {record['eval_seconds']:.1f} s  {eta}")
 
 
 def describe(run) -> None:
