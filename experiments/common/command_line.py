@@ -80,7 +80,14 @@ class Program:
       argv = preset_only([self.name, *argv], known_only=True)[1:]
     except flags.Error as e:
       raise UsageError(_absl_message(e, preset_only)) from None
-    config_given = any(re.match(r"^--?config(=|$)", a) for a in argv)
+    config_given = False
+    for i, arg in enumerate(argv):
+      if re.match(r"^--?config(=|$)", arg):
+        config_given = True
+        path = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+        if not os.path.isfile(path.split(":", 1)[0]):
+          raise UsageError(f"--config={path}: no such file; pass a config file that defines "
+                           f"get_config(), or --preset=NAME ({', '.join(self.presets)}).")
     if preset_only.preset and config_given:
       raise UsageError("--preset and --config both name a config file; give one of them.")
     if preset_only.preset:
