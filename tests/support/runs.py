@@ -43,7 +43,7 @@ def tensorboard_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
   with tempfile.TemporaryDirectory() as tmp:
     for path in epath.Path(workdir).iterdir():
       if path.name.startswith("events.out.tfevents."):
-        path.copy(epath.Path(tmp) / path.name)
+        (epath.Path(tmp) / path.name).write_bytes(path.read_bytes())
     reader = EventAccumulator(tmp)
     reader.Reload()
     return {tag: [(e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
