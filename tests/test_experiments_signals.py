@@ -107,9 +107,12 @@ def test_a_signal_before_training_leaves_no_workdir(tmp_path, data_dir, stage, s
 def test_a_signal_in_training_stops_after_the_epoch_with_a_checkpoint(tmp_path, data_dir):
   proc = _run("training", signal.SIGTERM, tmp_path / "work", data_dir)
   assert proc.returncode == 143, proc.stderr[-3000:]
-  assert proc.stdout.splitlines()[-2:] == [
-      "SIGTERM: stopping after this epoch with a checkpoint (send it again to stop at once).",
-      "Stopped at epoch 2 with a checkpoint (step 10); rerun the same command to resume."]
+  lines = proc.stdout.splitlines()
+  assert lines[-3] == ("SIGTERM: stopping after this epoch with a checkpoint (send it again "
+                       "to stop at once).")
+  assert lines[-2].startswith("epoch 2/3  step 10  ")  # the epoch under way, finished
+  assert lines[-1] == ("Stopped at epoch 2 with a checkpoint (step 10); rerun the same "
+                       "command to resume.")
   assert proc.stderr == ""
   work = tmp_path / "work"
   assert sorted(os.listdir(work / "checkpoints")) == ["10", "5"]

@@ -16,6 +16,14 @@ ERRORS = (accelerator.AcceleratorError, input_pipeline.DataMissingError,
           training.NonFiniteLossError)
 
 
+# Library warnings that say nothing about the run (tfds on every CIFAR read).
+_NOTES = ("OpenCV is not installed",)
+
+
+def _drop_notes(record) -> bool:
+  return not str(record.msg).startswith(_NOTES)
+
+
 def run(parsed: command_line.Parsed, work: Callable[[], int | None], *,
         errors: tuple[type[Exception], ...] = ()) -> int:
   """Select and check ``parsed.accelerator``, then ``work()``; its exit status (0 for None).
@@ -28,6 +36,7 @@ def run(parsed: command_line.Parsed, work: Callable[[], int | None], *,
     before and holds no checkpoint.
   """
   logging.set_verbosity(logging.WARNING)  # absl.app sets INFO: orbax would log every save
+  logging.get_absl_handler().addFilter(_drop_notes)
   workdir = parsed.workdir
   created = not storage.exists(workdir)
 
