@@ -235,6 +235,20 @@ def test_a_workdir_that_cannot_be_written_is_refused_before_anything_runs(
   assert not (tmp_path / "data").exists()  # nothing was read or prepared
 
 
+def test_a_missing_accelerator_is_one_line_without_the_plugins_start_up_noise(tmp_path):
+  # The CUDA plugin is installed (the test extra) and this machine has no GPU.
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  proc = subprocess.run([sys.executable, "-m", "experiments.cifar", "--accelerator", "gpu",
+                         "--preset", "digits", "--workdir", str(tmp_path / "w")],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1 and proc.stdout == ""
+  assert len(proc.stderr.splitlines()) == 1, proc.stderr
+  assert proc.stderr.startswith("error: --accelerator=gpu was requested but JAX cannot use a "
+                                "gpu: ")
+  assert proc.stderr.rstrip().endswith("or choose another --accelerator. Not falling back.")
+  assert not (tmp_path / "w").exists()
+
+
 def test_a_bad_flag_prints_one_line_and_no_traceback(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "experiments.cifar", "--accelerator=cpu",
                          "--preset=tiny", "--epochs=0", f"--workdir={tmp_path / 'w'}"],
