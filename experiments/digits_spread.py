@@ -24,6 +24,7 @@ signals.install()
 
 from absl import app, flags  # noqa: E402
 
+from experiments.cifar.configs import digits  # noqa: E402
 from experiments.common import storage  # noqa: E402
 from experiments.common.labels import STANDARD_RADII, radius_label  # noqa: E402
 
@@ -50,7 +51,13 @@ def cpu_name() -> str:
 
 
 def run_one(workdir: str, isa: str, seed: str) -> dict:
-  """One digits run (or its finished results); ``results.json`` as a dict."""
+  """One digits run; ``results.json`` as a dict (read as it is when the run finished)."""
+  results = os.path.join(workdir, "results.json")
+  epochs = _EPOCHS.value or digits.get_config().epochs
+  if os.path.exists(results):
+    done = json.loads(open(results).read())
+    if done["mode"] == "train" and done["epoch"] == epochs:
+      return done
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   if isa != "native":
     env["XLA_FLAGS"] = f"--xla_cpu_max_isa={isa}"
@@ -61,7 +68,7 @@ def run_one(workdir: str, isa: str, seed: str) -> dict:
   proc = subprocess.run(command, env=env, stdout=subprocess.DEVNULL)
   if proc.returncode:
     raise SystemExit(proc.returncode if proc.returncode > 0 else 128 - proc.returncode)
-  return json.loads(open(os.path.join(workdir, "results.json")).read())
+  return json.loads(open(results).read())
 
 
 def table(runs: dict[tuple[str, str], dict]) -> str:
