@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aol_jax import CertificationResult, certify_dataset, freeze, margins, pgd_l2
+from aol_jax import CertificationResult, certify_dataset, freeze, margins, pgd_l2, training
 from aol_jax.certification import DEFAULT_ROUNDING
 from aol_jax import AOLNetwork
 from experiments.ablations.configs import LossSetting, Recipe
@@ -129,8 +129,11 @@ def fit(recipe: Recipe, loss: LossSetting, *, seed: int, workdir: str,
     run.checkpointer.close()
   if stopped is not None:
     raise Stopped(stopped)
-  return Trained(run.model(), sum(r["train_seconds"] for r in run.history),
-                 run.history[-1]["train_loss"])
+  # The checks evaluate the network in plain jax.jit calls: its arrays on one device, not
+  # replicated over the training mesh.
+  state = jax.device_put(jax.device_get(run.state), jax.devices()[0])
+  return Trained(training.merge_model(run.graphdef, state),
+                 sum(r["train_seconds"] for r in run.history), run.history[-1]["train_loss"])
 
 
 def certify(model: AOLNetwork, recipe: Recipe) -> CertificationResult:
