@@ -354,8 +354,7 @@ def train(run: Run, *, hooks: Sequence[Hook] = (),
     return None
   stop = _StopRequest()
   progress = console.Progress(run.total_steps, first)
-  metrics = summaries.Summaries(run.workdir, enabled=writer,
-                                purge_step=first + 1 if first else None)
+  metrics = summaries.Summaries(run.workdir, enabled=writer, purge_step=first + 1)
   try:
     for epoch in range(first // run.steps_per_epoch, config.epochs):
       record = train_epoch(run, epoch, train_step, progress, hooks)

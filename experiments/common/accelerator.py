@@ -3,7 +3,11 @@ checked before anything runs, with one line when it is missing (never a fallback
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
+import tempfile
 
 import jax
 
@@ -38,11 +42,28 @@ class _Collect(logging.Handler):
       self.messages.append(str(record.exc_info[1]))
 
 
+@contextlib.contextmanager
+def _stderr_to_file():
+  """Send file descriptor 2 to a temporary file (libtpu writes its start-up messages there
+  from C++, out of reach of Python's logging); yields a function that reads what came."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as tmp:
+    os.dup2(tmp.fileno(), 2)
+    try:
+      yield lambda: (tmp.seek(0), tmp.read().decode(errors="replace"))[1]
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+
+
 def require(name: str) -> None:
   """Start the backend selected by :func:`select` and check that it is ``name``.
 
-  JAX logs a plugin that fails to start as a traceback; here it is collected instead and its
-  last line becomes the reason of the one-line error.
+  What a backend says while it starts is kept off the console: JAX logs a plugin that fails
+  to start as a traceback (collected here, its last line becomes the reason of the one-line
+  error), and libtpu writes to the process's stderr directly.
 
   Raises:
     AcceleratorError: JAX cannot use ``name``.
@@ -52,11 +73,14 @@ def require(name: str) -> None:
   logger.addHandler(collect)
   logger.propagate = False
   try:
-    found, reason = jax.default_backend(), f"JAX's devices are {jax.devices()}"
-  except Exception as e:  # noqa: BLE001  (each backend fails in its own way)
-    found = None
-    reason = (collect.messages[-1] if collect.messages else str(e)).strip().splitlines()
-    reason = reason[-1] if reason else type(e).__name__
+    with _stderr_to_file() as printed:
+      try:
+        found, reason = jax.default_backend(), f"JAX's devices are {jax.devices()}"
+      except Exception as e:  # noqa: BLE001  (each backend fails in its own way)
+        found = None
+        text = collect.messages[-1] if collect.messages else str(e) or printed()
+        lines = [l for l in text.strip().splitlines() if l.strip()]
+        reason = lines[-1] if lines else type(e).__name__
   finally:
     logger.removeHandler(collect)
     logger.propagate = propagate

@@ -38,17 +38,20 @@ def run(parsed: command_line.Parsed, work: Callable[[], int | None], *,
   logging.set_verbosity(logging.WARNING)  # absl.app sets INFO: orbax would log every save
   logging.get_absl_handler().addFilter(_drop_notes)
   workdir = parsed.workdir
-  created = not storage.exists(workdir)
+  try:
+    created = not storage.exists(workdir)
+  except Exception:  # noqa: BLE001  (a bucket without permission: validate names it)
+    created = False
 
   def clean() -> str | None:
     storage.remove_partial()
-    if storage.has_checkpoint(workdir):
-      return "The last checkpoint is kept; rerun the same command to resume."
-    if created and storage.exists(workdir):
-      try:
+    try:
+      if storage.has_checkpoint(workdir):
+        return "The last checkpoint is kept; rerun the same command to resume."
+      if created and storage.exists(workdir):
         storage.remove_tree(workdir)
-      except OSError:  # another process of the job removed it first
-        pass
+    except Exception:  # noqa: BLE001  (another process of the job removed it first; no access)
+      pass
     return None
 
   with signals.cleanup(clean):

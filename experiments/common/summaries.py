@@ -15,9 +15,10 @@ from tensorboardX import SummaryWriter
 class Summaries:
   """Scalars per step into ``logdir``; a no-op where ``enabled`` is False (processes > 0).
 
-  ``purge_step``: on a resumed run, the first step the run will write again; TensorBoard
-  drops what an interrupted earlier process wrote from that step on, so a curve never
-  shows an epoch twice.
+  ``purge_step``: the first step this process writes. Every process of a run marks its
+  start there (a SessionLog START); TensorBoard takes each start after the first as a
+  restart and drops what an earlier process wrote from that step on, so a resumed run's
+  curves never show an epoch twice.
   """
 
   def __init__(self, logdir: str, *, enabled: bool = True, purge_step: int | None = None):
