@@ -2,7 +2,8 @@
 
 * :mod:`experiments.cifar`: the runner, ``python -m experiments.cifar``;
 * :mod:`experiments.ablations`: ``python -m experiments.ablations``;
-* :mod:`experiments.common`: datasets, storage, plots shared by both;
+* :mod:`experiments.common`: command line, signals, datasets, storage, plots shared by both;
+* :mod:`experiments.digits_spread`: the README's table over seeds and CPU instruction sets;
 * :mod:`experiments.local_gcs`: a local GCS server for trying ``gs://`` workdirs.
 """
 

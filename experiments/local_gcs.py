@@ -1,9 +1,12 @@
 """A Google Cloud Storage server on localhost, for trying the ``gs://`` path without a bucket.
 
-  python -m experiments.local_gcs --port=4443 --bucket=aol-local
+  python -m experiments.local_gcs --port=4443 --bucket=aol-local --log=/tmp/local_gcs.log &
 
 prints the environment variables to export in the shell that runs the experiment, then
-serves until Ctrl-C (in memory: everything is lost when it stops). It is
+serves until SIGTERM (``kill %1`` for the line above) or SIGINT (Ctrl-C in the foreground),
+in memory: everything is lost when it stops. The server's own messages (one per request,
+and the tracebacks of clients that hang up mid-answer) go to ``--log``, not the terminal.
+It is
 ``gcp-storage-emulator`` (``pip install -e '.[test]'``) with one addition: a media download
 also returns the object's generation in the ``x-goog-generation`` header, as Google Cloud
 Storage does. tensorstore's ``gcs`` driver (orbax's arrays) reads the generation from that
@@ -26,7 +29,10 @@ On a real cloud machine set none of them: the clients use the machine's credenti
 from __future__ import annotations
 
 import argparse
-import time
+import logging
+import signal
+import sys
+import threading
 from collections.abc import Sequence
 
 
@@ -55,20 +61,30 @@ def _patch_downloads() -> None:
   objects.download = download_with_generation
 
 
-def serve(port: int, bucket: str) -> None:
-  """Serve ``bucket`` on ``127.0.0.1:port`` until interrupted."""
+def _log_to(path: str) -> None:
+  """Send the server's messages to ``path``: its logging, and stderr, where the standard
+  library's HTTP server prints a traceback for every client that hangs up mid-answer."""
+  stream = open(path, "a", buffering=1)
+  logging.basicConfig(stream=stream, level=logging.INFO, force=True)
+  sys.stderr = stream
+
+
+def serve(port: int, bucket: str, log: str) -> None:
+  """Serve ``bucket`` on ``127.0.0.1:port`` until SIGTERM or SIGINT."""
+  stop = threading.Event()
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda signum, frame: stop.set())
+  _log_to(log)
   _patch_downloads()
   from gcp_storage_emulator.server import create_server
   server = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
   server.start()
-  for name, value in environment(f"http://127.0.0.1:{port}").items():
-    print(f"export {name}={value}")
-  print(f"# serving gs://{bucket} on 127.0.0.1:{port}; Ctrl-C stops it", flush=True)
   try:
-    while True:
-      time.sleep(3600)
-  except KeyboardInterrupt:
-    pass
+    for name, value in environment(f"http://127.0.0.1:{port}").items():
+      print(f"export {name}={value}")
+    print(f"# serving gs://{bucket} on 127.0.0.1:{port} (log: {log}); SIGTERM or Ctrl-C stops "
+          f"it", flush=True)
+    stop.wait()
   finally:
     server.stop()
 
@@ -78,8 +94,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--port", type=int, default=4443, help="TCP port on 127.0.0.1")
   parser.add_argument("--bucket", default="aol-local", help="the bucket to create")
+  parser.add_argument("--log", default="local_gcs.log", help="the file that receives the "
+                      "server's messages")
   args = parser.parse_args(argv)
-  serve(args.port, args.bucket)
+  serve(args.port, args.bucket, args.log)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""The ablations (experiments.ablations) in their small size: structure, soundness, and the
-trends that the full run showed with margin.
+"""The ablations (experiments.ablations) in their small size: structure, soundness, the
+trends that the full run showed with margin, and that they train through the runner.
 
-One in-process run of ``python -m experiments.ablations --preset=small`` (digits only; the
-README states its time) is shared by the tests below.
+One in-process run of ``python -m experiments.ablations --preset small`` (digits only; the
+docs state its time) is shared by the tests below.
 """
 
 import dataclasses
@@ -17,35 +17,67 @@ import pytest
 
 from aol_jax import certify_dataset
 from experiments.ablations import configs, main as ablations_main, trainer
-from experiments.ablations.configs import LOSS_SETTINGS, small
+from experiments.ablations.configs import LOSS_SETTINGS, PAPER_SETTING, small
 from experiments.ablations.configs import full as full_module
 from experiments.common import storage
+from support.runs import history, run_ablations
 
 CHECK_FILES = ("offset_temperature", "orthogonality", "aol_vs_plain")
 SMALL = small.get_config()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECKS = dict(zip(configs.CHECKS, CHECK_FILES))  # check -> its files' name
+
+
+def _results(out_dir):
+  return {check: json.load(open(os.path.join(out_dir, f"{name}.json")))
+          for check, name in CHECKS.items()}
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   out_dir = str(tmp_path_factory.mktemp("ablations"))
-  results = ablations_main.main(["--preset=small", "--accelerator=cpu",
-                                 f"--workdir={out_dir}"])
-  return out_dir, results
+  trainer.fit.cache_clear()
+  # "--preset small" with a space: the small preset (it once ran the full one silently).
+  assert run_ablations(["--preset", "small", "--accelerator=cpu", f"--workdir={out_dir}"]) == 0
+  return out_dir, _results(out_dir)
 
 
 def test_every_check_writes_its_table_json_and_plot_and_nothing_else(run):
   out_dir, results = run
-  assert set(results) == {"offset", "orthogonal", "plain"}
+  assert {r["config"] for r in results.values()} == {"small"}
   expected = {f"{name}.{ext}" for name in CHECK_FILES for ext in ("md", "json", "png")}
-  assert set(os.listdir(out_dir)) == expected  # no temporary leftovers
+  assert set(os.listdir(out_dir)) == expected | {"runs"}  # no temporary leftovers
   for name in CHECK_FILES:
     with open(os.path.join(out_dir, f"{name}.png"), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     text = open(os.path.join(out_dir, f"{name}.md")).read()
     assert text.startswith("### ") and "|---|" in text
-  offset = json.load(open(os.path.join(out_dir, "offset_temperature.json")))
-  assert offset == json.loads(json.dumps(results["offset"]))
+
+
+def test_every_network_is_a_run_of_the_runner_with_its_own_workdir(run):
+  out_dir, _ = run
+  runs = sorted(os.listdir(os.path.join(out_dir, "runs")))
+  # offset: 3 settings x 2 seeds; the paper's setting at seed 0 is shared with the other
+  # checks; plain: one more.
+  assert len(runs) == 3 * len(SMALL.seeds) + 1
+  for name in runs:
+    work = os.path.join(out_dir, "runs", name)
+    records = history(work)
+    assert [r["epoch"] for r in records] == list(range(1, SMALL.recipes[0].epochs + 1))
+    assert "test_accuracy" in records[-1] and os.listdir(os.path.join(work, "checkpoints"))
+    assert any(f.startswith("events.out.tfevents.") for f in os.listdir(work))
+
+
+def test_a_rerun_resumes_every_finished_run_without_training(run, tmp_path):
+  out_dir, results = run
+  runs = os.path.join(out_dir, "runs")
+  before = {n: open(os.path.join(runs, n, "metrics.jsonl")).read() for n in os.listdir(runs)}
+  trainer.fit.cache_clear()  # a new process would remember nothing
+  assert run_ablations(["--preset=small", "--accelerator=cpu", "--check=orthogonal",
+                        f"--workdir={out_dir}"]) == 0
+  after = {n: open(os.path.join(runs, n, "metrics.jsonl")).read() for n in os.listdir(runs)}
+  assert after == before  # restored, not retrained
+  assert _results(out_dir)["orthogonal"] == results["orthogonal"]
 
 
 def test_offset_temperature_runs_every_setting_and_seed_with_sane_accuracies(run):
@@ -120,8 +152,9 @@ def test_aol_against_plain(run):
 
 def test_plain_network_cannot_be_certified():
   recipe = SMALL.recipe("digits")
-  model = trainer.build_model(recipe, seed=0, plain=True)
   data = trainer.load("digits")
+  model = trainer.build_plain(trainer.config_for(recipe, PAPER_SETTING, seed=0, plain=True),
+                              data.num_classes, data.test_images.shape[1:])
   with pytest.raises(TypeError, match="lipschitz_bound"):
     certify_dataset(model, data.test_inputs()[:8], data.test_labels[:8], batch_size=8)
 
@@ -142,18 +175,18 @@ def test_the_presets_derive_small_from_full():
      "error: --datasets=cifar10: no recipe for cifar10 in the small config; choose from digits."),
     (["--config.datasets=mnist5k"], "error: --config.datasets=mnist5k: no recipe for mnist5k "
                                     "in the small config; choose from digits."),
-    (["--config.check=fast"], "error: --config.check='fast': must be one of offset, "
+    (["--config.check=fast"], "error: --config.check=fast: must be one of offset, "
                               "orthogonal, plain, all."),
-    (["--check=fast"], "error: flag --check=fast: value should be one of "
-                       "<offset|orthogonal|plain|all>"),
-    (["--config.seeds=(-1,)"], "error: --config.seeds=-1: must be one or more integers >= 0."),
-    (["--config.recipes=(1,)"], "error: --config.recipes=1: must be Recipe objects: set "
+    (["--check", "fast"], "error: --check=fast: must be one of offset, orthogonal, plain, all."),
+    (["--config.seeds=(-1,)"], "error: --config.seeds=(-1,): must be one or more integers >= 0."),
+    (["--config.recipes=(1,)"], "error: --config.recipes=(1,): must be Recipe objects: set "
                                 "recipes in a preset file (configs/), not on the command line."),
-    (["--config.seed=x"], "error: flag --config.seed=x: invalid literal for int()"),
-    (["--config.epochs=3"], "error: unknown config field (Field epochs not found"),
-    (["--small"], "error: Unknown command line flag 'small'"),
+    (["--config.seed=x"], "error: --config.seed=x: expected an integer."),
+    (["--config.epochs=3"], "error: --config.epochs=3: not a field of the config; the fields "
+                            "are name, check, datasets, recipes, seeds, seed."),
+    (["--small"], "error: --small: unknown flag"),
     (["all"], "error: unexpected argument 'all': every setting is a --flag"),
-    (["--preset=medium"], "error: --preset=medium: unknown preset; choose one of full, small."),
+    (["--preset=medium"], "error: --preset=medium: must be one of full, small."),
     (["--config=/missing.py"], "error: --config=/missing.py: no such file; pass a config file"),
     (["--check=offset", "--config.check=plain"],
      "error: --check and --config.check both set check; give one of them."),
@@ -163,41 +196,41 @@ def test_bad_inputs_stop_with_a_one_line_message_naming_the_flag(tmp_path, flags
   if any(f.startswith("--config=") for f in flags):
     argv.remove("--preset=small")
   with pytest.raises(SystemExit) as err:
-    ablations_main.main(argv)
+    run_ablations(argv)
   message = str(err.value)
   assert message.startswith(expected) and "\n" not in message
   assert not (tmp_path / "w").exists()  # refused before the workdir is made
 
 
 def test_the_short_flags_and_config_fields_set_the_same_config():
-  _, short, set_by = ablations_main.command_line.parse(
-      ablations_main.PROGRAM, ["--accelerator=cpu", "--workdir=/w", "--check=plain",
-                               "--datasets=mnist5k,digits"])
-  _, long, _ = ablations_main.command_line.parse(
-      ablations_main.PROGRAM, ["--accelerator=cpu", "--workdir=/w", "--config.check=plain",
-                               "--config.datasets=mnist5k", "--config.datasets=digits"])
-  assert short == long and short.name == "full"
-  assert (short.check, short.datasets) == ("plain", ("mnist5k", "digits"))
-  assert set_by == {"check": "--check", "datasets": "--datasets"}
-  assert [r.dataset for r in short.selected().recipes] == ["mnist5k", "digits"]
+  parse = ablations_main.PROGRAM.parse
+  short = parse(["--accelerator=cpu", "--workdir=/w", "--preset=full", "--check=plain",
+                 "--datasets=mnist5k,digits"])
+  long = parse(["--accelerator=cpu", "--workdir=/w", "--preset", "full", "--config.check",
+                "plain", "--config.datasets=mnist5k", "--config.datasets=digits"])
+  assert short.config == long.config and short.config.name == "full"
+  assert (short.config.check, short.config.datasets) == ("plain", ("mnist5k", "digits"))
+  assert short.typed == {"check": "--check=plain", "datasets": "--datasets=mnist5k,digits"}
+  assert [r.dataset for r in short.config.selected().recipes] == ["mnist5k", "digits"]
 
 
-def test_the_readme_commands_parse_and_name_existing_checks():
-  readme = open(os.path.join(ROOT, "README.md")).read()
-  commands = [line.split("#")[0].split()[3:] for line in readme.splitlines()
+def test_the_documented_commands_parse_and_name_existing_checks():
+  page = open(os.path.join(ROOT, "docs", "paper_claims.md")).read()
+  commands = [line.split("#")[0].split()[3:] for line in page.splitlines()
               if line.startswith("python -m experiments.ablations ")]
   assert len(commands) == 5
   checks = set()
   for argv in commands:
-    _, config, _ = ablations_main.command_line.parse(ablations_main.PROGRAM, argv)
-    assert not configs.field_errors(config), argv
-    checks.add(config.check)
+    parsed = ablations_main.PROGRAM.parse(argv)
+    assert not configs.field_errors(parsed.config), argv
+    checks.add(parsed.config.check)
   assert checks == {*configs.CHECKS, "all"}
 
 
 def test_the_accelerator_is_checked_first_in_one_line(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "experiments.ablations", "--accelerator=tpu",
-                         "--config.check=fast", f"--workdir={tmp_path / 'file' / 'w'}"],
+                         "--preset=small", "--config.check=fast",
+                         f"--workdir={tmp_path / 'file' / 'w'}"],
                         cwd=ROOT, capture_output=True, text=True, timeout=120,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 1
@@ -209,8 +242,8 @@ def test_the_accelerator_is_checked_first_in_one_line(tmp_path):
 def test_an_unwritable_workdir_is_refused_before_anything_runs(tmp_path):
   (tmp_path / "file").write_text("x")
   with pytest.raises(SystemExit) as err:
-    ablations_main.main(["--check=offset", "--preset=small", "--accelerator=cpu",
-                         f"--workdir={tmp_path / 'file' / 'wd'}"])
+    run_ablations(["--check=offset", "--preset=small", "--accelerator=cpu",
+                   f"--workdir={tmp_path / 'file' / 'wd'}"])
   assert str(err.value) == (f"error: --workdir={tmp_path / 'file' / 'wd'}: lies under the "
                             f"file {tmp_path / 'file'}, not a directory; pass a directory this "
                             f"process can write.")

@@ -12,7 +12,7 @@ import pytest
 from etils import epath
 
 from support.cifar_archive import accept_archive, write_cifar10_archive
-from experiments.cifar.main import main
+from support.runs import history, listing, run_cifar, tensorboard_scalars
 from support.servers import (BUCKET, forbidding_gcs_server, gcs_clients_in_this_process,
                              gcs_emulator)
 
@@ -39,15 +39,21 @@ def test_a_run_in_a_bucket_writes_everything_there_and_skips_a_corrupt_checkpoin
   work = f"gs://{BUCKET}/run"
   flags = ["--accelerator=cpu", "--preset=tiny", f"--data_dir={tmp_path / 'data'}",
            f"--manual_dir={tmp_path / 'manual'}", f"--workdir={work}"]
-  out = main(flags)
+  assert run_cifar(flags) == 0
   root = epath.Path(work)
-  assert {p.name for p in root.iterdir()} == {
+  assert listing(work) == {
       "checkpoints", "metrics.jsonl", "results.md", "results.json", "training_curves.png",
-      "certified_accuracy.png"}  # and nothing half-written beside them
-  history = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
-  assert history == out["history"] and [r["step"] for r in history] == [5, 10, 15]
+      "certified_accuracy.png", "events.out.tfevents.*"}  # and nothing half-written
+  records = history(work)
+  assert [r["step"] for r in records] == [5, 10, 15]
   results = json.loads((root / "results.json").read_text())
-  assert results["num_examples"] == 8 and results["clean_accuracy"] == out["clean_accuracy"]
+  assert results["num_examples"] == 8 and results["clean_accuracy"] == records[-1][
+      "test_accuracy"]
+  # The TensorBoard events landed in the bucket, whole: TensorBoard's reader finds them.
+  scalars = tensorboard_scalars(work)
+  assert [s for s, _ in scalars["eval/cra_36_255"]] == [5, 10, 15]
+  np.testing.assert_allclose([v for _, v in scalars["train/loss"]],
+                             [r["train_loss"] for r in records], rtol=1e-6)
   table = (root / "results.md").read_text()
   assert "| model | n | clean | 36/255 | 72/255 | 108/255 | 1 |" in table
   for name in ("training_curves.png", "certified_accuracy.png"):
@@ -66,20 +72,23 @@ def test_a_run_in_a_bucket_writes_everything_there_and_skips_a_corrupt_checkpoin
           garbled += 1
   assert garbled
   capsys.readouterr()
-  again = main([*flags, "--epochs=4"])
+  assert run_cifar([*flags, "--epochs=4"]) == 0
+  again = history(work)
   printed = capsys.readouterr().out
   assert f"checkpoint {work}/checkpoints/15 is corrupt" in printed
   assert "at step 10 (epoch 2)" in printed
   assert (root / "checkpoints" / "corrupt" / "15" / "commit_success.txt").exists()
-  assert [r["epoch"] for r in again["history"]] == [1, 2, 3, 4]
-  assert again["history"][:2] == history[:2]
+  assert [r["epoch"] for r in again] == [1, 2, 3, 4]
+  assert again[:2] == records[:2]
+  # The resumed run told TensorBoard to drop what came after step 10: one point per epoch.
+  assert [s for s, _ in tensorboard_scalars(work)["train/loss"]] == [5, 10, 15, 20]
   assert _steps(root) == [15, 20]  # epoch 3 retrained and saved again, then epoch 4
 
 
 def _refusal(tmp_path, workdir) -> str:
   with pytest.raises(SystemExit) as err:
-    main(["--accelerator=cpu", "--preset=tiny", f"--data_dir={tmp_path / 'data'}",
-          f"--workdir={workdir}"])
+    run_cifar(["--accelerator=cpu", "--preset=tiny", f"--data_dir={tmp_path / 'data'}",
+               f"--workdir={workdir}"])
   assert not (tmp_path / "data").exists()  # refused before anything ran
   return str(err.value)
 

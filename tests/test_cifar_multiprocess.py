@@ -11,6 +11,7 @@ import sys
 import pytest
 from etils import epath
 
+from support.runs import event_files, listing
 from support.servers import BUCKET, free_port, gcs_clients_in_this_process, gcs_emulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,9 +37,10 @@ def test_two_processes_train_and_certify_as_one_job_into_a_bucket():
     tables = [out[out.index("| model |"):] for out, _ in outputs]
     assert tables[0] == tables[1]
     root = epath.Path(workdir)
-    assert {p.name for p in root.iterdir()} == {
+    assert listing(workdir) == {
         "checkpoints", "metrics.jsonl", "results.md", "results.json", "training_curves.png",
-        "certified_accuracy.png"}
+        "certified_accuracy.png", "events.out.tfevents.*"}
+    assert len(event_files(workdir)) == 1  # process 0's only
     results = json.loads((root / "results.json").read_text())
     assert results["num_examples"] == 360 and results["epoch"] == 1
     assert f"| {100 * results['clean_accuracy']:.1f} |" in tables[0]

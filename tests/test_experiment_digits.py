@@ -1,10 +1,9 @@
 """The README's first command, ``make run``'s training on scikit-learn's digits, reaches the
-accuracy and certified robust accuracy stated in the README.
+accuracy and certified robust accuracy (CRA) of the README's table, quietly.
 
-The README states the measured spread (seed 0 natively, under AVX2 and SSE4.2, and seeds
-1, 2): clean 93.9-95.6%, CRA 90.0-90.6 / 81.4-82.5 / 71.7-72.2 / 11.9-13.6% at radius 36/255,
-72/255, 108/255, 1 on the 360 test digits. The thresholds sit two to four points below the
-seed-0 values, for other CPUs' float rounding.
+The README's table (``python -m experiments.digits_spread``) states the range over seeds 0-4
+and XLA's instruction-set caps; the thresholds sit below its lower end, so that any x86 CPU
+passes.
 """
 
 import json
@@ -26,6 +25,7 @@ def test_digits_preset_reaches_the_measured_accuracy(tmp_path):
                          "--preset=digits", f"--workdir={workdir}"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stderr == ""  # no CUDA / libtpu start-up lines, no library warnings
   results = json.loads((workdir / "results.json").read_text())
   assert results["num_examples"] == 360 and results["epoch"] == 40
   assert results["clean_accuracy"] >= THRESHOLDS["clean"]

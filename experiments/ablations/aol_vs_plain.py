@@ -46,7 +46,8 @@ def run(config: AblationConfig, workdir: str) -> dict:
              "columns": [report.radius_label(r) for r in recipe.radii],
              "examples": len(labels), "pgd_steps": recipe.pgd_steps}
     for kind, plain in (("aol", False), ("plain", True)):
-      trained = trainer.train_once(recipe, PAPER_SETTING, seed=config.seed, plain=plain)
+      trained = trainer.fit(recipe, PAPER_SETTING, seed=config.seed, workdir=workdir,
+                            plain=plain)
       model = trainer.fast_copy(trained.model)
       clean = trainer.clean_accuracy(model, images, labels)
       robust, seconds = trainer.timed(trainer.empirical_robust_accuracy, model, images,

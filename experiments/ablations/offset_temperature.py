@@ -8,6 +8,7 @@ means is compared with the paper's, radius by radius.
 
 from __future__ import annotations
 
+import time
 
 from experiments.ablations import report, trainer
 from experiments.ablations.configs import (LOSS_SETTINGS, PAPER_OFFSET_TEMPERATURE, PAPER_RADII,
@@ -33,7 +34,7 @@ def separated(means: dict[str, float], spreads: dict[str, float]) -> bool:
 def run(config: AblationConfig, workdir: str) -> dict:
   """Train every (dataset, setting, seed), certify, and write the table, JSON and plot."""
   total = len(config.recipes) * len(LOSS_SETTINGS) * len(config.seeds)
-  done = 0
+  done, start = 0, time.perf_counter()
   results = {"config": config.name, "seeds": list(config.seeds),
              "settings": {s.name: {"short": SHORT[s.name], "offset": s.offset,
                                    "temperature": s.temperature} for s in LOSS_SETTINGS},
@@ -44,7 +45,7 @@ def run(config: AblationConfig, workdir: str) -> dict:
     for setting in LOSS_SETTINGS:
       runs = []
       for seed in config.seeds:
-        trained = trainer.train_once(recipe, setting, seed=seed)
+        trained = trainer.fit(recipe, setting, seed=seed, workdir=workdir)
         cert = trainer.certify(trained.model, recipe)
         done += 1
         runs.append({"seed": seed, "accuracy": [cert.clean_accuracy, *cert.cra],
@@ -52,7 +53,8 @@ def run(config: AblationConfig, workdir: str) -> dict:
         trainer.log(f"[{NAME} {done}/{total}] {recipe.dataset} {setting.name} seed {seed}: "
                     f"{recipe.epochs} epochs in {trained.seconds:.1f} s, clean "
                     f"{report.pct(cert.clean_accuracy)}%, CRA "
-                    + " / ".join(report.pct(c) for c in cert.cra) + "%")
+                    + " / ".join(report.pct(c) for c in cert.cra) + "%; "
+                    + trainer.eta(start, done, total))
       stats = [report.mean_spread([r["accuracy"][i] for r in runs])
                for i in range(len(columns))]
       per_setting[setting.name] = {"runs": runs, "mean": [m for m, _ in stats],

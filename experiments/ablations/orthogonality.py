@@ -27,9 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aol_jax import freeze
-from aol_jax import AOLConv, AOLDense
-from aol_jax._src.lipschitz import explicit_matrix, power_iteration
+from aol_jax import AOLConv, AOLDense, freeze, power_iteration
 from experiments.ablations import report, trainer
 from experiments.ablations.configs import PAPER_SETTING, AblationConfig, Recipe
 
@@ -44,6 +42,15 @@ def describe(layer: nnx.Module, in_shape: tuple[int, ...]) -> str:
     size = "x".join(map(str, in_shape[1:-1]))
     return f"conv{k} {layer.in_features}->{layer.out_features} @{size}"
   return f"dense {layer.in_features}->{layer.out_features}"
+
+
+def explicit_matrix(f, input_shape: tuple[int, ...]) -> np.ndarray:
+  """The ``(out_size, in_size)`` matrix of the linear map ``f`` on inputs of ``input_shape``,
+  in float64: its Jacobian at zero by forward-mode differentiation, one column per unit
+  vector (each entry is one coefficient of ``f``; no finite difference)."""
+  x0 = jnp.zeros(input_shape, jnp.float32)
+  flat = lambda v: f(v.reshape(input_shape)).reshape(-1)
+  return np.asarray(jax.jit(jax.jacfwd(flat))(x0.reshape(-1)), np.float64)
 
 
 def layer_inputs(model: nnx.Module, image: np.ndarray) -> list[tuple[int, tuple[int, ...]]]:
@@ -96,11 +103,12 @@ def run(config: AblationConfig, workdir: str) -> dict:
   results = {"config": config.name, "seed": config.seed, "loss": PAPER_SETTING.name,
              "datasets": {}}
   for recipe in config.recipes:
-    trained = trainer.train_once(recipe, PAPER_SETTING, seed=config.seed)
+    trained = trainer.fit(recipe, PAPER_SETTING, seed=config.seed, workdir=workdir)
     trainer.log(f"[{NAME}] {recipe.dataset}: trained {recipe.epochs} epochs in "
                 f"{trained.seconds:.1f} s (shared with the other checks in one process)")
     entry = {"epochs": recipe.epochs}
-    for kind, model in (("init", trainer.build_model(recipe, seed=config.seed)),
+    for kind, model in (("init", trainer.initial_model(recipe, PAPER_SETTING,
+                                                       seed=config.seed)),
                         ("trained", trained.model)):
       rows, seconds = trainer.timed(measure, model, recipe, seed=config.seed,
                                     spectrum=kind == "trained")

@@ -1,8 +1,11 @@
-"""Training and evaluation shared by the checks, on :mod:`aol_jax.training` and one device.
+"""Training and evaluation shared by the checks, through the runner's own steps.
 
-Every network, AOL or plain, is trained by :func:`train` with the same recipe: the paper's
-SGD (Nesterov momentum 0.9, weight decay 5e-4 on the kernels, lr / 10 at 90 / 99 / 99.9%
-of the steps), the offset cross-entropy, no augmentation, batches in a per-seed random order.
+Every network, AOL or plain, is one run of :mod:`experiments.cifar.train` (:func:`fit`): the
+runner's data order, optimiser (the paper's SGD: Nesterov momentum 0.9, weight decay 5e-4 on
+the kernels, lr / 10 at 90 / 99 / 99.9% of the steps), offset cross-entropy and
+checkpoints, no augmentation. Each run has its own workdir under ``<workdir>/runs/``, so a
+rerun of the same command resumes where it stopped and a finished run is only restored; a
+signal stops a run after its epoch, with a checkpoint (:class:`Stopped`).
 """
 
 from __future__ import annotations
@@ -18,21 +21,38 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aol_jax import training
-from aol_jax import pgd_l2
-from aol_jax import CertificationResult, certify_dataset
-from aol_jax import freeze
-from aol_jax import offset_cross_entropy
-from aol_jax import MODELS, AOLNetwork
+from aol_jax import CertificationResult, certify_dataset, freeze, margins, pgd_l2, training
+from aol_jax.certification import DEFAULT_ROUNDING
+from aol_jax import AOLNetwork
 from experiments.ablations.configs import LossSetting, Recipe
-from experiments.common import input_pipeline
-from experiments.common.plain import plain_like
+from experiments.cifar import train
+from experiments.cifar.configs import Config
+from experiments.common import input_pipeline, storage
 from experiments.common.input_pipeline import Dataset
+from experiments.common.plain import plain_like
+
+CHECKPOINT_EVERY = 5  # epochs between the checkpoints of a run
+
+
+class Stopped(Exception):
+  """A signal stopped a run after an epoch, with a checkpoint; rerun to resume."""
+
+  def __init__(self, signum: int):
+    super().__init__(f"stopped by signal {signum}")
+    self.signum = signum
 
 
 def log(message: str) -> None:
   """A progress line on stderr (stdout carries the tables)."""
   print(message, file=sys.stderr, flush=True)
+
+
+def eta(start: float, done: int, total: int) -> str:
+  """``ETA 3m05s`` for the ``total - done`` runs left, at the mean time of the done ones."""
+  if not done:
+    return "ETA after the first run"
+  seconds = (time.perf_counter() - start) / done * (total - done)
+  return f"ETA {int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
 @functools.cache
@@ -41,61 +61,79 @@ def load(dataset: str) -> Dataset:
   return input_pipeline.load(dataset)
 
 
-def train_inputs(data: Dataset) -> np.ndarray:
-  """The training images as float32 in ``[0, 1]`` (digits are stored 0..16, MNIST 0..255)."""
-  return data.train_images.astype(np.float32) / np.float32(data.max_value)
+def config_for(recipe: Recipe, loss: LossSetting, *, seed: int, plain: bool = False) -> Config:
+  """The runner's config of one training: the recipe, ``loss``, ``seed``; the plain net's
+  peak learning rate for a plain one."""
+  return Config(
+      dataset=recipe.dataset, data_dir=None, manual_dir=None, download=False,
+      model="aol_small", model_kwargs=recipe.sizes, epochs=recipe.epochs,
+      batch_size=recipe.batch_size,
+      learning_rate=recipe.plain_learning_rate if plain else recipe.learning_rate,
+      momentum=0.9, nesterov=True, weight_decay=5e-4, loss_offset=loss.offset,
+      loss_temperature=loss.temperature, augment=False, seed=seed, num_devices=None,
+      checkpoint_every=CHECKPOINT_EVERY, max_to_keep=1, eval_every=recipe.epochs,
+      eval_batch_size=recipe.eval_batch_size, log_every=10, mode="train",
+      rounding=DEFAULT_ROUNDING, gram_precision="default")
 
 
-def build_model(recipe: Recipe, *, seed: int, plain: bool = False) -> nnx.Module:
-  """``aol_small`` with the recipe's sizes for the dataset's images; plain if asked."""
+def build_plain(config: Config, num_classes: int, image_shape: tuple[int, ...]) -> nnx.Module:
+  """The runner's model with plain ``nnx.Conv`` / ``nnx.Linear`` in place of the AOL layers."""
+  return plain_like(train.build_model(config, num_classes, image_shape), seed=config.seed)
+
+
+def initial_model(recipe: Recipe, loss: LossSetting, *, seed: int) -> nnx.Module:
+  """The AOL network :func:`fit` starts from (the runner's :func:`train.build_model`)."""
   data = load(recipe.dataset)
-  height, _, channels = data.train_images.shape[1:]
-  model = MODELS["aol_small"](data.num_classes, image_size=height, in_channels=channels,
-                              rngs=nnx.Rngs(seed), **recipe.sizes)
-  return plain_like(model, seed=seed) if plain else model
+  return train.build_model(config_for(recipe, loss, seed=seed), data.num_classes,
+                           data.test_images.shape[1:])
+
+
+def _test_accuracy(run: train.Run) -> dict[str, float]:
+  """The evaluation of an ablation run: test accuracy only (a plain net has no certificate;
+  the checks certify the final AOL nets themselves)."""
+  start = time.perf_counter()
+  accuracy = clean_accuracy(run.model(), run.data.test_inputs(), run.data.test_labels)
+  return {"test_accuracy": accuracy, "eval_seconds": round(time.perf_counter() - start, 3)}
 
 
 @dataclasses.dataclass(frozen=True)
 class Trained:
-  """A trained network and how long training took."""
+  """A trained network and what its training took."""
   model: nnx.Module
-  seconds: float  # wall time of training, compilation included
-  final_loss: float  # training loss of the last step
+  seconds: float  # training time summed over its epochs (compilation included)
+  final_loss: float  # mean training loss of the last epoch
 
 
-def train(recipe: Recipe, loss: LossSetting, *, seed: int, plain: bool = False) -> Trained:
-  """Train ``build_model(recipe, seed=seed, plain=plain)`` with ``loss`` for recipe.epochs
-  (peak lr ``recipe.plain_learning_rate`` for a plain net, else ``recipe.learning_rate``)."""
-  start = time.perf_counter()
-  data = load(recipe.dataset)
-  images, labels = train_inputs(data), data.train_labels
-  steps_per_epoch = len(images) // recipe.batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"batch_size {recipe.batch_size} exceeds the {len(images)} training "
-                     f"images of {recipe.dataset}.")
-  mesh = training.make_data_mesh(1)
-  optimizer = training.make_optimizer(
-      training.paper_schedule(recipe.plain_learning_rate if plain else recipe.learning_rate,
-                              steps_per_epoch, recipe.epochs))
-  model = build_model(recipe, seed=seed, plain=plain)
-  graphdef, state = training.create_train_state(model, optimizer, key=seed, mesh=mesh)
-  loss_fn = functools.partial(offset_cross_entropy, offset=loss.offset,
-                              temperature=loss.temperature)
-  step = training.make_train_step(graphdef, optimizer, mesh, loss_fn=loss_fn, augment=False)
-  rng = np.random.default_rng(seed)
-  metrics = None
-  for epoch in range(recipe.epochs):
-    order = rng.permutation(len(images))[:steps_per_epoch * recipe.batch_size]
-    for batch in order.reshape(steps_per_epoch, recipe.batch_size):
-      state, metrics = step(state, *training.global_batch(mesh, images[batch], labels[batch]))
-    training.check_finite(metrics, step=(epoch + 1) * steps_per_epoch)
-  final_loss = float(metrics["loss"])
-  return Trained(training.merge_model(graphdef, state), time.perf_counter() - start,
-                 final_loss)
+def run_name(recipe: Recipe, loss: LossSetting, *, seed: int, plain: bool) -> str:
+  """The run's folder under ``<workdir>/runs/``."""
+  setting = "".join(c if c.isalnum() else "_" for c in loss.name).strip("_")
+  return f"{recipe.dataset}-{setting}-seed{seed}-{'plain' if plain else 'aol'}"
 
 
-train_once = functools.cache(train)
-""":func:`train`, memoised per process: ``all`` trains each (recipe, loss, seed, kind) once."""
+@functools.cache
+def fit(recipe: Recipe, loss: LossSetting, *, seed: int, workdir: str,
+        plain: bool = False) -> Trained:
+  """Train (or resume, or only restore a finished run) one network in
+  ``<workdir>/runs/<run_name>``; memoised, so ``--check=all`` trains each network once.
+
+  Raises:
+    Stopped: a signal stopped the run after an epoch (its checkpoint is written).
+  """
+  config = config_for(recipe, loss, seed=seed, plain=plain)
+  directory = storage.join(workdir, "runs", run_name(recipe, loss, seed=seed, plain=plain))
+  run = train.setup(config, directory, build=build_plain if plain else train.build_model)
+  try:
+    train.restore(run)
+    stopped = train.train(run, evaluate=_test_accuracy)
+  finally:
+    run.checkpointer.close()
+  if stopped is not None:
+    raise Stopped(stopped)
+  # The checks evaluate the network in plain jax.jit calls: its arrays on one device, not
+  # replicated over the training mesh.
+  state = jax.device_put(jax.device_get(run.state), jax.devices()[0])
+  return Trained(training.merge_model(run.graphdef, state),
+                 sum(r["train_seconds"] for r in run.history), run.history[-1]["train_loss"])
 
 
 def certify(model: AOLNetwork, recipe: Recipe) -> CertificationResult:
@@ -116,7 +154,7 @@ def attack_subset(recipe: Recipe) -> tuple[np.ndarray, np.ndarray]:
 def clean_accuracy(model: nnx.Module, images: np.ndarray, labels: np.ndarray) -> float:
   """Fraction of ``images`` whose true class has the strictly largest logit."""
   logits = _logits(*nnx.split(model), jnp.asarray(images))
-  return float(np.mean(_margins(np.asarray(logits), labels) > 0))
+  return float(jnp.mean(margins(logits, labels) > 0))
 
 
 def empirical_robust_accuracy(model: nnx.Module, images: np.ndarray, labels: np.ndarray,
@@ -139,12 +177,6 @@ def fast_copy(model: nnx.Module) -> nnx.Module:
 @functools.partial(jax.jit, static_argnums=0)
 def _logits(graphdef, state, x):
   return nnx.merge(graphdef, state)(x)
-
-
-def _margins(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-  true = np.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
-  other = np.where(np.eye(logits.shape[1], dtype=bool)[labels], -np.inf, logits).max(axis=1)
-  return true - other
 
 
 def timed(fn: Callable, *args, **kwargs):

@@ -1,11 +1,11 @@
 """``python -m experiments.cifar``: see :mod:`experiments.cifar.main`."""
 
-import sys
+from experiments.common import signals
 
-from experiments.common.cpu_only import keep_jax_on_cpu_if_asked
+signals.install()  # first: a signal during the imports below ends in one line too
 
-keep_jax_on_cpu_if_asked(sys.argv[1:])
+from absl import app  # noqa: E402
 
-from experiments.cifar.main import main  # noqa: E402  (after the environment above)
+from experiments.cifar.main import PROGRAM, main  # noqa: E402
 
-main()
+app.run(main, flags_parser=PROGRAM.parse_or_exit)

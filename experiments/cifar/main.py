@@ -1,48 +1,59 @@
-"""``python -m experiments.cifar --accelerator={cpu,gpu,tpu} --workdir=DIR [config flags]``.
+"""``python -m experiments.cifar --accelerator={cpu,gpu,tpu} --workdir=DIR --preset=NAME``.
 
 Examples::
 
   python -m experiments.cifar --accelerator=cpu --preset=digits --workdir=runs/digits
-  python -m experiments.cifar --accelerator=cpu --preset=digits --workdir=runs/digits \\
+  python -m experiments.cifar --accelerator=cpu --preset digits --workdir runs/digits \\
       --mode=certify --rounding=float64
   python -m experiments.cifar --accelerator=gpu --preset=paper --workdir=runs/paper_cifar10
   python -m experiments.cifar --accelerator=tpu --config=experiments/cifar/configs/paper.py \\
       --config.batch_size=256 --config.eval_batch_size=512 --workdir=gs://BUCKET/paper
 
-Exit status: 0 when done, 1 with a one-line error, 128 + the signal's number (143 for
-SIGTERM, 130 for Ctrl-C) when a signal stopped the run after a checkpoint.
+Exit status: 0 when done; 1 with a one-line error; 130 after Ctrl-C (SIGINT) and 143 after
+SIGTERM, with a checkpoint when training was under way.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Sequence
+from absl import app, flags
 
-from aol_jax import training
-from experiments.cifar import configs, flags, train
-from experiments.common import input_pipeline
-from experiments.common.accelerator import require_accelerator
+from experiments.cifar import configs, train
+from experiments.common import command_line, entry, signals
 
-def main(argv: Sequence[str] | None = None, *, after_step: train.AfterStep | None = None
-         ) -> dict:
-  """Parse ``argv`` (default ``sys.argv[1:]``), run, and exit non-zero on any error."""
-  argv = sys.argv[1:] if argv is None else list(argv)
-  if {"--help", "-h", "--helpfull"} & set(argv):
-    print(__doc__)
-    flags.print_help()
-    sys.exit(0)
-  try:
-    values, config, set_by = flags.parse_flags(argv)
-  except flags.UsageError as e:
-    sys.exit(f"error: {e}")
-  training.maybe_initialize()
-  require_accelerator(values.accelerator)
-  try:
-    train.validate(config, values.workdir, flag_names=set_by)
-    out = train.train_and_evaluate(config, values.workdir, after_step=after_step)
-  except (configs.ConfigError, input_pipeline.DataMissingError,
-          training.NonFiniteLossError) as e:
-    sys.exit(f"error: {e}")
-  if out.get("stopped"):
-    sys.exit(128 + out["stopped"])
-  return out
+
+def _define(values: flags.FlagValues) -> None:
+  """The short flags, each standing for ``--config.<the same name>``."""
+  define = dict(flag_values=values)
+  flags.DEFINE_enum("mode", None, list(configs.MODES), "train (then certify), certify (the "
+                    "newest checkpoint) or export it", **define)
+  flags.DEFINE_enum("rounding", None, list(configs.ROUNDINGS), "the certificate's rounding "
+                    "mode (aol_jax.ROUNDING_MODES)", **define)
+  flags.DEFINE_string("model", None, "a key of aol_jax.MODELS", **define)
+  flags.DEFINE_string("dataset", None, "cifar10, cifar100, digits or mnist5k", **define)
+  flags.DEFINE_integer("epochs", None, "passes over the training set", **define)
+  flags.DEFINE_integer("batch_size", None, "global batch, divisible by the devices", **define)
+  flags.DEFINE_float("learning_rate", None, "peak learning rate", **define)
+  flags.DEFINE_integer("seed", None, "model init, data order and augmentation", **define)
+  flags.DEFINE_string("data_dir", None, "tfds data directory (local or gs://)", **define)
+  flags.DEFINE_string("manual_dir", None, "directory holding the original archive", **define)
+  flags.DEFINE_boolean("download", None, "let tfds download the archive", **define)
+
+
+PROGRAM = command_line.Program(
+    name="experiments.cifar", doc=__doc__, configs=configs, config_type=configs.Config,
+    presets=configs.PRESETS, define=_define)
+
+
+def main(parsed: command_line.Parsed) -> int:
+  """Validate once, then run the config's mode in the workdir; the exit status."""
+
+  def work() -> int:
+    train.validate(parsed.config, parsed.workdir, typed=parsed.typed)
+    out = train.train_and_evaluate(parsed.config, parsed.workdir)
+    return signals.status(out["stopped"]) if "stopped" in out else 0
+
+  return entry.run(parsed, work, errors=(configs.ConfigError,))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=PROGRAM.parse_or_exit)

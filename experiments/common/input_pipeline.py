@@ -50,6 +50,7 @@ class Dataset:
     test_images, test_labels: the whole test set.
     num_classes: number of classes.
     max_value: the stored pixel value that means 1.0 (255 for CIFAR, 16 for digits).
+    class_names: the name of each label, in label order.
   """
   train_images: np.ndarray
   train_labels: np.ndarray
@@ -57,6 +58,7 @@ class Dataset:
   test_labels: np.ndarray
   num_classes: int
   max_value: float
+  class_names: tuple[str, ...]
 
   def test_inputs(self) -> np.ndarray:
     """The test images as float32 in ``[0, 1]``."""
@@ -214,10 +216,13 @@ def load_cifar(name: str, *, data_dir: str | None = None, manual_dir: str | None
   train = _read_split(builder, "train", _share(n_train, process_index, process_count,
                                                train_indices))
   test = _read_split(builder, "test")
-  return Dataset(*train, *test, num_classes=builder.info.features["label"].num_classes,
-                 max_value=255.0)
+  label = builder.info.features["label"]
+  return Dataset(*train, *test, num_classes=label.num_classes, max_value=255.0,
+                 class_names=tuple(label.names))
 
 
+# The class names of the two digit datasets: label i is the digit i.
+DIGIT_NAMES = tuple(str(i) for i in range(10))
 # (train, test) sizes of the fixed splits of the datasets that ship with a pip package.
 DIGITS_SPLIT = (1437, 360)
 MNIST5K_SPLIT = (4000, 1000)
@@ -239,9 +244,7 @@ def load_digits(*, process_index: int = 0, process_count: int = 1,
                                          random_state=0, stratify=labels)
   train_idx = train_idx[_share(len(train_idx), process_index, process_count, train_indices)]
   return Dataset(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
-                 num_classes=10, max_value=16.0)
-
-
+                 num_classes=10, max_value=16.0, class_names=DIGIT_NAMES)
 
 
 def load_mnist5k(*, process_index: int = 0, process_count: int = 1,
@@ -262,7 +265,7 @@ def load_mnist5k(*, process_index: int = 0, process_count: int = 1,
                                          random_state=0, stratify=labels)
   train_idx = train_idx[_share(len(train_idx), process_index, process_count, train_indices)]
   return Dataset(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
-                 num_classes=10, max_value=255.0)
+                 num_classes=10, max_value=255.0, class_names=DIGIT_NAMES)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -69,11 +69,16 @@ def workdir_error(path: str | os.PathLike) -> str | None:
   return None
 
 
+# The temporaries of the local writes under way: what a process stopped by a signal removes.
+_writing: set[str] = set()
+
+
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
   """Write ``data`` (text as UTF-8) to ``path`` all at once: never seen half-written."""
   data = data.encode() if isinstance(data, str) else data
   if is_local(path):
     tmp = f"{os.fspath(path)}.{os.getpid()}.tmp"
+    _writing.add(tmp)
     try:
       with open(tmp, "wb") as f:
         f.write(data)
@@ -81,5 +86,39 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     finally:  # on an error the target is left as it was, and no temporary stays behind
       if os.path.exists(tmp):
         os.remove(tmp)
+      _writing.discard(tmp)
   else:
     epath.Path(path).write_bytes(data)
+
+
+def remove_partial() -> None:
+  """Remove the temporary of a local write cut short (a process stopped by a signal: no
+  ``finally`` runs). An object-store upload cut short is never visible."""
+  for tmp in list(_writing):
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    _writing.discard(tmp)
+
+
+def exists(path: str | os.PathLike) -> bool:
+  """Whether ``path`` exists (an object store has a directory once anything lies under it)."""
+  return epath.Path(path).exists()
+
+
+def remove(path: str | os.PathLike) -> None:
+  """Delete the file ``path`` if it exists."""
+  epath.Path(path).unlink(missing_ok=True)
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+  """Delete ``path`` and everything under it, if it exists."""
+  p = epath.Path(path)
+  if p.exists():
+    p.rmtree()
+
+
+def has_checkpoint(workdir: str | os.PathLike) -> bool:
+  """Whether ``<workdir>/checkpoints`` holds a step directory (committed or not), without
+  creating anything; whether one verifies is the checkpointer's to say."""
+  directory = epath.Path(workdir) / "checkpoints"
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import urllib.request
 
 from experiments import local_gcs
@@ -30,9 +31,10 @@ def gcs_emulator(bucket: str = BUCKET):
   printed (its ``export NAME=VALUE`` lines), so the tests use what a user would export."""
   port = free_port()
   url = f"http://127.0.0.1:{port}"
+  log = tempfile.NamedTemporaryFile(prefix="local_gcs.", suffix=".log", delete=False).name
   server = subprocess.Popen([sys.executable, "-m", "experiments.local_gcs", f"--port={port}",
-                             f"--bucket={bucket}"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+                             f"--bucket={bucket}", f"--log={log}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
   try:
     env = {}
     for line in server.stdout:  # the exports, then one comment line once it serves
@@ -48,6 +50,7 @@ def gcs_emulator(bucket: str = BUCKET):
   finally:
     server.terminate()
     server.wait(timeout=30)
+    os.remove(log)
 
 
 def _clear_client_caches() -> None:

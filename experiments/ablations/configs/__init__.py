@@ -1,7 +1,7 @@
 """What the ablations train and measure: the config, one recipe per dataset, and its checks.
 
 A preset file defines ``get_config() -> AblationConfig`` (the runner's convention,
-:mod:`experiments.cifar.configs`): :mod:`.full` is what the README's tables come from,
+:mod:`experiments.cifar.configs`): :mod:`.full` is what the docs' tables come from,
 :mod:`.small` the same code on digits only with fewer epochs and seeds, for the test. On the
 command line a preset is ``--preset=NAME`` (or ``--config=PATH``) and any field can be
 overridden with ``--config.<field>=<value>``; :func:`field_errors` checks the values.
@@ -100,8 +100,9 @@ MNIST5K = Recipe(
 class AblationConfig:
   """Everything the three checks need; plain data, one preset file per size.
 
-  Not frozen so that ``config_flags`` can apply ``--config.<field>`` overrides; treat an
-  instance as a value (derive with ``dataclasses.replace``).
+  Not frozen so that ``config_flags`` can apply ``--config.<field>`` overrides while it
+  parses; after that an instance is a value, never changed (derive with
+  ``dataclasses.replace``).
   """
   name: str = "full"  # the size's name in the tables
   check: str = "all"  # one of CHECKS, or 'all': the three, each network trained once

@@ -1,25 +1,25 @@
-"""The experiment's configuration: one dataclass, one file per preset, and its validation.
+"""The experiment's configuration: one dataclass, one file per preset, and its checks.
 
 A preset file defines ``get_config() -> Config``. ``paper`` and ``digits`` set every field,
 one comment each; ``tiny`` and ``mnist5k`` derive from them (big_vision's ``runlocal``
 convention) and set only what differs. On the command line a preset file is the value of
-``--config`` (ml_collections' ``config_flags``) and every field can be overridden with
-``--config.<field>=<value>``, type-checked; :func:`validate` then checks ranges and paths
-before anything runs.
+``--config`` (``--preset=NAME`` for short; ml_collections' ``config_flags``) and every field
+can be overridden with ``--config.<field>=<value>``, type-checked;
+``experiments.cifar.train.validate`` then checks ranges and paths before anything runs.
 """
 
 # No "from __future__ import annotations": config_flags reads the field types as types.
 import dataclasses
-import importlib
 import math
-import os
 import typing
 from typing import Any
 
 from etils import epath
 
+import aol_jax
+from aol_jax.certification import DEFAULT_ROUNDING
+
 PRESETS = ("paper", "digits", "tiny", "mnist5k")
-PRESET_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 class ConfigError(ValueError):
@@ -30,8 +30,9 @@ class ConfigError(ValueError):
 class Config:
   """Everything a run depends on; plain data, saved with every checkpoint.
 
-  Not frozen so that ``config_flags`` can apply ``--config.<field>`` overrides; treat an
-  instance as a value (derive with ``dataclasses.replace``).
+  Not frozen so that ``config_flags`` can apply ``--config.<field>`` overrides while it
+  parses; after that an instance is a value, never changed (derive with
+  ``dataclasses.replace``).
   """
   dataset: str = "cifar10"  # 'cifar10', 'cifar100', 'digits' or 'mnist5k'
   data_dir: str | None = None  # tfds data directory (local or gs://); None: ~/tensorflow_datasets
@@ -56,16 +57,15 @@ class Config:
   eval_batch_size: int = 500  # rows per evaluation / certification call (any size, padded)
   log_every: int = 50  # steps between loss / accuracy updates of the progress bar
   mode: str = "train"  # 'train' (then certify), 'certify' (the newest checkpoint) or 'export'
-  rounding: str = "float32_statistical"  # the certificate's rounding mode: 'float32_statistical' or 'float64'
+  rounding: str = DEFAULT_ROUNDING  # the certificate's rounding mode: a key of aol_jax.ROUNDING_MODES
   gram_precision: str = "default"  # matmul precision of the AOL Gram matrices: one of GRAM_PRECISIONS
 
 
 MODES = ("train", "certify", "export")
-# The certificates a run can report (aol_jax.results.ROUNDING_MODES without 'exact', which
-# holds for no float evaluation).
-ROUNDINGS = ("float32_statistical", "float64")
-# The values of AOLDense / AOLConv's gram_precision, until the library exports its table.
-GRAM_PRECISIONS = ("default", "high", "highest", "bfloat16")
+# The certificates a run can report: the library's table of rounding modes.
+ROUNDINGS = tuple(aol_jax.ROUNDING_MODES)
+# The values of AOLDense / AOLConv's gram_precision: the library's table.
+GRAM_PRECISIONS = tuple(aol_jax.GRAM_PRECISIONS)
 # Fields that only select what a run does or how it reports: never a reason to refuse a resume.
 RUN_FIELDS = ("data_dir", "manual_dir", "download", "log_every", "mode", "rounding")
 # Fields that fix the steps of an epoch: a checkpoint's step counts only under the same.
@@ -79,24 +79,6 @@ _AT_LEAST = {"epochs": 1, "batch_size": 1, "checkpoint_every": 1, "max_to_keep":
              "eval_every": 1, "eval_batch_size": 1, "log_every": 1, "num_devices": 1,
              "seed": 0, "weight_decay": 0.0, "loss_offset": 0.0}
 _POSITIVE = ("learning_rate", "loss_temperature")
-
-
-def preset_path(preset: str) -> str:
-  """The file of ``preset``, the value ``--preset=<preset>`` stands for in ``--config``."""
-  if preset not in PRESETS:
-    raise ConfigError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
-  return os.path.join(PRESET_DIR, f"{preset}.py")
-
-
-def get_config(preset: str, **overrides: Any) -> Config:
-  """The preset's config with ``overrides`` (``None`` values are ignored) applied."""
-  preset_path(preset)
-  config = importlib.import_module(f"{__name__}.{preset}").get_config()
-  overrides = {k: v for k, v in overrides.items() if v is not None}
-  unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
-  if unknown:
-    raise ConfigError(f"Unknown config fields: {sorted(unknown)}.")
-  return dataclasses.replace(config, **overrides)
 
 
 def _type_ok(value: Any, hint: Any) -> bool:

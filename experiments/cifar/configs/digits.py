@@ -12,6 +12,7 @@ lower end.
 
 import math
 
+from aol_jax.certification import DEFAULT_ROUNDING
 from experiments.cifar.configs import Config
 
 
@@ -40,6 +41,6 @@ def get_config() -> Config:
       eval_batch_size=120,  # 3 calls for the 360 test images
       log_every=11,  # twice per epoch
       mode="train",  # train, then certify the last epoch
-      rounding="float32_statistical",  # the float32 certificate of the paper's tables
+      rounding=DEFAULT_ROUNDING,  # the library's default certificate
       gram_precision="default",  # the backend's default matmul precision for the Gram matrices
   )

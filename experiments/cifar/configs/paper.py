@@ -17,6 +17,7 @@ The batch of 250 needs a device count that divides it (1, 2, 5, 10); on 4 or 8 d
 
 import math
 
+from aol_jax.certification import DEFAULT_ROUNDING
 from experiments.cifar.configs import Config
 
 
@@ -45,6 +46,6 @@ def get_config() -> Config:
       eval_batch_size=500,  # 20 calls for the 10k test images
       log_every=50,  # progress bar update every 50 steps (4 per epoch)
       mode="train",  # train, then certify the last epoch
-      rounding="float32_statistical",  # the float32 certificate of the paper's tables
+      rounding=DEFAULT_ROUNDING,  # the library's default certificate
       gram_precision="default",  # the backend's default matmul precision for the Gram matrices
   )

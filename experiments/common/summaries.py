@@ -1,0 +1,38 @@
+"""Live metrics: TensorBoard event files in the workdir (local or ``gs://``), written as the
+run goes, to watch with ``tensorboard --logdir WORKDIR``.
+
+Written with tensorboardX: 2 MB installed and 0.3 s to import, against 1.4 GB and 6 s for
+TensorFlow's ``tf.summary``, and it writes ``gs://`` itself through google-cloud-storage
+(which also honours ``STORAGE_EMULATOR_HOST``, so the tests write to a local server).
+Flushed at every epoch's end (tensorboardX's own default is every 120 s).
+"""
+
+from __future__ import annotations
+
+from tensorboardX import SummaryWriter
+
+
+class Summaries:
+  """Scalars per step into ``logdir``; a no-op where ``enabled`` is False (processes > 0).
+
+  ``purge_step``: the first step this process writes. Every process of a run marks its
+  start there (a SessionLog START); TensorBoard takes each start after the first as a
+  restart and drops what an earlier process wrote from that step on, so a resumed run's
+  curves never show an epoch twice.
+  """
+
+  def __init__(self, logdir: str, *, enabled: bool = True, purge_step: int | None = None):
+    self.writer = SummaryWriter(logdir, purge_step=purge_step) if enabled else None
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    """Write ``{tag: value}`` at ``step`` and flush, so that TensorBoard shows it now."""
+    if self.writer is None:
+      return
+    for tag, value in values.items():
+      self.writer.add_scalar(tag, float(value), step)
+    self.writer.flush()
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+      self.writer = None
