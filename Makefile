@@ -1,7 +1,7 @@
 # The two commands of the README. Both start from a fresh machine with Python >= 3.10.
 PYTHON ?= python3
 
-.PHONY: run test test-isa test-times install-experiments install-test
+.PHONY: run test test-isa test-times docs install-experiments install-test
 
 install-experiments:
 	$(PYTHON) -m pip install -q -c constraints.txt -e '.[experiments]'
@@ -18,6 +18,11 @@ run: install-experiments
 test: install-test
 	$(PYTHON) -m pytest -n 2 --dist loadfile -q
 	$(MAKE) test-isa
+	$(MAKE) docs
+
+# The docs site from docs/ and the docstrings; any warning fails the build.
+docs:
+	$(PYTHON) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
 # The doctests and the numeric core tests under SSE4.2 and AVX2 (the suite above ran on this
 # machine's own ISA): the Gram and rescaling, freeze, the exact norms and the certificate's
@@ -27,7 +32,7 @@ test: install-test
 # keep CI < 15 min.
 ISA_TESTS ?= aol_jax tests/test_gram.py tests/test_rescaling.py tests/test_freeze.py \
 	tests/test_lipschitz.py tests/test_certification_rule.py \
-	tests/test_certification_probabilistic.py tests/test_certification_worst_case.py
+	tests/test_certification_statistical.py tests/test_certification_rigorous.py
 test-isa:
 	for isa in SSE4_2 AVX2; do \
 	  echo "== XLA_FLAGS=--xla_cpu_max_isa=$$isa"; \

@@ -22,7 +22,7 @@ from aol_jax._src.freeze import freeze
 from aol_jax._src.gram import GRAM_METHODS, GRAM_PRECISIONS
 from aol_jax._src.initializers import aol_init
 from aol_jax._src.layers import AOLConv, AOLDense, RescaledKernel
-from aol_jax._src.lipschitz import operator_norm, power_iteration
+from aol_jax._src.lipschitz import explicit_matrix, operator_norm, power_iteration
 from aol_jax._src.losses import offset_cross_entropy
 from aol_jax._src.network import AOLNetwork
 from aol_jax._src.rescaling import (conv_factors, conv_gram, dense_factors, dense_gram,
@@ -43,7 +43,7 @@ __all__ = [
     "dense_gram", "rescale_conv", "rescale_dense",
     # Bounds on a kernel's norm, and exact measurements
     "conv_norm_bound", "conv_row_sum_bound", "dense_norm_bound", "dense_row_sum_bound",
-    "operator_norm", "power_iteration",
+    "explicit_matrix", "operator_norm", "power_iteration",
     # Training, inference, attacks
     "aol_init", "freeze", "offset_cross_entropy", "pgd_l2",
     # Certification

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aol_jax import AOLConv, AOLDense, freeze, power_iteration
+from aol_jax import AOLConv, AOLDense, explicit_matrix, freeze, power_iteration
 from experiments.ablations import report, trainer
 from experiments.ablations.configs import PAPER_SETTING, AblationConfig, Recipe
 
@@ -42,15 +42,6 @@ def describe(layer: nnx.Module, in_shape: tuple[int, ...]) -> str:
     size = "x".join(map(str, in_shape[1:-1]))
     return f"conv{k} {layer.in_features}->{layer.out_features} @{size}"
   return f"dense {layer.in_features}->{layer.out_features}"
-
-
-def explicit_matrix(f, input_shape: tuple[int, ...]) -> np.ndarray:
-  """The ``(out_size, in_size)`` matrix of the linear map ``f`` on inputs of ``input_shape``,
-  in float64: its Jacobian at zero by forward-mode differentiation, one column per unit
-  vector (each entry is one coefficient of ``f``; no finite difference)."""
-  x0 = jnp.zeros(input_shape, jnp.float32)
-  flat = lambda v: f(v.reshape(input_shape)).reshape(-1)
-  return np.asarray(jax.jit(jax.jacfwd(flat))(x0.reshape(-1)), np.float64)
 
 
 def layer_inputs(model: nnx.Module, image: np.ndarray) -> list[tuple[int, tuple[int, ...]]]:
