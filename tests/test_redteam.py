@@ -410,3 +410,35 @@ def test_the_runner_defaults_to_the_rigorous_mode():
     config = configs.get_config(preset)
     assert not aol_jax.ROUNDING_MODES[config.rounding].statistical, (preset, config.rounding)
   importlib.import_module("experiments.cifar.train")
+
+
+def test_a_float16_image_is_certified_for_a_pass_the_model_does_not_run():
+  """certify_dataset / certified_radii widen float16 (and bfloat16) images to float32 and
+  certify the float32 evaluation. The model's own forward pass on the image as given
+  normalises in the image's dtype (Normalisation: ``(x - mean.astype(x.dtype)) /
+  std.astype(x.dtype)``), in float16 here, mean and all.
+
+  input_mean (0, 0.1), identity dense: the float16 image x = (0.50683594, 0.60693359) is
+  certified class 1 by certified_radii (radius 6.87e-5) and by certify_dataset at eps = 0;
+  the model's own frozen forward pass on that image computes logits (0.50683594,
+  0.50683594) and predicts class 0 at x itself (on the float32 copy of x it gives class 1).
+  989 of 4000 such images disagree.
+
+  Fix: refuse images narrower than the mode's format in checked_images ("pass float32
+  images: the model evaluates float16 ones in float16"), or make the normalisation compute
+  in at least float32 (``x.astype(jnp.promote_types(x.dtype, jnp.float32))``) so that the
+  model's pass is the certified one.
+  """
+  net = aol_jax.AOLNetwork([aol_jax.AOLDense(2, 2, use_bias=False, kernel_init=_eye, eps=0.0,
+                                             rngs=nnx.Rngs(0))],
+                           input_mean=(0.0, 0.1), input_std=(1.0, 1.0))
+  x = np.array([[0.50683594, 0.60693359]], np.float16)
+  out = _refused_or_certified(lambda: aol_jax.certified_radii(net, x, batch_size=1))
+  if out is not None:
+    pred, radii = out
+    own = np.asarray(aol_jax.freeze(net)(jnp.asarray(x)).astype(jnp.float32))
+    print(f"certified class {pred[0]} at radius {radii[0]}; own frozen pass logits {own[0]}")
+    if radii[0] > 0:
+      assert np.argmax(own[0]) == pred[0], (
+          f"the float16 image is certified class {pred[0]} at radius {radii[0]}, but the "
+          f"model's own frozen forward pass on it gives logits {own[0]}")
