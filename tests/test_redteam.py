@@ -406,8 +406,9 @@ def test_the_runner_defaults_to_the_rigorous_mode():
   configs = importlib.import_module("experiments.cifar.configs")
   assert "float32" in configs.ROUNDINGS, configs.ROUNDINGS
   assert configs.Config().rounding == aol_jax.certification.DEFAULT_ROUNDING
+  from support.configs import get_config
   for preset in configs.PRESETS:
-    config = configs.get_config(preset)
+    config = get_config(preset)
     assert not aol_jax.ROUNDING_MODES[config.rounding].statistical, (preset, config.rounding)
   importlib.import_module("experiments.cifar.train")
 

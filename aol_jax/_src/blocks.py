@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from aol_jax._src.certification.protocol import ExactMap
+from aol_jax._src.certification.protocol import ExactMap, library_class
 from aol_jax._src.sharding import batch_reshape
 
 
+@library_class
 class GroupSort(ExactMap, nnx.Module):
   """Sorts the channels within consecutive groups of ``group_size``, largest first.
 
@@ -43,6 +44,7 @@ class GroupSort(ExactMap, nnx.Module):
     return batch_reshape(-jnp.sort(-grouped, axis=-1), x.shape)
 
 
+@library_class
 class MaxMin(GroupSort):
   """Channel pairs (0, 1), (2, 3), ... become (max, min) in place."""
 
@@ -55,6 +57,7 @@ class MaxMin(GroupSort):
     return batch_reshape(jnp.stack([jnp.maximum(a, b), jnp.minimum(a, b)], axis=-1), x.shape)
 
 
+@library_class
 class ConcatenationPooling(ExactMap, nnx.Module):
   """Space-to-depth: non-overlapping ``window`` patches become channels (orthogonal).
 
@@ -87,6 +90,7 @@ class ConcatenationPooling(ExactMap, nnx.Module):
     return batch_reshape(x, (*x.shape[:nd + 1], -1))
 
 
+@library_class
 class FirstChannels(ExactMap, nnx.Module):
   """Keeps the first ``n`` channels: a coordinate projection, norm <= 1."""
 
@@ -101,6 +105,7 @@ class FirstChannels(ExactMap, nnx.Module):
     return x[..., :self.n]
 
 
+@library_class
 class ZeroChannelPad(ExactMap, nnx.Module):
   """Appends ``n`` zero channels: an isometric embedding."""
 
@@ -113,6 +118,7 @@ class ZeroChannelPad(ExactMap, nnx.Module):
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, self.n)])
 
 
+@library_class
 class Flatten(ExactMap, nnx.Module):
   """``(batch, ...) -> (batch, -1)``: a reshape, norm preserving."""
 

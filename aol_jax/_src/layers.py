@@ -19,7 +19,7 @@ from flax.typing import Dtype, Initializer, PrecisionLike
 
 from aol_jax._src import padding as padding_lib
 from aol_jax._src import patches, rescaling, spectral_bounds
-from aol_jax._src.certification import rigorous, statistical
+from aol_jax._src.certification import protocol, rigorous, statistical
 from aol_jax._src.certification.statistical import StatisticalTerms
 from aol_jax._src.gram import check_precision
 from aol_jax._src.initializers import aol_init
@@ -64,8 +64,10 @@ def _apply_kernel(layer, op: Callable[[jax.Array, jax.Array], jax.Array],
 
 
 def _host_kernel(layer) -> np.ndarray:
-  """``layer.applied_kernel()`` as a float64 host array, refused if not finite."""
-  kernel = np.asarray(layer.applied_kernel(), np.float64)
+  """The kernel ``layer`` applies (the stored one once frozen, else ``applied_kernel()``) as
+  a float64 host array, refused if not finite."""
+  kernel = np.asarray(layer.kernel[...] if _frozen(layer) else layer.applied_kernel(),
+                      np.float64)
   if not np.all(np.isfinite(kernel)):
     raise ValueError(f"{type(layer).__name__} applies a kernel with non-finite entries (a zero "
                      "row rescaled with eps=0?); no Lipschitz bound can be stated for it.")
@@ -121,6 +123,7 @@ _rescale_conv = jax.jit(rescaling.rescale_conv, static_argnames=(
     "eps", "feature_group_count", "method", "gram_precision"))
 
 
+@protocol.library_class
 class AOLDense(nnx.Module):
   """``y = x @ (diag(d) P) + b``, 1-Lipschitz in l2 for every ``P`` (AOL, Theorem 1).
 
@@ -130,6 +133,8 @@ class AOLDense(nnx.Module):
   :data:`aol_jax.gram.GRAM_PRECISIONS`; :func:`aol_jax.freeze` ignores it (float32,
   ``'highest'``).
   """
+  _FORWARD_METHODS = ("applied_kernel", "rescale", "factors", "apply_factors",
+                      "rounding_error")
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
                dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
@@ -226,6 +231,7 @@ class AOLDense(nnx.Module):
     return y + bias
 
 
+@protocol.library_class
 class AOLConv(nnx.Module):
   """An AOL-rescaled convolution over 1, 2 or 3 spatial dims, 1-Lipschitz in l2.
 
@@ -235,6 +241,8 @@ class AOLConv(nnx.Module):
   ``kernel_size`` means a 1D conv; inputs are ``(*batch, *spatial, in_features)``.
   ``gram_precision`` as in :class:`AOLDense`.
   """
+  _FORWARD_METHODS = ("applied_kernel", "rescale", "factors", "apply_factors",
+                      "rounding_error")
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int],
                strides: int | Sequence[int] = 1, *, padding: padding_lib.PaddingLike = "SAME",

@@ -38,6 +38,7 @@ def _channel_values(values, name: str, *, positive: bool) -> tuple[float, ...] |
   return out
 
 
+@protocol.library_class
 class Normalisation:
   """The step ``(x - mean) / std`` per channel (the last axis), as a certificate sees it.
 
@@ -50,6 +51,11 @@ class Normalisation:
   def __init__(self, mean: Sequence[float] | None, std: Sequence[float] | None):
     self.mean = _channel_values(mean, "input_mean", positive=False) or (0.0,)
     self.std = _channel_values(std, "input_std", positive=True) or (1.0,)
+    for value in self.std:
+      held = float(np.float32(value))
+      if not (math.isfinite(held) and held > 0):
+        raise ValueError(f"input_std {value!r} is {held} in float32, which a float32 "
+                         "evaluation divides by; use a value within float32's range.")
 
   def check_channels(self, channels: int) -> None:
     for name, values in (("input_mean", self.mean), ("input_std", self.std)):
@@ -82,6 +88,7 @@ class Normalisation:
     return rigorous.normalisation_slope(self.lipschitz_bound(), fmt)
 
 
+@protocol.library_class
 class AOLNetwork(nnx.Module):
   """A sequence of Lipschitz layers behind an optional per-channel normalisation.
 
@@ -101,7 +108,7 @@ class AOLNetwork(nnx.Module):
       multiplies the Lipschitz constant by ``max(1 / std)``, which :meth:`lipschitz_bound`
       includes. Both are validated again whenever the network is certified or called.
   """
-  _FORWARD_METHODS = ("_forward",)
+  _FORWARD_METHODS = ("_forward", "_normalisation")
 
   def __init__(self, layers: Sequence[nnx.Module], *,
                input_mean: float | Sequence[float] | None = None,

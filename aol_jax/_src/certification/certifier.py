@@ -73,8 +73,16 @@ def _frozen_copy(model: nnx.Module, mode: Mode) -> nnx.Module:
   matmul precision cleared (every product of the evaluation runs at 'highest'), refused
   where a parameter is wider than the format, not finite, or subnormal, or where an
   operation still computes narrower."""
-  frozen = freeze(model, dtype=jnp.float32)
   target = jnp.dtype(mode.fmt.name)
+  for path, module in nnx.iter_modules(model):
+    dtype = getattr(module, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jnp.inexact) and (
+        not jnp.issubdtype(dtype, jnp.floating) or jnp.finfo(dtype).bits < 32):
+      raise TypeError(f"{type(module).__name__} at path {tuple(path)} computes in "
+                      f"{jnp.dtype(dtype)}, and a certificate covers a float32 or wider "
+                      "evaluation only; set its dtype to None (or float32) to certify the "
+                      "model you will run.")
+  frozen = freeze(model, dtype=jnp.float32)
   for path, module in nnx.iter_modules(frozen):
     if getattr(module, "precision", None) is not None:
       module.precision = None
@@ -149,22 +157,28 @@ class Certifier:
   def decide(self, logits: jax.Array, labels: jax.Array, bounds: Bounds,
              eps: jax.Array) -> jax.Array:
     """Traced: per example, whether ``labels`` is certified at radius ``eps``: the margin
-    beats ``sqrt(2) L eps`` plus the allowance, every value computed was finite, and ``eps``
-    is a finite radius >= 0 (a traced radius cannot be refused, so it certifies nothing)."""
+    beats ``sqrt(2) L eps`` plus the allowance, every value computed was finite, no value can
+    overflow inside the ball (``eps <= bounds.limit``), and ``eps`` is a finite radius >= 0
+    (a traced radius cannot be refused, so an invalid one certifies nothing)."""
     eps = jnp.broadcast_to(jnp.asarray(eps, logits.dtype), labels.shape)
-    valid = jnp.isfinite(eps) & (eps >= 0) & bounds.finite
+    valid = jnp.isfinite(eps) & (eps >= 0) & bounds.finite & (eps <= bounds.limit)
     safe = jnp.where(valid, eps, 0)
     allow = self.allowance(bounds, safe)
     ok = certify(logits, labels, safe, lipschitz_constant=self.lipschitz,
-                 allowance=jnp.where(jnp.isfinite(allow), allow, 0))
-    return ok & valid & jnp.isfinite(allow)
+                 allowance=jnp.where(jnp.isfinite(allow) & (allow >= 0), allow, 0))
+    return ok & valid & jnp.isfinite(allow) & (allow >= 0)
 
   def radii(self, state: Any, x: jax.Array, shift: jax.Array
             ) -> tuple[jax.Array, jax.Array, jax.Array, Bounds, jax.Array]:
     """Traced: predictions, the largest radius ``r`` (a float of the mode's format) with
     the prediction certified at ``r + shift``, whether radius 0 is, the bounds and logits."""
     logits, pred, bounds = self.evaluate(state, x)
-    decide = lambda e: self.decide(logits, pred, bounds, e + shift)
+    shift = jnp.asarray(shift, logits.dtype)
+    # The ball of radius e around x lies in that of e + shift around the image evaluated;
+    # the sum is rounded up, and a shift that is negative or not finite certifies nothing.
+    bad_shift = ~(jnp.isfinite(shift) & (shift >= 0))
+    decide = lambda e: self.decide(logits, pred, bounds, jnp.where(
+        bad_shift, jnp.nan, jnp.where(shift > 0, jnp.nextafter(e + shift, jnp.inf), e)))
     largest, at_zero = largest_certified(decide, jnp.dtype(self.mode.fmt.name), pred.shape)
     return pred, largest, at_zero, bounds, logits
 
@@ -263,12 +277,16 @@ def float_radii(eps: ArrayLike, dtype) -> np.ndarray:
 
 def checked_images(images: ArrayLike) -> np.ndarray:
   """``images`` as a float32 or float64 array, finite and in ``[0, 1]``, else ValueError
-  (narrower floats are widened exactly to float32; integers are refused)."""
+  (integers and floats narrower than float32 are refused, never converted)."""
   array = np.asarray(images)
   if not jnp.issubdtype(array.dtype, jnp.floating):
     raise ValueError(f"images must be floating-point values in [0, 1], got dtype "
                      f"{array.dtype}; divide integer images by their full-scale value "
                      "(255 for uint8) first.")
+  if jnp.finfo(array.dtype).bits < 32:
+    raise ValueError(f"images are {array.dtype}, and the model would compute on them in "
+                     f"{array.dtype} (its normalisation, say) before anything widens them: "
+                     "pass float32 (or float64) images, the evaluation a certificate covers.")
   if array.ndim < 2 or array.shape[0] == 0:
     raise ValueError(f"images must be (n, ...) with n >= 1, got shape {array.shape}.")
   if array.dtype != np.float64:

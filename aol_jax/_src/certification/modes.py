@@ -36,10 +36,18 @@ the ball (float32 could overflow there)."""
 
 class Bounds(NamedTuple):
   """Per example, what a batch's evaluation gives the allowance: ``a`` and ``b`` with
-  ``A(eps) = allowance(a, b, eps)``, and whether every value computed was finite."""
+  ``A(eps) = allowance(a, b, eps)``, whether every value computed was finite, and the largest
+  radius at which no evaluation inside the ball can overflow (nothing beyond is certified)."""
   a: jax.Array
   b: jax.Array
   finite: jax.Array
+  limit: jax.Array
+
+
+def _norm(z: jax.Array) -> jax.Array:
+  """Per example, the l2 norm of ``z`` in its own format (``inf`` where a square overflows)."""
+  flat = z.reshape(z.shape[0], -1)
+  return jnp.sqrt(jnp.sum(flat * flat, axis=1))
 
 
 def _walk(steps, x: jax.Array, apply: Callable) -> tuple[jax.Array, list, jax.Array]:
@@ -77,11 +85,18 @@ class _Rigorous:
 
   def evaluate(self, constants: RigorousConstants, model: Any, x: jax.Array
                ) -> tuple[jax.Array, Bounds]:
-    apply = lambda path, step, z: protocol.rounding_error(step, z, self.fmt, path)
+    norms = []
+
+    def apply(path, step, z):
+      norms.append(_norm(z))
+      return protocol.rounding_error(step, z, self.fmt, path)
+
     logits, errors, finite = _walk(protocol.flatten(model), x.astype(self.fmt.name), apply)
-    e, alpha = rigorous.chain(errors, constants.steps, self.fmt)
+    norms.append(_norm(logits))
+    e, alpha, limit = rigorous.chain(errors, norms, constants.steps, constants.chain,
+                                     self.fmt)
     finite &= jnp.isfinite(e) & jnp.isfinite(alpha)
-    return logits, Bounds(e, alpha, finite)
+    return logits, Bounds(e, alpha, finite, limit)
 
   def allowance(self, constants: RigorousConstants, bounds: Bounds, eps: jax.Array
                 ) -> jax.Array:
@@ -135,14 +150,13 @@ class _Statistical:
     terms = constants.terms
     growth = terms.prefix * (1.0 + self.fmt.unit_roundoff * terms.rescale)
     act_norm = growth * jnp.linalg.norm(x.reshape(x.shape[0], -1), axis=-1) + constants.zero_norm
-    return logits, Bounds(act_norm, act_norm, finite)
+    limit = (OVERFLOW_GUARD - act_norm) / terms.prefix * (1 - 2.0 ** -10)
+    return logits, Bounds(act_norm, act_norm, finite, limit)
 
   def allowance(self, constants: StatisticalConstants, bounds: Bounds, eps: jax.Array
                 ) -> jax.Array:
-    allow = statistical.statistical_allowance(constants.terms, bounds.a, eps,
-                                              operations=constants.operations)
-    inside = bounds.a + constants.terms.prefix * eps < OVERFLOW_GUARD
-    return jnp.where(inside, allow, jnp.inf)
+    return statistical.statistical_allowance(constants.terms, bounds.a, eps,
+                                             operations=constants.operations)
 
 
 @dataclasses.dataclass(frozen=True)

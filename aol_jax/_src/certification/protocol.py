@@ -52,7 +52,7 @@ from aol_jax._src.spectral_bounds import FloatFormat
 
 Path = tuple[Any, ...]
 
-_EXACT_MAPS: dict[Any, float] = {}
+_EXACT_MAPS: list[tuple[Any, float]] = []  # (function or class, L), matched by identity
 
 # The methods a certificate asks a step for, by mode.
 BOUND_METHODS = ("lipschitz_bound", "rounding_error", "rounding_error_slope",
@@ -104,19 +104,24 @@ def register_exact_map(fn_or_type: Any, lipschitz: float) -> None:
                                                   if hasattr(fn_or_type, m))
                      + "); a registration would override it. Register only functions and "
                      "classes that state nothing.")
-  _EXACT_MAPS[fn_or_type] = float(lipschitz)
+  _EXACT_MAPS[:] = [(k, v) for k, v in _EXACT_MAPS if k is not fn_or_type]
+  _EXACT_MAPS.append((fn_or_type, float(lipschitz)))
+
+
+def unregister_exact_map(fn_or_type: Any) -> None:
+  """Withdraws a :func:`register_exact_map` declaration."""
+  _EXACT_MAPS[:] = [(k, v) for k, v in _EXACT_MAPS if k is not fn_or_type]
 
 
 register_exact_map(jax.nn.relu, 1.0)
 
 
 def _registered(layer: Any) -> float | None:
-  for key in (layer, type(layer)):
-    try:
-      if key in _EXACT_MAPS:
-        return _EXACT_MAPS[key]
-    except TypeError:  # unhashable
-      continue
+  """The constant registered for ``layer`` itself or its exact class (by identity: an object
+  that merely compares equal to a registered function is not it)."""
+  for key, lip in _EXACT_MAPS:
+    if layer is key or type(layer) is key:
+      return lip
   return None
 
 
@@ -171,9 +176,37 @@ class _RegisteredMap:
     return 0.0
 
 
+_LIBRARY: dict[type, dict[str, Any]] = {}  # class -> what it defined when it was created
+_SNAPSHOT_NAMES = ("__call__", "lipschitz", "_FORWARD_METHODS", *BOUND_METHODS)
+
+
+def library_class(cls: type) -> type:
+  """Class decorator: marks ``cls`` as this library's, and records the forward methods, the
+  bound methods and the constant it defines, so that a class patched later is refused."""
+  names = set(_SNAPSHOT_NAMES) | set(vars(cls).get("_FORWARD_METHODS", ()))
+  _LIBRARY[cls] = {name: vars(cls)[name] for name in names if name in vars(cls)}
+  return cls
+
+
 def _is_library_class(klass: type) -> bool:
   """A concrete class of this library (``ExactMap``, a declaration mixin, is not one)."""
-  return klass.__module__.startswith("aol_jax.") and klass is not ExactMap
+  return klass in _LIBRARY and klass is not ExactMap
+
+
+def _check_unpatched(cls: type, path: Path, layer: Any, method: str) -> None:
+  for klass in cls.__mro__:
+    recorded = _LIBRARY.get(klass)
+    if recorded is None:
+      continue
+    names = set(_SNAPSHOT_NAMES) | set(recorded.get("_FORWARD_METHODS", ()))
+    for name in names:
+      if vars(klass).get(name, _MISSING) is not recorded.get(name, _MISSING):
+        raise UndeclaredBoundError(path, layer, method, f"is a {klass.__name__} whose class "
+                                   f"was changed after the library defined it ({name})")
+
+
+_MISSING = object()
+library_class(ExactMap)
 
 
 def _library_forward_methods(cls: type) -> set[str]:
@@ -205,6 +238,7 @@ def check_declared(module: Any, path: Path, method: str) -> None:
   * An :class:`ExactMap` holding a variable or a sub-module, or an instance ``lipschitz``.
   """
   cls = type(module)
+  _check_unpatched(cls, path, module, method)
   if isinstance(module, nnx.Module):
     shadowing = sorted(name for name in vars(module)
                        if callable(getattr(cls, name, None)) and not name.startswith("__"))
@@ -220,7 +254,9 @@ def check_declared(module: Any, path: Path, method: str) -> None:
   if owner is not None:
     for name in sorted(_library_forward_methods(cls)):
       definer = _defining_class(cls, name)
-      if definer is not None and definer is not owner and issubclass(definer, owner):
+      # The statement covers the forward methods of the stating class and its ancestors;
+      # one defined in a subclass or in a class mixed in before it is not covered.
+      if definer is not None and not issubclass(owner, definer):
         raise UndeclaredBoundError(path, module, method, f"overrides {name} (in "
                                    f"{definer.__name__}) but not {method}(), which "
                                    f"{owner.__name__} states for its own forward pass")
@@ -307,7 +343,8 @@ def rounding_error(step: Any, x: jax.Array, fmt: FloatFormat,
   if bound.shape != (x.shape[0],):
     raise TypeError(f"{type(step).__name__}.rounding_error() at path {path} must return one "
                     f"bound per example, shape ({x.shape[0]},), got {bound.shape}.")
-  return y, bound
+  # A negative or NaN bound would shrink the allowance: it counts as no bound at all.
+  return y, jnp.where(bound >= 0, bound, jnp.inf)
 
 
 def statistical_terms(model: Any, path: Path = ()) -> StatisticalTerms:

@@ -23,16 +23,18 @@ every subnormal input flushed to zero (``|w z| < t |w|``). Weights are never sub
 certifier refuses a kernel with subnormal entries.
 ``A`` itself is evaluated in the same format (one more pass of the layer with ``|T|`` and
 ``|z|``): ``A_j <= (A^_j + tau) / (1 - gamma_N)``, and the l2 norm ``nu^`` of ``A^`` in
-floats satisfies ``||A^|| <= (nu^ / (1 - 4 u) + 2 sqrt((m + 1) t)) / (1 - gamma_{m+1})`` for
-``m`` outputs (squares and sums rounded, squares that underflow lost, ``sqrt`` within two
-ulps). So ``d(z) = c_r nu^ + c_0 + c_w max|T|`` (:func:`affine_error`). Since
+floats satisfies ``||A^|| <= (nu^ / (1 - 8 u) + 2 sqrt((m + 1) t)) / (1 - gamma_{m+1})`` for
+``m`` outputs (squares and sums rounded, squares that underflow lost, ``sqrt`` within four
+ulps: a GPU's approximate square root included). So ``d(z) = c_r nu^ + c_0 + c_w max|T|`` (:func:`affine_error`). Since
 ``|z'| <= |z| + |z' - z|`` entrywise, ``s = gamma_N B`` with ``B >= || |T| ||_2``, the norm
 of the layer with every weight made non-negative.
 
 **An exact map** (max / min, a permutation, a reshape, a projection): ``d = sqrt(m) t``
-(subnormals flushed), ``s = 0``. **The normalisation** ``(z - mu) / sigma``: two roundings per
-element, ``d(z) = gamma_2 ||(|z| + |mu|) / sigma|| + sqrt(m) t (1 + 3 / min sigma)``,
-``s = gamma_2 max(1 / sigma)``.
+(subnormals flushed), ``s = 0``. **The normalisation** ``(z - mu) / sigma``: a subtraction and
+a division per element, which a compiler may turn into a multiplication by ``1 / sigma``
+(XLA:CPU does) and a GPU may divide to within two ulps: at most ``gamma_6`` relative,
+``d(z) = gamma_6 ||(|z| + |mu|) / sigma|| + sqrt(m) t (1 + 3 / min sigma)``,
+``s = gamma_6 max(1 / sigma)``.
 
 **The chain** (:func:`chain`, :func:`chain_constants`). With ``z_k`` the computed and
 ``a_k`` the exact activations from the same input, ``e_k = ||z_k - a_k||`` obeys
@@ -77,22 +79,30 @@ def up(x: float) -> float:
   return math.nextafter(float(x), math.inf)
 
 
+def _exact_or_up(value: float, exact) -> float:
+  """``value`` if it is at least ``exact()`` (a Fraction), else the next float above; an
+  overflow (``inf``) stays ``inf``, an upper bound too."""
+  if not math.isfinite(value):
+    return math.inf
+  return value if fractions.Fraction(value) >= exact() else up(value)
+
+
 def mul_up(a: float, b: float) -> float:
   """``a * b`` rounded up: the float product where it is exact, else the next float above."""
-  p = float(a) * float(b)
-  return p if fractions.Fraction(p) >= fractions.Fraction(a) * fractions.Fraction(b) else up(p)
+  return _exact_or_up(float(a) * float(b),
+                      lambda: fractions.Fraction(a) * fractions.Fraction(b))
 
 
 def div_up(a: float, b: float) -> float:
-  """``a / b`` rounded up, as :func:`mul_up` (``b > 0``)."""
-  q = float(a) / float(b)
-  return q if fractions.Fraction(q) >= fractions.Fraction(a) / fractions.Fraction(b) else up(q)
+  """``a / b`` rounded up, as :func:`mul_up` (``b`` finite and > 0)."""
+  return _exact_or_up(float(a) / float(b),
+                      lambda: fractions.Fraction(a) / fractions.Fraction(b))
 
 
 def add_up(a: float, b: float) -> float:
   """``a + b`` rounded up, as :func:`mul_up`."""
-  s = float(a) + float(b)
-  return s if fractions.Fraction(s) >= fractions.Fraction(a) + fractions.Fraction(b) else up(s)
+  return _exact_or_up(float(a) + float(b),
+                      lambda: fractions.Fraction(a) + fractions.Fraction(b))
 
 
 def gamma(n: int, fmt: FloatFormat) -> float:
@@ -131,7 +141,7 @@ def _norm(v: jax.Array) -> jax.Array:
 def _norm_up_factors(m: int, fmt: FloatFormat) -> tuple[float, float]:
   """``(a, b)`` with ``||v|| <= a nu^ + b`` for ``nu^`` the computed norm of ``m`` values."""
   denominator = 1.0 - gamma(m + 1, fmt)
-  a = up(up(1.0 / (1.0 - 4 * fmt.unit_roundoff)) / denominator)
+  a = up(up(1.0 / (1.0 - 8 * fmt.unit_roundoff)) / denominator)
   b = up(up(2.0 * math.sqrt(up((m + 1) * fmt.tiny))) / denominator)
   return a, b
 
@@ -185,15 +195,16 @@ def normalisation_error(x: jax.Array, mean: Sequence[float], std: Sequence[float
   """Per example, ``d(z)`` of ``(z - mu) / sigma`` per channel (last axis), ``mu`` and
   ``sigma`` as the evaluation holds them (values of ``fmt``).
 
-  Per entry ``|F - f| <= gamma_2 q + t (1 + 3 / sigma)`` with ``q = (|z| + |mu|) / sigma``,
-  and ``q`` evaluated in ``fmt`` gives ``q^ >= (1 - gamma_2) q - t (1 + 1 / sigma)``.
+  Per entry ``|F - f| <= gamma_6 q + t (1 + 3 / sigma)`` with ``q = (|z| + |mu|) / sigma``
+  (module docstring), and ``q`` evaluated in ``fmt`` gives
+  ``q^ >= (1 - gamma_6) q - t (1 + 1 / sigma)``.
   """
   dtype = jnp.dtype(fmt.name)
   mu = jnp.abs(jnp.asarray(mean, dtype))
   sigma = jnp.asarray(std, dtype)
   q = (jnp.abs(x.astype(dtype)) + mu) / sigma
   m = math.prod(x.shape[1:])
-  g2 = gamma(2, fmt)
+  g2 = gamma(_DIVISION_ROUNDINGS, fmt)
   a, b = _norm_up_factors(m, fmt)
   inv = up(1.0 / min(float(s) for s in np.asarray(std, fmt.name).reshape(-1)))
   root_m = up(math.sqrt(m))
@@ -206,8 +217,14 @@ def normalisation_error(x: jax.Array, mean: Sequence[float], std: Sequence[float
 
 
 def normalisation_slope(lipschitz: float, fmt: FloatFormat) -> float:
-  """``s = gamma_2 max(1 / sigma)``."""
-  return up(gamma(2, fmt) * float(lipschitz))
+  """``s = gamma_6 max(1 / sigma)``."""
+  return up(gamma(_DIVISION_ROUNDINGS, fmt) * float(lipschitz))
+
+
+# A subtraction and a division: one rounding each if correctly rounded, three if the
+# division becomes a multiplication by a rounded reciprocal, up to five with a GPU's
+# two-ulp division; six covers them all.
+_DIVISION_ROUNDINGS = 6
 
 
 class StepConstants(NamedTuple):
@@ -217,33 +234,77 @@ class StepConstants(NamedTuple):
 
 
 class ChainConstants(NamedTuple):
-  """The chain's host constants: ``L = prod L_k`` and ``beta`` (rounded up)."""
+  """The chain's host constants (rounded up): ``L = prod L_k``, ``beta``, and before each
+  step ``k`` its prefix ``P_k`` and ``beta_k`` (the ``beta`` of the steps before it)."""
   lipschitz: float
   beta: float
+  prefixes: tuple[float, ...] = ()
+  betas: tuple[float, ...] = ()
 
 
 def chain_constants(steps: Sequence[StepConstants]) -> ChainConstants:
-  """``L`` and ``beta`` of the chain (module docstring), in float64 rounded up."""
-  prefix, beta = 1.0, 0.0
+  """``L``, ``beta`` and the per-step prefixes of the chain (module docstring), in float64
+  rounded up."""
+  prefix, beta, prefixes, betas = 1.0, 0.0, [], []
   for step in steps:
+    prefixes.append(prefix)
+    betas.append(beta)
     beta = add_up(mul_up(step.slope, add_up(beta, prefix)), mul_up(step.lipschitz, beta))
     prefix = mul_up(prefix, step.lipschitz)
-  return ChainConstants(lipschitz=prefix, beta=beta)
+  return ChainConstants(lipschitz=prefix, beta=beta, prefixes=(*prefixes, prefix),
+                        betas=(*betas, beta))
 
 
-def chain(bounds: Sequence[jax.Array], steps: Sequence[StepConstants],
-          fmt: FloatFormat) -> tuple[jax.Array, jax.Array]:
-  """Per example, ``(e_K, alpha)`` from the steps' bounds ``d_k(z_k)`` and constants."""
+def overflow_limit(fmt: FloatFormat) -> float:
+  """The magnitude below which the chain keeps every value (``2^100`` in float32, ``2^900``
+  in float64): far enough below the largest finite number that no rounding reaches it."""
+  return 2.0 ** 100 if fmt.name == "float32" else 2.0 ** 900
+
+
+def chain(bounds: Sequence[jax.Array], norms: Sequence[jax.Array],
+          steps: Sequence[StepConstants], constants: ChainConstants,
+          fmt: FloatFormat) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per example, ``(e_K, alpha, limit)`` from the steps' bounds ``d_k(z_k)``, the norms of
+  their inputs ``||z_k||`` and of the output (``norms``, one more than the steps), and the
+  constants.
+
+  ``limit`` is the largest radius at which no value of any evaluation at any ``x'`` of the
+  ball can overflow: activations stay below the limit of :func:`overflow_limit`,
+  ``||z'_k|| <= ||z_k|| + r_k`` with ``r_k = alpha_k + e_k + (beta_k + P_k) eps``, and so do
+  the sums inside an affine step (``d_k + s_k r_k >= gamma_N || |T| |z'_k| + |b| ||``, which
+  bounds them, below ``u`` times the limit). Beyond ``limit`` nothing is certified.
+  """
   e = alpha = jnp.zeros_like(bounds[0])
+  dtype = e.dtype
+  top = _in_format(overflow_limit(fmt) / 2, fmt)
+  inside = _in_format(overflow_limit(fmt) * fmt.unit_roundoff / 2, fmt)
+  slack = _in_format(up(1.0 + 2.0 ** -10), fmt)
+  limit = jnp.full_like(e, jnp.inf)
+
+  def tighten(limit, c0, c1, bound):
+    """``limit`` lowered to the largest ``eps`` with ``c0 + c1 eps <= bound`` (rounded
+    conservatively: both sides carry 2^-10 of slack, far above their rounding)."""
+    c0, c1 = c0 * slack, c1 * slack
+    eps = jnp.where(c1 > 0, (bound - c0) / jnp.where(c1 > 0, c1, 1) / slack,
+                    jnp.where(c0 <= bound, jnp.inf, -1))
+    return jnp.minimum(limit, jnp.where(c0 <= bound, eps, -1).astype(dtype))
+
   amplification = 1.0  # how much later steps can multiply an underflow loss
-  for d, step in zip(bounds, steps, strict=True):
-    lip, slope = _in_format(step.lipschitz, fmt), _in_format(step.slope, fmt)
+  for k, (d, step) in enumerate(zip(bounds, steps, strict=True)):
+    grow = _in_format(add_up(constants.betas[k], constants.prefixes[k]), fmt)
+    limit = tighten(limit, norms[k] + alpha + e, grow, top)
+    slope = _in_format(step.slope, fmt)
+    limit = tighten(limit, d + slope * (alpha + e), slope * grow, inside)
+    lip = _in_format(step.lipschitz, fmt)
     alpha = d + slope * (alpha + e) + lip * alpha
     e = d + lip * e
     amplification = up(amplification * max(1.0, up(step.lipschitz + 2.0 * step.slope)))
   roundings = 5 * len(steps)
-  return (_finish(e, roundings, fmt, amplification),
-          _finish(alpha, roundings, fmt, amplification))
+  e = _finish(e, roundings, fmt, amplification)
+  alpha = _finish(alpha, roundings, fmt, amplification)
+  grow = _in_format(add_up(constants.betas[-1], constants.prefixes[-1]), fmt)
+  limit = tighten(limit, norms[-1] + alpha + e, grow, top)
+  return e, alpha, limit
 
 
 def allowance(e: jax.Array, alpha: jax.Array, beta: float, eps: jax.Array,
