@@ -29,12 +29,13 @@ BATCH = 128
 
 
 def _from_workdir(workdir: str):
+  import numpy as np
   import experiments
   from experiments.common import input_pipeline
   model, config = experiments.load(workdir)
   data = input_pipeline.load(config.dataset, data_dir=config.data_dir,
                              manual_dir=config.manual_dir, download=False,
-                             train_indices=lambda n: [])
+                             train_indices=lambda n: np.zeros(0, np.int64))
   return f"{config.dataset} ({workdir})", model, data.test_inputs(), data.test_labels
 
 

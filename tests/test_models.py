@@ -119,7 +119,7 @@ def test_lipschitz_bound_includes_input_normalisation():
   std = (0.2, 0.25, 0.5)
   model = aol_jax.aol_fc(10, rngs=nnx.Rngs(0), width=64, depth=2, image_size=4,
                         input_mean=(0.4, 0.5, 0.6), input_std=std)
-  assert 5.0 <= model.lipschitz_bound() <= 5.0 * (1 + 1e-5)
+  assert 5.0 * (1 - 1e-3) <= model.lipschitz_bound() <= 5.0 * (1 + 1e-5)
   # The normalisation really scales the map: the first layer at init has orthonormal rows
   # (48 -> 64), so the network's Jacobian norm exceeds 1 and is at most max(1/std).
   x = jax.random.uniform(jax.random.key(0), (1, 4, 4, 3))
