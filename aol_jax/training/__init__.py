@@ -21,7 +21,8 @@ Typical use (one process or many; see :mod:`aol_jax.training.distributed`)::
 """
 
 from aol_jax._src.training.augment import AugmentConfig, augment
-from aol_jax._src.training.checkpoint import CheckpointMismatchError, Checkpointer, tree_checksum
+from aol_jax._src.training.checkpoint import (CheckpointMismatchError, Checkpointer,
+                                              is_local_path, tree_checksum)
 from aol_jax._src.training.distributed import distributed_env, maybe_initialize
 from aol_jax._src.training.mesh import (DATA_AXIS, check_batch_size, data_sharding, global_batch,
                                         make_data_mesh, replicated_sharding)
@@ -34,7 +35,8 @@ __all__ = [
     "AugmentConfig", "CheckpointMismatchError", "Checkpointer", "DATA_AXIS",
     "NonFiniteLossError", "TrainState",
     "augment", "check_batch_size", "check_finite", "create_train_state", "data_sharding",
-    "distributed_env", "global_batch", "make_data_mesh", "make_eval_step", "make_optimizer",
+    "distributed_env", "global_batch", "is_local_path", "make_data_mesh", "make_eval_step",
+    "make_optimizer",
     "make_train_step", "maybe_initialize", "merge_model", "paper_schedule",
     "replicated_sharding", "to_inputs", "tree_checksum", "weight_decay_mask",
 ]

@@ -15,10 +15,7 @@ import os
 
 from etils import epath
 
-
-def is_local(path: str | os.PathLike) -> bool:
-  """Whether ``path`` is on the local file system (no ``scheme://`` prefix)."""
-  return "://" not in os.fspath(path)
+from aol_jax.training import is_local_path as is_local
 
 
 def join(path: str | os.PathLike, *parts: str) -> str:

@@ -36,14 +36,15 @@ _TMP_MARKER = ".orbax-checkpoint-tmp"
 _COMMIT_MARKER = "commit_success.txt"  # orbax's completion marker on object stores
 
 
-def _is_local(path: str) -> bool:
-  return "://" not in path
+def is_local_path(path: str | os.PathLike) -> bool:
+  """Whether ``path`` is on the local file system (no ``scheme://`` prefix, as ``gs://``)."""
+  return "://" not in os.fspath(path)
 
 
 def _move_tree(source: epath.Path, target: epath.Path) -> None:
   """Move a directory: one rename locally; on an object store, copy every object, then
   delete the originals (there is no atomic rename there)."""
-  if _is_local(os.fspath(source)):
+  if is_local_path(os.fspath(source)):
     os.rename(source, target)
     return
   for item in source.iterdir():
@@ -116,7 +117,7 @@ class Checkpointer:
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
                async_save: bool = True):
     directory = os.fspath(directory)
-    self.directory = os.path.abspath(directory) if _is_local(directory) else directory
+    self.directory = os.path.abspath(directory) if is_local_path(directory) else directory
     self._report_leftovers()
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save,
@@ -178,7 +179,7 @@ class Checkpointer:
     root = self._path()
     if jax.process_index() != 0 or not root.is_dir():
       return
-    local = _is_local(self.directory)
+    local = is_local_path(self.directory)
     for path in sorted(root.iterdir(), key=lambda p: p.name):
       unfinished = (_TMP_MARKER in path.name if local else
                     path.name.isdigit() and not (path / _COMMIT_MARKER).exists())
