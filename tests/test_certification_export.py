@@ -30,11 +30,13 @@ SHAPE = (8, 8, 1)
 BATCH_SIZES = (1, 13, 64)
 # What the README tells a user to install to load an artifact.
 SERVE_REQUIREMENTS = ["jax", "flatbuffers"]
+# Every key of export.METADATA_KEYS, as the runner fills them for digits.
 DIGITS = {
-    "dataset": "digits", "input_scaling": 16, "model": "aol_std", "checkpoint_step": 120,
-    "class_names": [str(d) for d in range(10)], "clean_accuracy": 0.9,
-    "certified_accuracy": {"36/255": 0.8, "72/255": 0.7, "108/255": 0.6, "1": 0.1},
-    "certified_accuracy_rounding": "float32", "extra": {"seed": 0},
+    "dataset": "digits", "input_scaling": 16.0, "class_names": [str(d) for d in range(10)],
+    "model": "aol_std", "model_kwargs": {"channels": 8}, "checkpoint_step": 120, "epoch": 3,
+    "test_examples": 360, "clean_accuracy": 0.9,
+    "cra": {"36/255": 0.8, "72/255": 0.7, "108/255": 0.6, "1": 0.1},
+    "cra_rounding": "float32", "extra": {"seed": 0},
 }
 
 
@@ -194,10 +196,10 @@ def test_json_records_the_model_the_input_and_what_holds_per_platform(artifacts)
     assert (on_disk["library"], on_disk["library_version"], on_disk["jax_version"]) == (
         "aol_jax", aol_jax.__version__, jax.__version__)
   images_json = images_export.description
-  assert images_json["model"] == DIGITS
+  assert set(DIGITS) == set(export.METADATA_KEYS) and images_json["model"] == DIGITS
   assert images_json["inputs"]["dtype"] == "float32"
   # Digits are 0..16: the inputs' text names that scaling and never 255.
-  assert "raw values / 16 (model.input_scaling)" in images_json["inputs"]["values"]
+  assert "stored values / 16 (model.input_scaling)" in images_json["inputs"]["values"]
   assert "255" not in json.dumps([images_json["inputs"], images_json["outputs"]])
   assert "float64 array to float32" in images_json["inputs"]["dtype_rule"]
   pixels_json = pixels_export.description
@@ -271,7 +273,7 @@ def test_pixel_tables_are_what_division_computes_and_bound_the_rounding(scale):
     exact = (fractions.Fraction(int(v), scale) - fractions.Fraction(float(q))) ** 2
     assert exact <= fractions.Fraction(float(s)) <= max(exact * (1 + 2 ** -22), 2.0 ** -126)
   u, gamma = 2.0 ** -24, 3072 * 2.0 ** -24 / (1 - 3072 * 2.0 ** -24)
-  need = 1 / (math.sqrt(1 - gamma) * (1 - 4 * u) * (1 - u))
+  need = 1 / (math.sqrt(1 - gamma) * (1 - 8 * u) * (1 - u))
   assert need <= float(c) <= need * (1 + 2 ** -20)
 
 
@@ -401,20 +403,23 @@ def test_export_rejects_bad_input(tmp_path, kwargs, match):
     ({"dataset": ""}, r"metadata\['dataset'\] must be str"),
     ({"model": 3}, r"metadata\['model'\] must be str"),
     ({"input_scaling": 0}, r"metadata\['input_scaling'\] must be number > 0"),
-    ({"input_scaling": "1/16"}, r"metadata\['input_scaling'\]"),
+    ({"input_scaling": "stored pixel value / 16"}, r"metadata\['input_scaling'\]"),
     ({"checkpoint_step": -1}, r"metadata\['checkpoint_step'\] must be int >= 0"),
     ({"checkpoint_step": True}, r"metadata\['checkpoint_step'\]"),
+    ({"epoch": 1.5}, r"metadata\['epoch'\] must be int >= 0 or null"),
+    ({"test_examples": 0}, r"metadata\['test_examples'\] must be int >= 1"),
+    ({"model_kwargs": "channels=8"}, r"metadata\['model_kwargs'\] must be a JSON object"),
     ({"class_names": ["a"] * 10}, r"metadata\['class_names'\] must be list of str"),
     ({"class_names": [str(d) for d in range(9)]}, "names 9 classes but the model has 10"),
     ({"clean_accuracy": 1.2}, r"metadata\['clean_accuracy'\] must be number in \[0, 1\]"),
     ({"clean_accuracy": float("nan")}, r"metadata\['clean_accuracy'\]"),
-    ({"certified_accuracy": {"36/255": 0.5, "72/255": 0.6}}, "non-increasing in the radius"),
-    ({"certified_accuracy": {"36/255": 0.95}}, r"at most clean_accuracy \(0.9\)"),
-    ({"certified_accuracy": {"big": 0.5}}, r"metadata\['certified_accuracy'\] must be"),
-    ({"certified_accuracy": {"-1": 0.5}}, r"metadata\['certified_accuracy'\] must be"),
-    ({"certified_accuracy": {}}, r"metadata\['certified_accuracy'\] must be"),
-    ({"certified_accuracy_rounding": "worst_case"},
-     r"metadata\['certified_accuracy_rounding'\]"),
+    ({"cra": {"36/255": 0.5, "72/255": 0.6}}, "non-increasing in the radius"),
+    ({"cra": {"36/255": 0.95}}, r"at most clean_accuracy \(0.9\)"),
+    ({"cra": {"big": 0.5}}, r"metadata\['cra'\] must be"),
+    ({"cra": {"-1": 0.5}}, r"metadata\['cra'\] must be"),
+    ({"cra": {"1": 1.5}}, r"metadata\['cra'\] must be"),
+    ({"cra": {}}, r"metadata\['cra'\] must be"),
+    ({"cra_rounding": "worst_case"}, r"metadata\['cra_rounding'\]"),
     ({"extra": [1]}, r"metadata\['extra'\] must be a JSON object"),
     ({"extra": {"when": {1, 2}}}, "metadata must be JSON-serialisable"),
 ])

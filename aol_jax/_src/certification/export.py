@@ -54,18 +54,21 @@ _NOT_COVERED = {
 
 METADATA_KEYS: dict[str, str] = {
     "dataset": "str: the dataset the model was trained and evaluated on, e.g. 'digits'",
-    "input_scaling": "number > 0: the model's inputs are the raw values / input_scaling "
+    "input_scaling": "number > 0: the model's inputs are the stored values / input_scaling "
                      "(digits: 16, mnist5k and CIFAR: 255; 1 for data already in [0, 1])",
-    "model": "str: the architecture's name, e.g. 'aol_small'",
-    "checkpoint_step": "int >= 0: the training step of the exported weights",
     "class_names": "list of str, one per class in class-id order, distinct",
+    "model": "str: the architecture's name, e.g. 'aol_small'",
+    "model_kwargs": "a JSON object: the architecture's keyword arguments",
+    "checkpoint_step": "int >= 0: the training step of the exported weights",
+    "epoch": "int >= 0 or null: the epoch of that step",
+    "test_examples": "int >= 1: how many test examples clean_accuracy and cra count",
     "clean_accuracy": "number in [0, 1]: the test accuracy",
-    "certified_accuracy": "{radius: number in [0, 1]}: the certified robust accuracy per l2 "
-                          "radius on the [0, 1] scale, the radius a number or a label such "
-                          "as '36/255'; non-increasing in the radius, none above "
-                          "clean_accuracy",
-    "certified_accuracy_rounding": "str: the rounding mode certified_accuracy was computed "
-                                   "under (a key of aol_jax.ROUNDING_MODES)",
+    "cra": "{radius: number in [0, 1]}: the certified robust accuracy per l2 radius on the "
+           "[0, 1] scale, the radius a number or a label such as '36/255' "
+           "(aol_jax.certification.radius_label); non-increasing in the radius, none above "
+           "clean_accuracy",
+    "cra_rounding": "str: the rounding mode cra was computed under, if not the artifact's (a "
+                    "key of aol_jax.ROUNDING_MODES)",
     "extra": "a JSON object: any other facts, recorded as given",
 }
 """The keys :func:`export_certified` accepts in ``metadata``, each with what it holds; each is
@@ -134,8 +137,9 @@ def _pixel_tables(scale: int, size: int) -> tuple[np.ndarray, np.ndarray, np.flo
 
   The sum of ``size`` non-negative normal terms is at least ``(1 - gamma_size)`` times the
   exact one (Higham, Lemma 3.4; a partial sum is never below a term, so none underflows),
-  ``sqrt`` is within two ulps (relative ``4 u``) and the product within ``u``, so
-  ``c = 1 / (sqrt(1 - gamma_size) (1 - 4 u) (1 - u))``, rounded up.
+  ``sqrt`` is within four ulps (relative ``8 u``: a GPU's approximate square root, as in
+  :mod:`.rigorous`) and the product within ``u``, so
+  ``c = 1 / (sqrt(1 - gamma_size) (1 - 8 u) (1 - u))``, rounded up.
   """
   u = FLOAT32_UNIT_ROUNDOFF
   if size * u >= 0.5:
@@ -154,7 +158,7 @@ def _pixel_tables(scale: int, size: int) -> tuple[np.ndarray, np.ndarray, np.flo
       square = np.nextafter(square, np.float32(np.inf))
     squares.append(np.float32(max(square, FLOAT32_TINY)) if square > 0 else square)
   gamma = size * u / (1 - size * u)
-  c = 1 / (math.sqrt(1 - gamma) * (1 - 4 * u) * (1 - u)) * (1 + 2.0 ** -30)
+  c = 1 / (math.sqrt(1 - gamma) * (1 - 8 * u) * (1 - u)) * (1 + 2.0 ** -30)
   c32 = np.float32(c)
   if float(c32) < c:
     c32 = np.nextafter(c32, np.float32(np.inf))
@@ -200,9 +204,11 @@ def _checked_metadata(metadata: Mapping) -> dict:
   scaling = metadata.get("input_scaling", 1)
   if not _is_number(scaling) or scaling <= 0:
     fail("input_scaling", scaling)
-  step = metadata.get("checkpoint_step", 0)
-  if not isinstance(step, numbers.Integral) or isinstance(step, bool) or step < 0:
-    fail("checkpoint_step", step)
+  for key, least in (("checkpoint_step", 0), ("epoch", 0), ("test_examples", 1)):
+    value = metadata.get(key, least)
+    if (key != "epoch" or value is not None) and (
+        not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least):
+      fail(key, value)
   if "class_names" in metadata:
     names = metadata["class_names"]
     if (not isinstance(names, (list, tuple)) or not names
@@ -211,22 +217,20 @@ def _checked_metadata(metadata: Mapping) -> dict:
   clean = metadata.get("clean_accuracy", 1.0)
   if not _is_number(clean) or not 0 <= clean <= 1:
     fail("clean_accuracy", clean)
-  if "certified_accuracy" in metadata:
-    table = metadata["certified_accuracy"]
-    if not isinstance(table, Mapping) or not table:
-      fail("certified_accuracy", table)
-    if not all(_radius(r) is not None and _is_number(v) and 0 <= v <= 1
-               for r, v in table.items()):
-      fail("certified_accuracy", table)
+  if "cra" in metadata:
+    table = metadata["cra"]
+    if not isinstance(table, Mapping) or not table or not all(
+        _radius(r) is not None and _is_number(v) and 0 <= v <= 1 for r, v in table.items()):
+      fail("cra", table)
     values = [v for _, v in sorted(table.items(), key=lambda item: _radius(item[0]))]
     if any(b > a for a, b in zip(values, values[1:])) or values[0] > clean:
-      raise ValueError(f"metadata['certified_accuracy'] must be non-increasing in the radius "
-                       f"and at most clean_accuracy ({clean}); got {dict(table)!r}.")
-  if "certified_accuracy_rounding" in metadata and (
-      metadata["certified_accuracy_rounding"] not in ROUNDING_MODES):
-    fail("certified_accuracy_rounding", metadata["certified_accuracy_rounding"])
-  if "extra" in metadata and not isinstance(metadata["extra"], Mapping):
-    fail("extra", metadata["extra"])
+      raise ValueError(f"metadata['cra'] must be non-increasing in the radius and at most "
+                       f"clean_accuracy ({clean}); got {dict(table)!r}.")
+  if "cra_rounding" in metadata and metadata["cra_rounding"] not in ROUNDING_MODES:
+    fail("cra_rounding", metadata["cra_rounding"])
+  for key in ("model_kwargs", "extra"):
+    if key in metadata and not isinstance(metadata[key], Mapping):
+      fail(key, metadata[key])
   checked = dict(metadata)
   if "class_names" in checked:
     checked["class_names"] = list(checked["class_names"])
@@ -403,7 +407,7 @@ def _description(exported: jax.export.Exported, prepared: certifier_lib.Certifie
     inputs = {
         "dtype": "float32",
         "values": "the model's inputs, on the [0, 1] scale it was trained on: "
-                  + (f"raw values / {scaling} (model.input_scaling)" if scaling is not None
+                  + (f"stored values / {scaling:g} (model.input_scaling)" if scaling is not None
                      else "how raw data maps to it is not recorded here")
                   + "; an image with a value outside [0, 1] or not finite gets radius 0",
         "dtype_rule": "float32, certified as given: exported.call refuses every other dtype, "
