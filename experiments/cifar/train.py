@@ -404,8 +404,8 @@ def export(run: Run) -> str:
   table = results.certify(run.model(), data.test_inputs(), data.test_labels, config, run.mesh,
                           radii)
   last = run.history[-1] if run.history else {}
-  metadata = {"dataset": config.dataset, "input_scaling": f"stored pixel value / "
-              f"{data.max_value:g}", "class_names": list(data.class_names),
+  metadata = {"dataset": config.dataset, "input_scaling": data.max_value,
+              "class_names": list(data.class_names),
               "model": config.model, "model_kwargs": config.model_kwargs,
               "checkpoint_step": int(run.state.step), "epoch": last.get("epoch"),
               "test_examples": table.num_examples, "clean_accuracy": table.clean_accuracy,
@@ -415,9 +415,10 @@ def export(run: Run) -> str:
   with tempfile.TemporaryDirectory() as tmp:
     try:
       aol_jax.export_certified(run.model(), os.path.join(tmp, EXPORT_FILE), input_shape=shape,
-                               rounding=config.rounding, metadata=metadata)
+                               rounding=config.rounding, metadata=metadata,
+                               pixel_scale=int(data.max_value))
     except ValueError as e:
-      raise ConfigError(f"--rounding={config.rounding}: {e}") from None
+      raise ConfigError(f"--mode=export: {e}") from None
     if jax.process_index() == 0:
       storage.makedirs(directory)
 

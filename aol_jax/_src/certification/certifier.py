@@ -179,13 +179,14 @@ class Certifier:
     bad_shift = ~(jnp.isfinite(shift) & (shift >= 0))
     decide = lambda e: self.decide(logits, pred, bounds, jnp.where(
         bad_shift, jnp.nan, jnp.where(shift > 0, jnp.nextafter(e + shift, jnp.inf), e)))
-    largest, at_zero = largest_certified(decide, jnp.dtype(self.mode.fmt.name), pred.shape)
+    largest, at_zero = largest_certified(decide, jnp.dtype(self.mode.fmt.name), pred)
     return pred, largest, at_zero, bounds, logits
 
 
-def largest_certified(decide, dtype, shape) -> tuple[jax.Array, jax.Array]:
+def largest_certified(decide, dtype, like: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Per example, the largest non-negative float ``r`` of ``dtype`` with ``decide(r)``, and
-  whether ``decide(0)`` holds; ``decide`` maps radii ``shape`` to bools, non-increasing.
+  whether ``decide(0)`` holds; ``decide`` maps radii shaped (and sharded) ``like`` to bools,
+  non-increasing.
 
   Bisection on the bit patterns: the non-negative floats of a dtype are ordered as their
   bits read as integers, so ``bits(dtype)`` halvings of ``[0, +inf)`` find the last certified
@@ -194,7 +195,7 @@ def largest_certified(decide, dtype, shape) -> tuple[jax.Array, jax.Array]:
   itype = jnp.int32 if jnp.dtype(dtype).itemsize == 4 else jnp.int64
   inf_bits = jax.lax.bitcast_convert_type(jnp.asarray(jnp.inf, dtype), itype)
   as_float = lambda bits: jax.lax.bitcast_convert_type(bits, dtype)
-  at_zero = decide(jnp.zeros(shape, dtype))
+  at_zero = decide(jnp.zeros_like(like, dtype))
   low = jnp.zeros_like(at_zero, itype)
   high = jnp.full_like(at_zero, inf_bits, itype)
 
