@@ -19,6 +19,8 @@ import pytest
 from flax import nnx
 
 import aol_jax
+from aol_jax._src import patches
+from aol_jax._src.padding import normalize_padding
 from aol_jax._src.certification import rigorous
 from aol_jax._src.lipschitz import explicit_matrix
 from aol_jax.certification import FLOAT32, FLOAT64
@@ -27,27 +29,37 @@ from support.certification import trained_like
 TINY32 = np.float32(2.0 ** -126)
 
 
-def _emulated_dense(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, order: str,
-                    flush: bool) -> np.ndarray:
-  """``x @ w + b`` with every product and sum rounded to float32, in the given order of the
-  input index, one output column at a time vectorised over the batch and the columns."""
-  x, w = x.astype(np.float32), w.astype(np.float32)
-  terms = x[:, :, None] * w[None]  # (batch, n, m): each product rounded to float32
-  if flush:
-    terms = np.where(np.abs(terms) < TINY32, np.float32(0), terms)
+def _ordered_sum(terms: np.ndarray, order: str, flush: bool) -> np.ndarray:
+  """``terms`` ``(batch, n, m)`` summed over axis 1 in float32, one term at a time in the
+  given order (as they come, largest first, smallest first), subnormal results flushed."""
   magnitude = np.abs(terms)
   if order == "largest":
-    index = np.argsort(-magnitude, axis=1, kind="stable")
+    terms = np.take_along_axis(terms, np.argsort(-magnitude, axis=1, kind="stable"), axis=1)
   elif order == "smallest":
-    index = np.argsort(magnitude, axis=1, kind="stable")
-  else:
-    index = np.broadcast_to(np.arange(terms.shape[1])[None, :, None], terms.shape)
-  terms = np.take_along_axis(terms, index, axis=1)
+    terms = np.take_along_axis(terms, np.argsort(magnitude, axis=1, kind="stable"), axis=1)
   acc = np.zeros((terms.shape[0], terms.shape[2]), np.float32)
   for i in range(terms.shape[1]):
     acc = acc + terms[:, i]
     if flush:
       acc = np.where(np.abs(acc) < TINY32, np.float32(0), acc)
+  return acc
+
+
+def _emulated_dense(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, order: str,
+                    flush: bool) -> np.ndarray:
+  """``x @ w + b`` as the certified evaluation structures it (aol_jax._src.patches: at most
+  16 partial dot products per output, then their sum, then the bias), with every product and
+  sum rounded to float32 and each sum taken in the given order."""
+  x, w = x.astype(np.float32), w.astype(np.float32)
+  n = x.shape[1]
+  k = min(patches.CHUNKS, n)
+  c = -(-n // k)
+  terms = x[:, :, None] * w[None]  # (batch, n, m): each product rounded to float32
+  if flush:
+    terms = np.where(np.abs(terms) < TINY32, np.float32(0), terms)
+  terms = np.pad(terms, ((0, 0), (0, k * c - n), (0, 0))).reshape(len(x), k, c, -1)
+  partial = np.stack([_ordered_sum(terms[:, j], order, flush) for j in range(k)], axis=1)
+  acc = _ordered_sum(partial, order, flush)
   if b is not None:
     acc = acc + b.astype(np.float32)
   return acc
@@ -123,6 +135,7 @@ def test_conv_bound_covers_xla_and_adversarial_summation(case):
     matrix = explicit_matrix(lambda v: frozen(v[None])[0] - frozen(
         jnp.zeros_like(v)[None])[0], (*size, c_in))
   bias = np.asarray(frozen(jnp.zeros((1, *size, c_in)))[0], np.float64).reshape(-1)
+  kernel = np.asarray(frozen.kernel[...], np.float64)
   worst = 0.0
   for name, x in _inputs(n, 2, seed=n).items():
     images = x.reshape(2, *size, c_in)
@@ -131,8 +144,16 @@ def test_conv_bound_covers_xla_and_adversarial_summation(case):
     bound = np.asarray(bound, np.float64)
     measured = {"certified": np.asarray(y, np.float64).reshape(2, -1),
                 "call": np.asarray(jax.jit(frozen)(jnp.asarray(images)), np.float64).reshape(2, -1)}
-    for order in ("left", "largest"):
-      measured[order] = _emulated_dense(x, matrix.T, bias, order, flush=True)
+    if groups == 1:  # the chunked sums emulated on the columns the conv reads
+      cols = np.asarray(patches.conv_patches(
+          jnp.asarray(images), ksize, strides=strides, dilation=dilation,
+          padding=normalize_padding(padding, len(ksize))))
+      rows = cols.reshape(-1, cols.shape[-2] * cols.shape[-1])
+      w = kernel.reshape(-1, c_out)
+      b = np.full(c_out, 0.25)
+      for order in ("left", "largest"):
+        out = _emulated_dense(rows, w, b, order, flush=True).reshape(2, -1)
+        measured[order] = out
     for how, value in measured.items():
       err = np.linalg.norm(value - exact, axis=1)
       assert np.all(err <= bound), (name, how, err, bound)

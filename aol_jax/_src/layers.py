@@ -108,6 +108,23 @@ def _affine_error(layer, y: jax.Array, absolute: jax.Array, kernel: jax.Array, *
   return y, bound
 
 
+def _conv_columns(layer, x: jax.Array, ksize: tuple[int, ...]) -> jax.Array:
+  """The inputs each output of ``layer``'s conv reads (:func:`aol_jax._src.patches.
+  conv_patches`), with its padding, strides and dilation as they are now."""
+  nd = len(ksize)
+  return patches.conv_patches(x, ksize, strides=_tuple(layer.strides, nd, "strides"),
+                              dilation=_tuple(layer.kernel_dilation, nd, "kernel_dilation"),
+                              padding=padding_lib.normalize_padding(layer.padding, nd))
+
+
+def _frozen_dtype(layer, x: jax.Array, kernel: jax.Array):
+  """The dtype a frozen layer computes in: its ``dtype``, else that of ``x`` and the kernel,
+  at least float32."""
+  if layer.dtype is not None:
+    return jnp.dtype(layer.dtype)
+  return jnp.promote_types(jnp.promote_types(x.dtype, kernel.dtype), jnp.float32)
+
+
 def _abs_norm_bound(kernel: np.ndarray) -> float:
   """A rigorous bound on ``|| |T| ||_2``, ``T`` the layer's map with every weight made
   non-negative: ``|| |W| ||`` for a dense kernel; for a conv, ``max_g || sum_t |K_t| ||``
@@ -200,13 +217,11 @@ class AOLDense(nnx.Module):
       raise ValueError(f"AOLDense expects inputs (batch, {kernel.shape[0]}), got shape "
                        f"{x.shape}.")
     dtype = jnp.dtype(fmt.name)
-    x, kernel = x.astype(dtype), kernel.astype(dtype)
-    dot = lambda a, w: jax.lax.dot_general(a, w, (((1,), (0,)), ((), ())),
-                                           precision=jax.lax.Precision.HIGHEST,
-                                           preferred_element_type=dtype)
-    n = kernel.shape[0]
-    return _affine_error(self, dot(x, kernel), dot(jnp.abs(x), jnp.abs(kernel)), kernel,
-                         products=n, abs_products=n, fmt=fmt)
+    kernel = kernel.astype(dtype)
+    y, depth = patches.dense_as_dot(x.astype(dtype), kernel, dtype)
+    absolute, abs_depth = patches.dense_as_dot(jnp.abs(x.astype(dtype)), jnp.abs(kernel), dtype)
+    return _affine_error(self, y, absolute, kernel, products=depth, abs_products=abs_depth,
+                         fmt=fmt)
 
   def rounding_error_slope(self, fmt: spectral_bounds.FloatFormat) -> float:
     """``gamma_N || |W| ||_2`` (:func:`aol_jax._src.certification.rigorous.affine_slope`)."""
@@ -224,7 +239,16 @@ class AOLDense(nnx.Module):
       x, kernel = nnx.nn.dtypes.promote_dtype((x, kernel), dtype=self.dtype)
       return jnp.matmul(x, kernel, precision=self.precision)
 
-    y = _apply_kernel(self, op, x)
+    if _frozen(self):
+      # Frozen: the certified evaluation (chunked dot products, precision HIGHEST), so the
+      # network a certificate covers is the one that runs.
+      kernel = self.kernel[...]
+      dtype = _frozen_dtype(self, x, kernel)
+      flat = batch_reshape(x, (-1, x.shape[-1]))
+      y = patches.dense_as_dot(flat, kernel, dtype)[0]
+      y = batch_reshape(y, (*x.shape[:-1], y.shape[-1]))
+    else:
+      y = _apply_kernel(self, op, x)
     if bias is None:
       return y
     y, bias = nnx.nn.dtypes.promote_dtype((y, bias), dtype=self.dtype)
@@ -341,23 +365,18 @@ class AOLConv(nnx.Module):
     if x.ndim != nd + 2 or x.shape[-1] != kernel.shape[-2] * g:
       raise ValueError(f"AOLConv expects inputs (batch, {nd} spatial dims, "
                        f"{kernel.shape[-2] * g} channels), got shape {x.shape}.")
-    padding = padding_lib.normalize_padding(self.padding, nd)
-    strides = _tuple(self.strides, nd, "strides")
-    dilation = _tuple(self.kernel_dilation, nd, "kernel_dilation")
-
     dtype = jnp.dtype(fmt.name)
-    x, kernel = x.astype(dtype), kernel.astype(dtype)
-    cols = patches.conv_patches(x, ksize, strides=strides, dilation=dilation, padding=padding)
-    y = patches.conv_as_dot(cols, kernel, g, dtype)
+    kernel = kernel.astype(dtype)
+    cols = _conv_columns(self, x.astype(dtype), ksize)
+    y, depth = patches.conv_as_dot(cols, kernel, g, dtype)
     # |T| |x| at output p, channel o is sum_{t, c} |K[t, c, o]| |x[p + t, c]|, at most
     # sum_c (sum_t |K[t, c, o]|) max_t |x[p + t, c]|: a 1x1 conv of the window maxima,
-    # 1 / taps of the products. Each term is then rounded at most taps + c_in / g times.
+    # 1 / taps of the products; the tap sums add up to taps roundings to each term.
     window = jnp.max(jnp.abs(cols), axis=-2, keepdims=True)
     summed = jnp.sum(jnp.abs(kernel).reshape(-1, *kernel.shape[-2:]), axis=0)
-    absolute = patches.conv_as_dot(window, summed, g, dtype)
-    taps = math.prod(ksize)
-    return _affine_error(self, y, absolute, kernel, products=taps * kernel.shape[-2],
-                         abs_products=taps + kernel.shape[-2], fmt=fmt)
+    absolute, abs_depth = patches.conv_as_dot(window, summed, g, dtype)
+    return _affine_error(self, y, absolute, kernel, products=depth,
+                         abs_products=abs_depth + math.prod(ksize), fmt=fmt)
 
   def rounding_error_slope(self, fmt: spectral_bounds.FloatFormat) -> float:
     """``gamma_N max_g || sum_t |K_t| ||_2``, ``N`` the taps times the group's input channels
@@ -379,6 +398,16 @@ class AOLConv(nnx.Module):
     batch_shape = x.shape[:-(nd + 1)]
     x = batch_reshape(x, (-1,) + x.shape[-(nd + 1):])
     bias = None if self.bias is None else self.bias[...]
+    if _frozen(self):
+      # Frozen: the certified evaluation (slices and chunked dot products at precision
+      # HIGHEST), so the network a certificate covers is the one that runs.
+      kernel = self.kernel[...]
+      dtype = _frozen_dtype(self, x, kernel)
+      cols = _conv_columns(self, x.astype(dtype), kernel.shape[:-2])
+      y = patches.conv_as_dot(cols, kernel, self.feature_group_count, dtype)[0]
+      if bias is not None:
+        y = y + bias.astype(y.dtype)
+      return batch_reshape(y, batch_shape + y.shape[1:])
     pad = self.padding
     if pad == "CIRCULAR":  # by the stored kernel's size, whatever the attribute says
       x = padding_lib.circular_pad(x, self.kernel[...].shape[:nd], self.kernel_dilation)

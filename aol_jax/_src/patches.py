@@ -3,14 +3,17 @@
 ``jax.lax.conv_general_dilated`` leaves the algorithm to the backend, and a GPU library may
 choose one that is not a sum of products (Winograd, FFT), whose rounding no dot-product bound
 covers. :func:`conv_as_dot` gathers each output's inputs with strided slices (exact copies)
-and contracts them with the kernel in one ``dot_general`` at precision ``HIGHEST``: on every
-platform the result is a sum of ``taps * c_in / g`` products in some order, which the rigorous
-certificates bound (:mod:`aol_jax._src.certification.rigorous`).
+and contracts them with the kernel by dot products at precision ``HIGHEST``, split into at
+most 16 partial sums (:func:`chunked_contract`): on every platform an output is a sum of
+products at most ``c + k`` roundings deep, ``c = ceil(n / k)``, whatever order the backend
+sums in, which the rigorous certificates bound (:mod:`aol_jax._src.certification.rigorous`).
+A frozen AOL layer computes its forward pass this way (:func:`dense_as_dot` for a dense one).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -48,19 +51,52 @@ def conv_patches(x: jax.Array, ksize: Sequence[int], *, strides: Sequence[int],
   return jnp.stack(taps, axis=-2)
 
 
+CHUNKS = 16
+"""How many partial dot products an output of the certified evaluation is split into."""
+
+
+def chunked_contract(lhs: jax.Array, rhs: jax.Array, dtype) -> tuple[jax.Array, int]:
+  """``out[r, g] = lhs[r, g] @ rhs[g]`` for ``lhs`` ``(rows, g, n)`` and ``rhs`` ``(g, n, o)``,
+  each output a sum of ``k <= 16`` partial dot products of ``c = ceil(n / k)`` products.
+
+  The partial sums come from one batched ``dot_general`` at precision ``HIGHEST``; an
+  ``optimization_barrier`` keeps the compiler from merging them back into one long sum, and
+  they are then added. Whatever order the backend sums in, an output is then at most
+  ``c + k`` roundings deep, not ``n``: the rounding bound of
+  :mod:`aol_jax._src.certification.rigorous` uses ``gamma_(c + k)`` (zero padding adds exact
+  zeros). Returns ``(out (rows, g, o), c + k)``.
+  """
+  rows, g, n = lhs.shape
+  k = min(CHUNKS, n)
+  c = -(-n // k)
+  pad = k * c - n
+  lhs = jnp.pad(lhs.astype(dtype), ((0, 0), (0, 0), (0, pad))).reshape(rows, g, k, c)
+  rhs = jnp.pad(rhs.astype(dtype), ((0, 0), (0, pad), (0, 0))).reshape(g, k, c, -1)
+  partial = jax.lax.dot_general(lhs, rhs, (((3,), (2,)), ((1, 2), (0, 1))),
+                                precision=jax.lax.Precision.HIGHEST,
+                                preferred_element_type=dtype)  # (g, k, rows, o)
+  partial = jax.lax.optimization_barrier(partial)
+  return jnp.moveaxis(jnp.sum(partial, axis=1), 0, 1), c + k
+
+
+def dense_as_dot(x: jax.Array, kernel: jax.Array, dtype) -> tuple[jax.Array, int]:
+  """``x @ kernel`` for ``x`` ``(rows, n)``, as :func:`chunked_contract` computes it."""
+  out, depth = chunked_contract(x[:, None, :], kernel[None], dtype)
+  return out[:, 0, :], depth
+
+
 def conv_as_dot(patches: jax.Array, kernel: jax.Array, feature_group_count: int,
-                dtype: jnp.dtype) -> jax.Array:
+                dtype) -> tuple[jax.Array, int]:
   """The conv from its :func:`conv_patches` ``(batch, *out, taps, c_in)`` and its kernel
-  ``(*k, c_in / g, c_out)``: one ``dot_general`` in ``dtype`` at precision ``HIGHEST``."""
+  ``(*k, c_in / g, c_out)``, as :func:`chunked_contract` computes it (output channel ``o``
+  in group ``o // (c_out / g)``, as ``conv_general_dilated`` orders them)."""
   g = feature_group_count
   *lead, taps, c_in = patches.shape
   c_in_g, c_out = kernel.shape[-2:]
-  lhs = patches.reshape(*lead, taps, g, c_in_g).astype(dtype)
-  rhs = kernel.reshape(taps, c_in_g, g, c_out // g).astype(dtype)
-  # Contract taps and the group's input channels; g is a batch dimension of the product.
-  n = len(lead)
-  out = jax.lax.dot_general(
-      lhs, rhs, (((n, n + 2), (0, 1)), ((n + 1,), (2,))),
-      precision=jax.lax.Precision.HIGHEST, preferred_element_type=dtype)
-  # dot_general puts the batch dim (g) first: (g, *lead, c_out / g) -> (*lead, c_out).
-  return jnp.moveaxis(out, 0, -2).reshape(*lead, c_out)
+  rows = math.prod(lead)
+  lhs = patches.reshape(rows, taps, g, c_in_g).transpose(0, 2, 1, 3).reshape(
+      rows, g, taps * c_in_g)
+  rhs = kernel.reshape(taps, c_in_g, g, c_out // g).transpose(2, 0, 1, 3).reshape(
+      g, taps * c_in_g, c_out // g)
+  out, depth = chunked_contract(lhs, rhs, dtype)
+  return out.reshape(*lead, c_out), depth
