@@ -46,7 +46,7 @@ def _rotations(key, shape, dtype):
 
 
 def _bf16_dense_net(seed: int) -> aol_jax.AOLNetwork:
-  layer = aol_jax.AOLDense(64, 64, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16,
+  layer = aol_jax.AOLDense(64, 64, param_dtype=jnp.bfloat16,
                            kernel_init=_rotations, rngs=nnx.Rngs(seed))
   return aol_jax.AOLNetwork([aol_jax.Flatten(), layer, aol_jax.FirstChannels(10)])
 
@@ -218,44 +218,60 @@ def _margin_error(frozen, levels: np.ndarray) -> np.ndarray:
   return (logits[:, 0] - logits[:, 1]) - (exact[:, 0] - exact[:, 1])
 
 
+def _plain_margin_error(frozen, levels: np.ndarray) -> np.ndarray:
+  """The float32 margin of one long ``x @ W`` (XLA's own dot, as the frozen layer computed it
+  before) minus the exact one, on constant images."""
+  w = np.asarray(frozen.layers[1].kernel[...], np.float32)
+  x = np.ones((len(levels), _CHAIN), np.float32) * levels[:, None]
+  logits = np.asarray(jax.jit(jnp.matmul)(x, w), np.float64)
+  exact = x.astype(np.float64) @ w.astype(np.float64)
+  return (logits[:, 0] - logits[:, 1]) - (exact[:, 0] - exact[:, 1])
+
+
 def test_long_chains_of_equal_products_cannot_fool_the_default_certificate():
   """Hole 1: the statistical allowance assumed independent rounding errors. On constant
   images XLA:CPU's long chains of equal products round one way: the float32 margin was
   0.01-0.03 above the exact one against an allowance of 0.0055, the statistical mode
   certified 61 of 61 images at 36/255 and every one flipped at a point within the radius.
-  The default certificate is rigorous: whatever it certifies, no such point exists."""
+
+  The error is still there in one long dot (checked first). The default certificate is
+  rigorous for the network as it runs (a frozen layer sums in at most 16 partial dot
+  products, each bounded whatever its order): with the exact margins placed just above and
+  below what it needs, it certifies some images, and none flips within its radius."""
   eps = 36 / 255
   frozen0 = aol_jax.freeze(_equal_products())
-  # The level whose float32 margin errs most upwards on this machine, among 61 images of
-  # the batch size certified below (the blocking of the sum depends on it).
   levels = np.linspace(0.3, 0.9, 61).astype(np.float32)
+  plain = _plain_margin_error(frozen0, levels)
+  statistical = 0.0055  # its allowance on these images (float32_statistical)
+  print(f"one long float32 dot: margin error up to {plain.max():.4f}")
+  assert plain.max() > 2 * statistical
   v0 = levels[int(np.argmax(_margin_error(frozen0, levels)))]
-  images = (v0.view(np.int32) + np.arange(61)).astype(np.int32).view(np.float32)
-  err = _margin_error(frozen0, images)
-  print(f"float32 margin error at the 61 images: {err.min():.4f} .. {err.max():.4f}")
-  # The bias puts the exact margin 0.0075 below sqrt(2) L eps: a point within eps flips the
-  # exact map, and the float32 evaluation's error is what a false certificate would need.
+  images = (v0.view(np.int32) + 100 * np.arange(61)).astype(np.int32).view(np.float32)
   w = np.asarray(frozen0.layers[1].kernel[...], np.float64)
-  bias = math.sqrt(2) * eps - 0.0075 - _CHAIN * (w[0, 0] - w[0, 1]) * float(v0)
-  model = _equal_products(bias)
-  frozen = aol_jax.freeze(model)
-  forward = jax.jit(frozen)
-  x = np.ones((61, 128, 128, 1), np.float32) * images[:, None, None, None]
-  results = {}
+  slope = _CHAIN * (w[0, 0] - w[0, 1])  # d margin / d level
   default = aol_jax.certification.DEFAULT_ROUNDING
-  for rounding in dict.fromkeys(("float32_statistical", default)):
-    predictions, radii = aol_jax.certified_radii(model, x, batch_size=61, rounding=rounding)
-    certified = np.flatnonzero((predictions == 0) & (radii > eps))
-    flipped = 0
-    for k in certified:
-      # Constant images moved towards class 1 by 0.5 .. 0.999 eps: each sums its own chain.
-      shifted = (images[k] - eps * np.linspace(0.5, 0.999, 64) / 128).astype(np.float32)
-      xs = np.ones((64, 128, 128, 1), np.float32) * shifted[:, None, None, None]
-      assert np.all(np.linalg.norm((xs.astype(np.float64) - x[k]).reshape(64, -1), 1) <= eps)
-      logits = np.asarray(forward(jnp.asarray(xs)))
-      flipped += int(np.any(logits[:, 0] <= logits[:, 1]))
-    results[rounding] = (len(certified), flipped)
+  x = np.ones((61, 128, 128, 1), np.float32) * images[:, None, None, None]
+  # Exact margins 0.02 below, at, and 0.02 above sqrt(2) L eps (L = 1 here).
+  results = {}
+  for offset in (-0.02, 0.0, 0.02):
+    bias = math.sqrt(2) * eps + offset - slope * float(v0)
+    model = _equal_products(bias)
+    forward = jax.jit(aol_jax.freeze(model))
+    for rounding in dict.fromkeys(("float32_statistical", default)):
+      predictions, radii = aol_jax.certified_radii(model, x, batch_size=61, rounding=rounding)
+      certified = np.flatnonzero((predictions == 0) & (radii > eps))
+      flipped = 0
+      for k in certified:
+        # Constant images moved towards class 1 by 0.5 .. 0.999 eps: each its own chains.
+        shifted = (images[k] - eps * np.linspace(0.5, 0.999, 64) / 128).astype(np.float32)
+        xs = np.ones((64, 128, 128, 1), np.float32) * shifted[:, None, None, None]
+        assert np.all(np.linalg.norm((xs.astype(np.float64) - x[k]).reshape(64, -1), 1) <= eps)
+        logits = np.asarray(forward(jnp.asarray(xs)))
+        flipped += int(np.any(logits[:, 0] <= logits[:, 1]))
+      certified_total, flipped_total = results.get(rounding, (0, 0))
+      results[rounding] = (certified_total + len(certified), flipped_total + flipped)
   print("certified, flipped within 36/255:", results)
+  assert results[default][0] > 0, "nothing certified: the check would be vacuous"
   assert results[default][1] == 0, f"{default}: certified images flip"
 
 
