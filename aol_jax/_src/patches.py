@@ -5,7 +5,7 @@ choose one that is not a sum of products (Winograd, FFT), whose rounding no dot-
 covers. :func:`conv_as_dot` gathers each output's inputs with strided slices (exact copies)
 and contracts them with the kernel by dot products at precision ``HIGHEST``, split into at
 most 16 partial sums (:func:`chunked_contract`): on every platform an output is a sum of
-products at most ``c + k`` roundings deep, ``c = ceil(n / k)``, whatever order the backend
+products at most ``c + k - 1`` roundings deep, ``c = ceil(n / k)``, whatever order the backend
 sums in, which the rigorous certificates bound (:mod:`aol_jax._src.certification.rigorous`).
 A frozen AOL layer computes its forward pass this way (:func:`dense_as_dot` for a dense one).
 """
@@ -61,13 +61,14 @@ def chunked_contract(lhs: jax.Array, rhs: jax.Array, dtype) -> tuple[jax.Array, 
 
   The partial sums come from one batched ``dot_general`` at precision ``HIGHEST``; an
   ``optimization_barrier`` keeps the compiler from merging them back into one long sum, and
-  they are then added. Whatever order the backend sums in, an output is then at most
-  ``c + k`` roundings deep, not ``n``: the rounding bound of
-  :mod:`aol_jax._src.certification.rigorous` uses ``gamma_(c + k)`` (zero padding adds exact
-  zeros). Returns ``(out (rows, g, o), c + k)``.
+  they are then added. Whatever order the backend sums in, a term of an output then goes
+  through at most ``c + k - 1`` roundings (``c - 1`` additions and a product in its partial
+  sum, ``k - 1`` additions of the partial sums), not ``n``: the rounding bound of
+  :mod:`aol_jax._src.certification.rigorous` uses ``gamma`` of that depth (zero padding adds
+  exact zeros). Returns ``(out (rows, g, o), c + k - 1)``.
   """
   rows, g, n = lhs.shape
-  k = min(CHUNKS, n)
+  k = max(1, min(CHUNKS, math.isqrt(n)))  # c + k - 1 <= n; about 2 sqrt(n) up to 16 chunks
   c = -(-n // k)
   pad = k * c - n
   lhs = jnp.pad(lhs.astype(dtype), ((0, 0), (0, 0), (0, pad))).reshape(rows, g, k, c)
@@ -76,7 +77,7 @@ def chunked_contract(lhs: jax.Array, rhs: jax.Array, dtype) -> tuple[jax.Array, 
                                 precision=jax.lax.Precision.HIGHEST,
                                 preferred_element_type=dtype)  # (g, k, rows, o)
   partial = jax.lax.optimization_barrier(partial)
-  return jnp.moveaxis(jnp.sum(partial, axis=1), 0, 1), c + k
+  return jnp.moveaxis(jnp.sum(partial, axis=1), 0, 1), c + k - 1
 
 
 def dense_as_dot(x: jax.Array, kernel: jax.Array, dtype) -> tuple[jax.Array, int]:

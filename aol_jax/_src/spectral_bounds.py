@@ -149,14 +149,17 @@ class FloatFormat(NamedTuple):
       error at most ``u``.
     tiny: the smallest normal number: a result or an input that underflows (gradually, or
       flushed to zero) moves by less than this.
+    limit: a magnitude far below the largest finite number (``2^100`` in float32, whose
+      largest is about ``2^128``): a certificate keeps every value below it.
   """
   name: str
   unit_roundoff: float
   tiny: float
+  limit: float
 
 
-FLOAT32 = FloatFormat("float32", FLOAT32_UNIT_ROUNDOFF, FLOAT32_TINY)
-FLOAT64 = FloatFormat("float64", FLOAT64_UNIT_ROUNDOFF, FLOAT64_TINY)
+FLOAT32 = FloatFormat("float32", FLOAT32_UNIT_ROUNDOFF, FLOAT32_TINY, 2.0 ** 100)
+FLOAT64 = FloatFormat("float64", FLOAT64_UNIT_ROUNDOFF, FLOAT64_TINY, 2.0 ** 900)
 
 
 _U = FLOAT64_UNIT_ROUNDOFF

@@ -191,7 +191,7 @@ class Mode:
     for a float64 mode."""
     stack = contextlib.ExitStack()
     stack.enter_context(jax.default_matmul_precision("highest"))
-    if self.fmt.name == "float64":
+    if self.fmt.unit_roundoff < 2.0 ** -24:  # wider than float32: 64-bit types
       stack.enter_context(jax.enable_x64(True))
     return stack
 

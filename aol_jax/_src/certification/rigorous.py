@@ -255,12 +255,6 @@ def chain_constants(steps: Sequence[StepConstants]) -> ChainConstants:
                         betas=(*betas, beta))
 
 
-def overflow_limit(fmt: FloatFormat) -> float:
-  """The magnitude below which the chain keeps every value (``2^100`` in float32, ``2^900``
-  in float64): far enough below the largest finite number that no rounding reaches it."""
-  return 2.0 ** 100 if fmt.name == "float32" else 2.0 ** 900
-
-
 def chain(bounds: Sequence[jax.Array], norms: Sequence[jax.Array],
           steps: Sequence[StepConstants], constants: ChainConstants,
           fmt: FloatFormat) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -269,15 +263,15 @@ def chain(bounds: Sequence[jax.Array], norms: Sequence[jax.Array],
   constants.
 
   ``limit`` is the largest radius at which no value of any evaluation at any ``x'`` of the
-  ball can overflow: activations stay below the limit of :func:`overflow_limit`,
+  ball can overflow: activations stay below the format's ``limit``,
   ``||z'_k|| <= ||z_k|| + r_k`` with ``r_k = alpha_k + e_k + (beta_k + P_k) eps``, and so do
   the sums inside an affine step (``d_k + s_k r_k >= gamma_N || |T| |z'_k| + |b| ||``, which
   bounds them, below ``u`` times the limit). Beyond ``limit`` nothing is certified.
   """
   e = alpha = jnp.zeros_like(bounds[0])
   dtype = e.dtype
-  top = _in_format(overflow_limit(fmt) / 2, fmt)
-  inside = _in_format(overflow_limit(fmt) * fmt.unit_roundoff / 2, fmt)
+  top = _in_format(fmt.limit / 2, fmt)
+  inside = _in_format(fmt.limit * fmt.unit_roundoff / 2, fmt)
   slack = _in_format(up(1.0 + 2.0 ** -10), fmt)
   limit = jnp.full_like(e, jnp.inf)
 

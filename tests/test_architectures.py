@@ -1,4 +1,4 @@
-"""The paper's networks: sizes, layer structure, shapes, and the normalisation constant."""
+"""The paper's networks: sizes, layer structure, shapes; every family 1-Lipschitz."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,7 @@ from support.certification import logits_and_activation_norm
 from aol_jax._src import lipschitz
 from aol_jax._src.blocks import ConcatenationPooling, FirstChannels, Flatten, MaxMin
 from aol_jax._src.layers import AOLConv, AOLDense
-from support.models import SMALL
+from support.models import SMALL, build_small, digits, train
 
 
 def _num_params(model: nnx.Module) -> int:
@@ -94,77 +94,84 @@ def test_wrong_input_shape_raises():
     aol_jax.aol_std(10, rngs=nnx.Rngs(0), image_size=12, num_stages=3)
 
 
-def test_activation_norm_is_the_largest_intermediate_norm():
-  model = aol_jax.aol_std(10, rngs=nnx.Rngs(0), image_size=8, in_channels=1, input_mean=(0.5,),
-                         input_std=(0.3,), **SMALL["aol_std"])
-  x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1))
+# Whole networks are 1-Lipschitz: Whole networks are 1-Lipschitz: Jacobian norms by power iteration, and input pairs.
+#
+# Every family is built at a small width on 8x8 greyscale digits, and checked at the paper's
+# initialisation and with weights trained on scikit-learn's digits, at digits and at uniform
+# random inputs. Tolerance 1e-4 relative:
+# the bound is exact in real arithmetic, and the float32 rescaling and Jacobian products
+# round at about ``u * sum_k sqrt(n_k)`` (``u = 2^-24``), well under 1e-5 at these sizes.
 
-  @jax.jit
-  def run(x):
-    logits, act = logits_and_activation_norm(model, x)
-    h = (x - 0.5) / 0.3
-    norms = [jnp.linalg.norm(x.reshape(4, -1), axis=-1),
-             jnp.linalg.norm(h.reshape(4, -1), axis=-1)]
-    for layer in model.layers:
-      h = layer(h)
-      norms.append(jnp.linalg.norm(h.reshape(4, -1), axis=-1))
-    return logits, act, model(x), jnp.max(jnp.stack(norms), axis=0)
+TOL = 1e-4
 
-  logits, act, plain_logits, want = run(x)
-  np.testing.assert_array_equal(logits, plain_logits)
-  np.testing.assert_allclose(act, want, rtol=1e-6)
+@jax.jit(static_argnums=0)
+def _power_norms(graphdef, state, xs):
+  f = lambda z: nnx.merge(graphdef, state)(z[None])[0]
+  keys = jax.random.split(jax.random.key(1), xs.shape[0])
+  return jax.vmap(lambda x, k: lipschitz.power_iteration(f, x, 60, key=k))(xs, keys)
 
 
-def test_lipschitz_bound_includes_input_normalisation():
-  std = (0.2, 0.25, 0.5)
-  model = aol_jax.aol_fc(10, rngs=nnx.Rngs(0), width=64, depth=2, image_size=4,
-                        input_mean=(0.4, 0.5, 0.6), input_std=std)
-  assert 5.0 * (1 - 1e-3) <= model.lipschitz_bound() <= 5.0 * (1 + 1e-5)
-  # The normalisation really scales the map: the first layer at init has orthonormal rows
-  # (48 -> 64), so the network's Jacobian norm exceeds 1 and is at most max(1/std).
-  x = jax.random.uniform(jax.random.key(0), (1, 4, 4, 3))
-  norm = float(jax.jit(lambda x: lipschitz.power_iteration(lambda z: model(z), x, 100))(x))
-  assert 1.5 < norm <= 5.0 * (1 + 1e-4)
-  with pytest.raises(ValueError, match="positive"):
-    aol_jax.aol_fc(10, rngs=nnx.Rngs(0), width=16, depth=1, image_size=4,
-                  input_std=(0.2, 0.0, 0.3))
+@jax.jit(static_argnums=0)
+def _apply(graphdef, state, x):
+  return nnx.merge(graphdef, state)(x)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"input_std": (float("nan"),)}, "input_std"), ({"input_std": (0.5, float("inf"))}, "input_std"),
-    ({"input_std": -1.0}, "input_std"), ({"input_std": ()}, "input_std"),
-    ({"input_std": "abc"}, "input_std"), ({"input_mean": (float("nan"),)}, "input_mean"),
-])
-def test_bad_normalisation_values_are_refused(kwargs, match):
-  with pytest.raises(ValueError, match=match):
-    aol_jax.AOLNetwork([Flatten()], **kwargs)
+def _jacobian_norms(model: nnx.Module, xs: jax.Array) -> np.ndarray:
+  """Power iteration on the Jacobian of the single-example map at each input, jit-compiled."""
+  return np.asarray(_power_norms(*nnx.split(model), xs))
 
 
-def test_a_scalar_normalisation_applies_to_every_channel():
-  model = aol_jax.AOLNetwork([Flatten()], input_mean=0.5, input_std=0.25)
-  assert model.input_std == (0.25,) and model.lipschitz_bound() == 4.0
-  x = jnp.full((1, 2, 2, 3), 0.75)
-  np.testing.assert_array_equal(np.asarray(model(x)), np.ones((1, 12)))
+def _inputs(n: int) -> jax.Array:
+  x, _ = digits()
+  noise = jax.random.uniform(jax.random.key(3), (n // 2, 8, 8, 1))
+  return jnp.concatenate([jnp.asarray(x[:n - n // 2]), noise])
 
 
-def test_a_normalisation_for_other_channels_is_refused_not_broadcast():
-  model = aol_jax.AOLNetwork([Flatten()], input_mean=(0.5, 0.5, 0.5), input_std=(1.0, 1.0, 1.0))
-  with pytest.raises(ValueError, match="input_mean has 3 channels but the input has 1"):
-    model(jnp.zeros((1, 2, 2, 1)))
-  with pytest.raises(ValueError, match="input_std has 3 channels but the input has 2"):
-    aol_jax.certify_dataset(aol_jax.AOLNetwork([Flatten()], input_std=(1.0, 1.0, 1.0)),
-                            np.zeros((1, 2, 2, 2), np.float32), [0], batch_size=1)
+def _check_pairs(model: nnx.Module, lip: float) -> float:
+  """``||f(x) - f(y)|| <= L ||x - y||`` on random pairs near and far; returns the max ratio."""
+  k1, k2, k3 = jax.random.split(jax.random.key(4), 3)
+  x = jax.random.uniform(k1, (256, 8, 8, 1))
+  far = jax.random.uniform(k2, (128, 8, 8, 1))
+  near = x[128:] + 1e-2 * jax.random.normal(k3, (128, 8, 8, 1))
+  y = jnp.concatenate([far, near])
+  graphdef, state = nnx.split(model)
+  f = lambda z: _apply(graphdef, state, z)
+  num = jnp.linalg.norm(f(x) - f(y), axis=-1)
+  den = jnp.linalg.norm((x - y).reshape(256, -1), axis=-1)
+  ratio = np.asarray(num / den)
+  assert np.all(ratio <= lip * (1 + TOL)), ratio.max()
+  return float(ratio.max())
 
 
-def test_activation_norm_includes_nested_networks():
-  """A nested network's inner activations count towards M: here the inner layer's output
-  (norm 8 at the zero image, from its bias) is larger than anything the outer one sees."""
-  dense = AOLDense(4, 4, rngs=nnx.Rngs(0))
-  dense.bias[...] = jnp.array([4.0, 4.0, 4.0, 4.0])
-  cancel = AOLDense(4, 4, rngs=nnx.Rngs(1))
-  cancel.bias[...] = -4.0 * jnp.sum(cancel.rescale(cancel.kernel[...]), axis=0)
-  inner = aol_jax.AOLNetwork([dense, cancel])
-  outer = aol_jax.AOLNetwork([Flatten(), inner])
-  logits, act = logits_and_activation_norm(outer, jnp.zeros((1, 2, 2, 1)))
-  assert float(jnp.linalg.norm(logits)) < 1e-5
-  assert float(act[0]) == pytest.approx(8.0)
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_every_family_is_one_lipschitz_random_and_trained(name):
+  xs = _inputs(8)
+  model = build_small(name)  # the paper's initialisation: identity or random orthogonal
+  init_norms = _jacobian_norms(model, xs)
+  init_ratio = _check_pairs(model, 1.0)
+  x, y = digits()
+  trained = train(build_small(name), x, y, steps=100, learning_rate=1e-2, batch_size=64,
+                  seed=0)
+  trained_norms = _jacobian_norms(trained, xs)
+  frozen_norms = _jacobian_norms(aol_jax.freeze(trained), xs)
+  trained_ratio = _check_pairs(trained, 1.0)
+  print(f"{name}: Jacobian norm max init {init_norms.max():.5f}, trained "
+        f"{trained_norms.max():.5f}, trained+frozen {frozen_norms.max():.5f}; pair ratio max "
+        f"init {init_ratio:.4f}, trained {trained_ratio:.4f}")
+  for norms in (init_norms, trained_norms, frozen_norms):
+    assert np.all(norms <= 1 + TOL)
+  # What the check can see: these small trained networks reach 0.73-0.78 of the bound on
+  # these inputs (the paper measured 0.98-0.99 on CIFAR after full training), so a network
+  # whose true constant overshoots 1 by more than about 30 % fails the check above. Smaller
+  # per-layer overshoots are caught by test_layers' exact (SVD) norms. (At init some
+  # families are far below 1: their orthonormal-column layers project dimensions away.)
+  assert trained_norms.max() > 0.7
+
+
+def test_normalising_network_is_bounded_by_max_inverse_std():
+  model = build_small("aol_fc", input_mean=(0.5,), input_std=(0.25,))
+  lip = model.lipschitz_bound()
+  assert lip <= 4.0 * (1 + 1e-5)
+  norms = _jacobian_norms(model, _inputs(8))
+  assert np.all(norms <= lip * (1 + TOL)) and norms.max() > 1.0  # above 1: the constant matters
+  _check_pairs(model, lip)

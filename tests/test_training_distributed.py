@@ -1,6 +1,6 @@
 """aol_jax.training.distributed: when jax.distributed starts, and a real two-process job.
 
-Run as a script (``python tests/test_distributed.py WORKER_ID PORT OUT``) this file is one
+Run as a script (``python tests/test_training_distributed.py WORKER_ID PORT OUT``) this file is one
 process of the two-process job that :func:`test_two_processes_form_one_job` launches.
 """
 
