@@ -1,0 +1,69 @@
+"""The prepared certifier: what it refuses before anything runs, the decision's validity
+checks, and the exact bisection of the largest certified radius."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import aol_jax
+from aol_jax._src.certification import certifier
+from aol_jax.certification import prepare
+
+
+def _net(**kw) -> aol_jax.AOLNetwork:
+  return aol_jax.AOLNetwork([aol_jax.Flatten(), aol_jax.AOLDense(4, 3, rngs=nnx.Rngs(0), **kw)])
+
+
+def test_a_tpu_is_refused_with_the_way_to_certify_on_the_host():
+  for rounding in aol_jax.ROUNDING_MODES:
+    with pytest.raises(ValueError, match="platform='cpu'"):
+      prepare(_net(), (2, 2, 1), rounding=rounding, platform="tpu")
+  assert prepare(_net(), (2, 2, 1), platform="cpu").platform == "cpu"
+
+
+def test_parameters_the_format_cannot_hold_as_they_are_are_refused():
+  net = _net()
+  net.layers[1].bias[...] = jnp.asarray([1e-40, 0.0, 0.0], jnp.float32)  # subnormal
+  with pytest.raises(ValueError, match="subnormal"):
+    prepare(net, (2, 2, 1))
+  net.layers[1].bias[...] = jnp.asarray([jnp.nan, 0.0, 0.0], jnp.float32)
+  with pytest.raises(ValueError, match="non-finite"):
+    prepare(net, (2, 2, 1))
+  with jax.enable_x64(True):
+    wide = _net(param_dtype=jnp.float64)
+    with pytest.raises(ValueError, match="float64 values.*wider"):
+      prepare(wide, (2, 2, 1), rounding="float32")
+    assert prepare(wide, (2, 2, 1), rounding="float64").lipschitz > 0
+
+
+@pytest.mark.parametrize("shape", [(), (0, 2), (2, 2.5), (True, 2)])
+def test_a_bad_image_shape_or_model_is_refused(shape):
+  with pytest.raises(ValueError, match="image_shape"):
+    prepare(_net(), shape)
+  with pytest.raises(ValueError, match="nnx.Module"):
+    prepare(jnp.tanh, (2, 2, 1))
+
+
+def test_the_decision_needs_a_valid_radius_finite_values_and_no_overflow():
+  prepared = prepare(_net(), (2, 2, 1))
+  x = jnp.full((3, 2, 2, 1), 0.5, jnp.float32)
+  logits, pred, bounds = jax.jit(prepared.evaluate)(prepared.state, x)
+  ok = lambda b, e: np.asarray(prepared.decide(logits, pred, b, jnp.asarray(e, jnp.float32)))
+  assert ok(bounds, [0.0, 0.0, 0.0]).any()  # something is certified at 0 (not vacuous)
+  assert not ok(bounds, [-1e-3, jnp.nan, jnp.inf]).any()
+  assert not ok(bounds._replace(finite=jnp.zeros(3, bool)), 0.0).any()
+  assert not ok(bounds._replace(limit=jnp.full(3, -1.0)), 0.0).any()
+  assert not ok(bounds._replace(a=jnp.full(3, -1.0)), 0.0).any()  # a negative allowance
+
+
+def test_the_largest_certified_radius_is_exact_to_the_last_bit():
+  threshold = jnp.asarray([0.3, 1e-30, 7.0], jnp.float32)
+  decide = lambda e: e <= threshold
+  largest, at_zero = certifier.largest_certified(decide, jnp.float32, threshold)
+  np.testing.assert_array_equal(np.asarray(largest), np.asarray(threshold))
+  assert np.all(np.asarray(at_zero))
+  never = lambda e: e < 0
+  largest, at_zero = certifier.largest_certified(never, jnp.float32, threshold)
+  assert not np.any(np.asarray(at_zero))
