@@ -117,6 +117,31 @@ def _conv_columns(layer, x: jax.Array, ksize: tuple[int, ...]) -> jax.Array:
                               padding=padding_lib.normalize_padding(layer.padding, nd))
 
 
+def _conv_abs_bound(cols: jax.Array, kernel: jax.Array, groups: int,
+                    dtype) -> tuple[jax.Array, int]:
+  """An entrywise upper bound on ``|T| |x|`` of a conv, evaluated at 2 / taps of its cost,
+  and the rounding depth of that evaluation.
+
+  At output ``p``, channel ``o``, ``(|T| |x|) = sum_{t, c} |K[t, c, o]| |x[p + t, c]|``. With
+  ``t*`` the tap of the largest ``sum |K[t]|`` (the centre of a kernel that starts as the
+  identity), it is at most ``sum_c |K[t*, c, o]| |x[p + t*, c]| + sum_c (sum_{t != t*}
+  |K[t, c, o]|) max_{t != t*} |x[p + t, c]|``: one contraction over ``2 c_in / g`` terms.
+  ``cols`` are the conv's columns ``(batch, *out, taps, c_in)``; the tap sums add up to
+  ``taps`` roundings to a term.
+  """
+  taps = cols.shape[-2]
+  absk = jnp.abs(kernel).reshape(taps, *kernel.shape[-2:])
+  absc = jnp.abs(cols)
+  star = jnp.argmax(jnp.sum(absk, axis=(1, 2)))
+  others = (jnp.arange(taps) != star)
+  rest = jnp.max(jnp.where(others[:, None], absc, 0), axis=-2)
+  # Columns [x at t*, max of the others], per input channel: (..., 2, c_in), as two taps.
+  lhs = jnp.stack([jnp.take(absc, star, axis=-2), rest], axis=-2)
+  rhs = jnp.stack([absk[star], jnp.sum(jnp.where(others[:, None, None], absk, 0), axis=0)])
+  absolute, depth = patches.conv_as_dot(lhs, rhs, groups, dtype)
+  return absolute, depth + taps
+
+
 def _frozen_dtype(layer, x: jax.Array, kernel: jax.Array):
   """The dtype a frozen layer computes in: its ``dtype``, else that of ``x`` and the kernel,
   at least float32."""
@@ -369,14 +394,9 @@ class AOLConv(nnx.Module):
     kernel = kernel.astype(dtype)
     cols = _conv_columns(self, x.astype(dtype), ksize)
     y, depth = patches.conv_as_dot(cols, kernel, g, dtype)
-    # |T| |x| at output p, channel o is sum_{t, c} |K[t, c, o]| |x[p + t, c]|, at most
-    # sum_c (sum_t |K[t, c, o]|) max_t |x[p + t, c]|: a 1x1 conv of the window maxima,
-    # 1 / taps of the products; the tap sums add up to taps roundings to each term.
-    window = jnp.max(jnp.abs(cols), axis=-2, keepdims=True)
-    summed = jnp.sum(jnp.abs(kernel).reshape(-1, *kernel.shape[-2:]), axis=0)
-    absolute, abs_depth = patches.conv_as_dot(window, summed, g, dtype)
-    return _affine_error(self, y, absolute, kernel, products=depth,
-                         abs_products=abs_depth + math.prod(ksize), fmt=fmt)
+    absolute, abs_depth = _conv_abs_bound(cols, kernel, g, dtype)
+    return _affine_error(self, y, absolute, kernel, products=depth, abs_products=abs_depth,
+                         fmt=fmt)
 
   def rounding_error_slope(self, fmt: spectral_bounds.FloatFormat) -> float:
     """``gamma_N max_g || sum_t |K_t| ||_2``, ``N`` the taps times the group's input channels
