@@ -168,28 +168,25 @@ def _abstract(tree: Any, sharding: NamedSharding) -> Any:
 
 
 def _network(model_name: str, network: str, *, frozen: bool = False) -> nnx.Module:
-  """The abstract (shape-only) AOL model or its plain twin, optionally frozen."""
-  def build():
-    model = aol_jax.MODELS[model_name](10, rngs=nnx.Rngs(0))
-    if network == "plain":
-      model = nets.plain_net(model)
-    elif frozen:
-      model = freeze(model)
-    return model
-  return nnx.eval_shape(build)
+  """The AOL model or its plain twin, optionally frozen (call it under ``nnx.eval_shape``)."""
+  model = aol_jax.MODELS[model_name](10, rngs=nnx.Rngs(0))
+  if network == "plain":
+    model = nets.plain_net(model)
+  elif frozen:
+    model = freeze(model)
+  return model
 
 
 def compile_train_step(mesh: jax.sharding.Mesh, model_name: str, network: str, batch: int, *,
-                       shard_rescaling: bool | None = None) -> Any:
-  """The compiled ``make_train_step`` of ``network`` (``'aol'`` or ``'plain'``)."""
+                       split_rescaling: bool | None = None) -> Any:
+  """The compiled ``make_train_step`` of ``network`` (``'aol'`` or ``'plain'``), its state
+  from ``create_train_state`` (abstract: shapes only)."""
   optimizer = training.make_optimizer(training.paper_schedule(1e-3, 100, 10))
-  graphdef, params, rest = nnx.split(_network(model_name, network), nnx.Param, ...)
+  graphdef, state = jax.eval_shape(lambda: training.create_train_state(
+      _network(model_name, network), optimizer, key=0, mesh=mesh,
+      split_rescaling=split_rescaling))
   replicated, data = training.replicated_sharding(mesh), training.data_sharding(mesh)
-  state = training.TrainState(params=params, rest=rest,
-                              opt_state=jax.eval_shape(optimizer.init, params),
-                              step=jax.ShapeDtypeStruct((), jnp.int32),
-                              key=jax.ShapeDtypeStruct((2,), jnp.uint32))
-  step = training.make_train_step(graphdef, optimizer, mesh, shard_rescaling=shard_rescaling)
+  step = training.make_train_step(graphdef, optimizer, mesh)
   images = jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.uint8, sharding=data)
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data)
   with jax.set_mesh(mesh):
@@ -199,7 +196,7 @@ def compile_train_step(mesh: jax.sharding.Mesh, model_name: str, network: str, b
 def compile_certify_step(mesh: jax.sharding.Mesh, model_name: str, network: str,
                          batch: int) -> Any:
   """The compiled certification step: the frozen model's logits and their margins."""
-  graphdef, state = nnx.split(_network(model_name, network, frozen=True))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: _network(model_name, network, frozen=True)))
   replicated, data = training.replicated_sharding(mesh), training.data_sharding(mesh)
 
   def certify_step(state, images, labels):
@@ -230,7 +227,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def measure_train(target: str, model_name: str, *, batch: int,
                   per_device_batches: Sequence[int] = PER_DEVICE_BATCHES,
-                  shard_rescaling: bool | None = None) -> dict[str, Any]:
+                  split_rescaling: bool | None = None) -> dict[str, Any]:
   """AOL and plain counts of the train step at global ``batch``, and their peak memory at
   each of ``per_device_batches`` examples per device."""
   mesh = target_mesh(target)
@@ -242,12 +239,12 @@ def measure_train(target: str, model_name: str, *, batch: int,
   for network in ("aol", "plain"):
     start = time.perf_counter()
     compiled = compile_train_step(mesh, model_name, network, batch,
-                                  shard_rescaling=shard_rescaling)
+                                  split_rescaling=split_rescaling)
     out[network] = {**counts(compiled), "compile_s": time.perf_counter() - start,
                     "peak_bytes_per_device_batch": {}}
     for per_device in per_device_batches:
       compiled = compile_train_step(mesh, model_name, network, per_device * n,
-                                    shard_rescaling=shard_rescaling)
+                                    split_rescaling=split_rescaling)
       out[network]["peak_bytes_per_device_batch"][per_device] = nets.peak_bytes(compiled)
   for key in ("flops", "bytes_accessed", "peak_bytes"):
     out[f"{key}_ratio"] = _ratio(out["aol"][key], out["plain"][key])
@@ -297,8 +294,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  help="also compile the AOL certification step (table 2)")
   p.add_argument("--certify-batch", type=int, default=1024, help="global certification batch")
   p.add_argument("--replicated-rescaling", action="store_true",
-                 help="compute the AOL rescaling on every device (make_train_step's "
-                      "shard_rescaling=False), as before it was split")
+                 help="compute the AOL rescaling on every device (create_train_state's "
+                      "split_rescaling=False), as before it was split")
   p.add_argument("--json", type=str, default=None, help="also write the results here")
   args = p.parse_args(argv)
   for b in [args.batch, args.certify_batch, *args.per_device_batches]:
@@ -309,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   for target in args.targets:
     for model_name in args.models:
       r = measure_train(target, model_name, batch=args.batch, per_device_batches=per_device,
-                        shard_rescaling=False if args.replicated_rescaling else None)
+                        split_rescaling=False if args.replicated_rescaling else None)
       results.append(r)
       a, b = r["aol"], r["plain"]
       max_peak = max([a["peak_bytes"], *a["peak_bytes_per_device_batch"].values()])
@@ -349,9 +346,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   notes = ["Train step compiled, not run, for each target on this machine (libtpu for TPUs, "
            "the CUDA plugin for GPUs); per device. The GPU compiler gives no FLOPs ahead of "
            "time (n/a). Collective sizes are the HLO output sizes. "
-           + ("Rescaling replicated on every device (shard_rescaling=False)."
+           + ("Rescaling replicated on every device (split_rescaling=False)."
               if args.replicated_rescaling else
-              "Rescaling split over 'data' (make_train_step's default on >1 device).")]
+              "Rescaling split over 'data' (create_train_state's default on >1 device).")]
   return timing.report("AOL vs plain compiled for accelerator targets (not run)", table,
                        results, module=__spec__.name, argv=argv, json_path=args.json,
                        notes=notes)

@@ -1,8 +1,11 @@
-"""Splitting the AOL rescaling over a mesh axis: same values and gradients, 1/n of the work.
+"""Splitting the AOL rescaling over a mesh axis: same values and gradients, 1/n of the work,
+decided by the layers' static ``rescaling_axis`` (``nnx.view``) and nothing else.
 
 Runs on the 8 simulated CPU devices of ``conftest.py``. Compiler counts (FLOPs from
 ``cost_analysis()``) stand in for timings.
 """
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from aol_jax import training
 from aol_jax._src import rescaling
 from aol_jax._src.losses import offset_cross_entropy
-from aol_jax import aol_convnet
-from aol_jax._src.sharding import sharded_rescaling
+from aol_jax import AOLConv, AOLDense, aol_convnet
 
 # Factors of float32 Gram rows summed in different blocks: a few ulp, far below any slip.
 RTOL, ATOL = 1e-5, 1e-7
@@ -42,10 +44,16 @@ def _loss_and_grad(fn, weights):
   return jax.jit(jax.value_and_grad(lambda k: jnp.sum(jnp.sin(fn(k) * weights))))
 
 
+def _in_shard_map(mesh, fn):
+  """``fn(k, axis_name='data')`` on every device of ``mesh``: each device's result stacked."""
+  return jax.shard_map(lambda k: fn(k, axis_name="data")[None], mesh=mesh, in_specs=P(),
+                       out_specs=P("data"))
+
+
 @pytest.mark.parametrize("shape,g", CASES)
 def test_split_rescaling_matches_the_unsplit(mesh, shape, g):
-  """Values and gradients with ``mesh=`` (global arrays) and with ``axis_name=`` inside a
-  user's ``shard_map`` equal the unsplit rescaling's."""
+  """Values (on every device) and gradients with ``axis_name=`` inside a ``shard_map``
+  equal the unsplit rescaling's."""
   rng = np.random.default_rng(sum(shape))
   kernel = jnp.asarray(rng.normal(size=shape), jnp.float32)
   weights = jnp.asarray(rng.normal(size=shape), jnp.float32)
@@ -61,23 +69,26 @@ def test_split_rescaling_matches_the_unsplit(mesh, shape, g):
 
   with jax.set_mesh(mesh):
     replicated = jax.device_put(kernel, NamedSharding(mesh, P()))
-    split = lambda k: rescale(k, mesh=mesh)
-    np.testing.assert_allclose(jax.jit(split)(replicated), want_value, rtol=RTOL, atol=ATOL)
-    for loss_fn in (lambda k: jnp.sum(jnp.sin(split(k) * weights)), loss_in_shard_map):
-      loss, grad = jax.jit(jax.value_and_grad(loss_fn))(replicated)
-      np.testing.assert_allclose(loss, want_loss, rtol=RTOL)
-      np.testing.assert_allclose(grad, want_grad, rtol=RTOL, atol=ATOL)
+    values = jax.jit(_in_shard_map(mesh, rescale))(replicated)
+    assert values.shape == (8, *shape)
+    for value in values:
+      np.testing.assert_allclose(value, want_value, rtol=RTOL, atol=ATOL)
+    loss, grad = jax.jit(jax.value_and_grad(loss_in_shard_map))(replicated)
+    np.testing.assert_allclose(loss, want_loss, rtol=RTOL)
+    np.testing.assert_allclose(grad, want_grad, rtol=RTOL, atol=ATOL)
 
 
 def test_split_does_a_share_of_the_gram_work(mesh):
   """The split gradient of one 3x3 192-channel kernel costs ~1/8 of the unsplit's FLOPs."""
   kernel = jnp.zeros((3, 3, 192, 192), jnp.float32)
+  whole = lambda k: jnp.sum(rescaling.rescale_conv(k) ** 2)
+  split = jax.shard_map(lambda k: jax.lax.psum(jnp.sum(rescaling.rescale_conv(
+      k, axis_name="data") ** 2) / 8, "data"), mesh=mesh, in_specs=P(), out_specs=P())
   flops = {}
   with jax.set_mesh(mesh):
     replicated = jax.device_put(kernel, NamedSharding(mesh, P()))
-    for name, m in (("whole", None), ("split", mesh)):
-      f = jax.grad(lambda k: jnp.sum(rescaling.rescale_conv(k, mesh=m) ** 2))
-      flops[name] = jax.jit(f).lower(replicated).compile().cost_analysis()["flops"]
+    for name, f in (("whole", whole), ("split", split)):
+      flops[name] = jax.jit(jax.grad(f)).lower(replicated).compile().cost_analysis()["flops"]
   assert flops["split"] <= flops["whole"] / 8 * 1.1, flops
 
 
@@ -102,45 +113,106 @@ def test_custom_derivative_matches_autodiff_of_the_reference():
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-6)
 
 
-def test_wrong_axis_is_a_clear_error(mesh):
-  with pytest.raises(ValueError, match="'batch' is not an axis of the mesh"):
-    rescaling.rescale_dense(jnp.ones((4, 4)), mesh=mesh, axis_name="batch")
-  with pytest.raises(ValueError, match="'batch' is not an axis of the mesh"):
-    with sharded_rescaling(mesh, "batch"):
-      pass
-
-
 def tiny_model():
   return aol_convnet(10, width=4, channels=12, conv_depth=1, dense_depth=2, pool=2,
                      image_size=8, rngs=nnx.Rngs(0))
 
 
-def test_layers_split_under_the_context_in_a_users_jit(mesh):
-  """A user's own jit (no jax.set_mesh) entering sharded_rescaling: same logits and
-  gradients as without, and the compiled program sums the factors' row sums over the
-  devices (it did split)."""
-  graphdef, params = nnx.split(tiny_model())
+def _aol_layers(model):
+  return [m for _, m in nnx.iter_modules(model) if isinstance(m, (AOLConv, AOLDense))]
+
+
+def test_nnx_view_sets_the_axis_on_a_copy_and_checks_it():
+  model = tiny_model()
+  split = nnx.view(model, rescaling_axis="data")
+  assert {m.rescaling_axis for m in _aol_layers(split)} == {"data"}
+  assert {m.rescaling_axis for m in _aol_layers(model)} == {None}  # the original is unchanged
+  assert {m.rescaling_axis for m in _aol_layers(nnx.view(split, rescaling_axis=None))} == {None}
+  assert {m.rescaling_axis for m in _aol_layers(nnx.view(split, gram_precision="high"))} == {
+      "data"}  # a view that does not name the axis keeps it
+  with pytest.raises(ValueError, match="rescaling_axis must be a mesh axis name or None"):
+    nnx.view(model, rescaling_axis=3)
+  with pytest.raises(ValueError, match="gram_precision='fp8' is not one of"):
+    nnx.view(model, gram_precision="fp8")
+
+
+def test_a_split_layer_traced_without_its_mesh_axis_is_a_clear_error(mesh):
+  """The split is decided by the layer's attribute alone: traced outside a mesh (or under
+  one without the axis) it raises one line naming the axis and both fixes; it never
+  silently computes the whole rescaling."""
+  x = jnp.ones((8, 8, 8, 3))
+  model = nnx.view(tiny_model(), rescaling_axis="data")
+  fixes = r"call it under jax.set_mesh\(mesh\) with a mesh axis 'data', or take " \
+          r"nnx.view\(model, rescaling_axis=None\)"
+  with pytest.raises(ValueError, match=r"^AOLConv splits its rescaling over mesh axis 'data' "
+                                       r".* traced outside any mesh: " + fixes) as e:
+    jax.jit(lambda x: model(x))(x)
+  assert "\n" not in str(e.value)
+  other = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
+  with jax.set_mesh(other), pytest.raises(
+      ValueError, match=r"traced under a mesh with axes \('batch',\): " + fixes):
+    jax.jit(lambda x: model(x))(x)
+  nnx.view(model, rescaling_axis=None)(x)  # the fix the message names
+
+
+def test_layers_split_in_a_users_jit(mesh):
+  """A user's own jit under jax.set_mesh on a model viewed with rescaling_axis='data': the
+  same logits and gradients as the unsplit model, and the compiled program sums the
+  factors' row sums over the devices (it did split)."""
+  model = tiny_model()
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.uniform(size=(16, 8, 8, 3)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 10, 16), jnp.int32)
 
-  def make(shard):
-    def loss_fn(params, x, y):
-      with sharded_rescaling(mesh if shard else None):
-        logits = nnx.merge(graphdef, params)(x)
-      return offset_cross_entropy(logits, y), logits
-    return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  def make(axis):
+    graphdef, params = nnx.split(nnx.view(model, rescaling_axis=axis))
 
-  (loss, logits), grads = make(True)(params, x, y)
-  (want_loss, want_logits), want_grads = make(False)(params, x, y)
-  np.testing.assert_allclose(logits, want_logits, rtol=RTOL, atol=1e-6)
-  np.testing.assert_allclose(loss, want_loss, rtol=RTOL)
-  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
-    np.testing.assert_allclose(g, w, rtol=RTOL, atol=1e-6)
-  assert "all-reduce" in make(True).lower(params, x, y).compile().as_text()
-  assert "all-reduce" not in make(False).lower(params, x, y).compile().as_text()
-  with pytest.raises(ValueError, match="batch of 12.*multiple of 8"):
-    make(True)(params, x[:12], y[:12])
+    def loss_fn(params, x, y):
+      logits = nnx.merge(graphdef, params)(x)
+      return offset_cross_entropy(logits, y), logits
+    return jax.jit(jax.value_and_grad(loss_fn, has_aux=True)), params
+
+  with jax.set_mesh(mesh):
+    split, params = make("data")
+    whole, _ = make(None)
+    x, y = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (x, y))
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+    (loss, logits), grads = split(params, x, y)
+    (want_loss, want_logits), want_grads = whole(params, x, y)
+    np.testing.assert_allclose(logits, want_logits, rtol=RTOL, atol=1e-6)
+    np.testing.assert_allclose(loss, want_loss, rtol=RTOL)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+      np.testing.assert_allclose(g, w, rtol=RTOL, atol=1e-6)
+    reduced = lambda f: re.findall(r"all-reduce\(", f.lower(params, x, y).compile().as_text())
+    # Whole: the gradients' all-reduce only. Split: the factors' sums are reduced too.
+    assert len(reduced(split)) > len(reduced(whole)) >= 1
+    with pytest.raises(ValueError, match="batch of 12: use a batch that is a multiple of 8"):
+      split.trace(params, jax.ShapeDtypeStruct((12, 8, 8, 3), jnp.float32),
+                  jax.ShapeDtypeStruct((12,), jnp.int32))
+
+
+def test_create_train_state_decides_the_split(mesh):
+  """``create_train_state`` is where the split is decided: on by default on 8 devices, off on
+  one or when asked, refused without a 'data' axis; ``merge_model`` gives the unsplit model."""
+  optimizer = training.make_optimizer(training.paper_schedule(0.1, 2, 2))
+  axes = lambda graphdef, state: {m.rescaling_axis for m in _aol_layers(
+      nnx.merge(graphdef, state.params, state.rest))}
+  assert axes(*training.create_train_state(tiny_model(), optimizer, key=0, mesh=mesh)) == {
+      "data"}
+  for kw in (dict(mesh=mesh, split_rescaling=False), dict(mesh=training.make_data_mesh(1)),
+             dict()):
+    assert axes(*training.create_train_state(tiny_model(), optimizer, key=0, **kw)) == {None}
+  graphdef, state = training.create_train_state(tiny_model(), optimizer, key=0, mesh=mesh,
+                                                gram_precision="bfloat16")
+  merged = training.merge_model(graphdef, state)
+  assert {(m.rescaling_axis, m.gram_precision) for m in _aol_layers(merged)} == {
+      (None, "bfloat16")}
+  other = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
+  with pytest.raises(ValueError, match=r"split_rescaling needs a mesh axis 'data' to split "
+                                       r"over, got a mesh with axes \('batch',\)"):
+    training.create_train_state(tiny_model(), optimizer, key=0, mesh=other)
+  with pytest.raises(ValueError, match="got no mesh; pass mesh=make_data_mesh()"):
+    training.create_train_state(tiny_model(), optimizer, key=0, split_rescaling=True)
 
 
 def _train_flops(num_devices: int) -> float:

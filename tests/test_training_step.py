@@ -45,9 +45,9 @@ class Setup:
     self.plain_step = training.make_train_step(self.graphdef, self.optimizer, self.mesh,
                                                augment=False)
 
-  def fresh(self):
+  def fresh(self, **kw):
     return training.create_train_state(tiny_model(), self.optimizer, key=jax.random.key(42),
-                                       mesh=self.mesh)
+                                       mesh=self.mesh, **kw)
 
   def train(self, data, *, augment=True):
     step = self.step if augment else self.plain_step
@@ -110,8 +110,8 @@ def test_step_is_data_parallel(eight):
   assert kernels
   conv_batches = {int(m) for m in re.findall(r"= f32\[(\d+),[\d,]*\]\{[^}]*\} convolution\(", hlo)}
   assert BATCH // 8 in conv_batches and BATCH not in conv_batches
-  replicated = training.make_train_step(eight.graphdef, eight.optimizer, eight.mesh,
-                                        shard_rescaling=False)
+  replicated = training.make_train_step(eight.fresh(split_rescaling=False)[0], eight.optimizer,
+                                        eight.mesh)
   rep_found = _collectives(replicated, eight)[1]
   assert {kind for _, kind in rep_found} == {"all-reduce"}
   sums = [v for k in kernels for v in (f"f32[{-(-k.shape[-2] // 8) * 8}]", f"f32[{k.shape[-2]}]")]
@@ -231,8 +231,8 @@ def _assert_states_close(a, b):
 
 @pytest.fixture(scope="module")
 def replicated_step(eight):
-  return training.make_train_step(eight.graphdef, eight.optimizer, eight.mesh,
-                                  shard_rescaling=False)
+  return training.make_train_step(eight.fresh(split_rescaling=False)[0], eight.optimizer,
+                                  eight.mesh)
 
 
 def test_split_and_replicated_rescaling_train_alike(eight, replicated_step):
@@ -268,13 +268,10 @@ def test_checkpoint_resumes_across_rescaling_modes(eight, replicated_step, tmp_p
 
 def _highest_ops(gram_precision: str) -> int:
   """Dot and conv ops at HIGHEST in the lowered (StableHLO) AOL train step on 8 devices."""
-  model = tiny_model()
-  for _, layer in nnx.iter_modules(model):
-    if hasattr(layer, "gram_precision"):
-      layer.gram_precision = gram_precision
   mesh = training.make_data_mesh(8)
   optimizer = training.make_optimizer(training.paper_schedule(LR, 2, 2))
-  graphdef, state = training.create_train_state(model, optimizer, key=0, mesh=mesh)
+  graphdef, state = training.create_train_state(tiny_model(), optimizer, key=0, mesh=mesh,
+                                                gram_precision=gram_precision)
   step = training.make_train_step(graphdef, optimizer, mesh)
   images = jax.ShapeDtypeStruct((16, 8, 8, 3), jnp.uint8, sharding=training.data_sharding(mesh))
   labels = jax.ShapeDtypeStruct((16,), jnp.int32, sharding=training.data_sharding(mesh))

@@ -23,7 +23,8 @@ from aol_jax._src.certification import protocol, rigorous, statistical
 from aol_jax._src.certification.statistical import StatisticalTerms
 from aol_jax._src.gram import check_precision
 from aol_jax._src.initializers import aol_init
-from aol_jax._src.sharding import apply_rescaled, batch_reshape
+from aol_jax._src.rescaled_apply import apply_rescaled
+from aol_jax._src.sharding import batch_reshape
 
 
 class RescaledKernel(nnx.Variable):
@@ -56,11 +57,25 @@ def _frozen(layer) -> bool:
 def _apply_kernel(layer, op: Callable[[jax.Array, jax.Array], jax.Array],
                   x: jax.Array) -> jax.Array:
   """``op(x, kernel)`` with the kernel the layer applies: frozen, or rescaled now
-  (:func:`aol_jax._src.sharding.apply_rescaled`, the training path of
-  :meth:`AOLDense.applied_kernel`)."""
+  (:func:`aol_jax._src.rescaled_apply.apply_rescaled`, whole or split over the layer's
+  ``rescaling_axis``; the training path of :meth:`AOLDense.applied_kernel`)."""
   if isinstance(layer.kernel, RescaledKernel):
     return op(x, layer.kernel[...])
   return apply_rescaled(layer, op, layer.kernel[...], x)
+
+
+_UNCHANGED = object()
+
+
+def _set_view(layer, rescaling_axis, gram_precision) -> None:
+  """The static modes of an AOL layer, as ``nnx.view`` sets them (:meth:`AOLDense.set_view`)."""
+  if rescaling_axis is not _UNCHANGED:
+    if rescaling_axis is not None and not isinstance(rescaling_axis, str):
+      raise ValueError(f"rescaling_axis must be a mesh axis name or None, got "
+                       f"{rescaling_axis!r}: pass the name of the data axis, e.g. 'data'.")
+    layer.rescaling_axis = rescaling_axis
+  if gram_precision is not None:
+    layer.gram_precision = check_precision(gram_precision)
 
 
 def _host_kernel(layer) -> np.ndarray:
@@ -170,10 +185,12 @@ class AOLDense(nnx.Module):
   """``y = x @ (diag(d) P) + b``, 1-Lipschitz in l2 for every ``P`` (AOL, Theorem 1).
 
   Args mirror ``nnx.Linear``. ``eps`` is the AOL stabiliser inside the factor
-  ``(sum_j |P P^T|_ij + eps) ** -1/2``. ``gram_precision`` (attribute of the same name, read
-  at every call) is the precision of the training-time Gram products, a key of
-  :data:`aol_jax.gram.GRAM_PRECISIONS`; :func:`aol_jax.freeze` ignores it (float32,
-  ``'highest'``).
+  ``(sum_j |P P^T|_ij + eps) ** -1/2``. ``gram_precision`` is the precision of the
+  training-time Gram products, a key of :data:`aol_jax.GRAM_PRECISIONS`;
+  :func:`aol_jax.freeze` ignores it (float32, ``'highest'``). It and ``rescaling_axis``
+  (split the rescaling over a mesh axis; default ``None``) are static attributes, set with
+  ``nnx.view(model, gram_precision=..., rescaling_axis=...)`` (:meth:`set_view`), as
+  ``aol_jax.training.create_train_state`` does.
   """
   _FORWARD_METHODS = ("applied_kernel", "rescale", "factors", "apply_factors",
                       "rounding_error")
@@ -191,9 +208,23 @@ class AOLDense(nnx.Module):
     self.in_features, self.out_features = in_features, out_features
     self.use_bias, self.dtype, self.precision, self.eps = use_bias, dtype, precision, eps
     self.gram_precision = check_precision(gram_precision)
+    self.rescaling_axis: str | None = None  # set by nnx.view (set_view)
     self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
     self.bias = (nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
                  if use_bias else None)
+
+  def set_view(self, *, rescaling_axis: str | None = _UNCHANGED,
+               gram_precision: rescaling.GramPrecision | None = None) -> None:
+    """The static modes ``nnx.view(model, rescaling_axis=..., gram_precision=...)`` sets.
+
+    Args:
+      rescaling_axis: a mesh axis name: the training call splits the rescaling's work over
+        that axis of the mesh set with ``jax.set_mesh`` (traced outside one, the call
+        raises); ``None``: every device computes all of it. Results are the same.
+      gram_precision: the precision of the training-time Gram products, a key of
+        :data:`aol_jax.GRAM_PRECISIONS`.
+    """
+    _set_view(self, rescaling_axis, gram_precision)
 
   def factors(self, kernel: jax.Array, *, gram_precision: str | None = None,
               axis_name: str | None = None) -> jax.Array:
@@ -288,7 +319,7 @@ class AOLConv(nnx.Module):
   'CIRCULAR', for any input size, stride and dilation; strides > 1 keep the bound but
   loosen it. Other padding modes raise ``ValueError``. As in ``nnx.Conv``, an int
   ``kernel_size`` means a 1D conv; inputs are ``(*batch, *spatial, in_features)``.
-  ``gram_precision`` as in :class:`AOLDense`.
+  ``gram_precision`` and ``rescaling_axis`` as in :class:`AOLDense`.
   """
   _FORWARD_METHODS = ("applied_kernel", "rescale", "factors", "apply_factors",
                       "rounding_error")
@@ -325,10 +356,16 @@ class AOLConv(nnx.Module):
     self.use_bias, self.dtype, self.precision, self.eps = use_bias, dtype, precision, eps
     self.gram_method = gram_method
     self.gram_precision = check_precision(gram_precision)
+    self.rescaling_axis: str | None = None  # set by nnx.view (set_view)
     shape = (*self.kernel_size, in_features // g, out_features)
     self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
     self.bias = (nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
                  if use_bias else None)
+
+  def set_view(self, *, rescaling_axis: str | None = _UNCHANGED,
+               gram_precision: rescaling.GramPrecision | None = None) -> None:
+    """As :meth:`AOLDense.set_view`."""
+    _set_view(self, rescaling_axis, gram_precision)
 
   def factors(self, kernel: jax.Array, *, gram_precision: str | None = None,
               axis_name: str | None = None) -> jax.Array:

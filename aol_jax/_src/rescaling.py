@@ -11,14 +11,13 @@ the parameter dtype. The Gram products run at ``gram_precision`` (a key of
 
 The Gram and the offset table are :mod:`aol_jax.gram`'s; the factors with ``q = None`` have
 the hand-written derivative of :mod:`aol_jax.factors`, which ``axis_name`` (inside a
-``jax.shard_map``) or ``mesh`` (a ``shard_map`` made here) split over a mesh axis.
+``jax.shard_map`` over that axis) splits over the axis.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec
 from jax.typing import ArrayLike
 
 from aol_jax._src import factors as factors_lib
@@ -63,24 +62,8 @@ def _vary_like(d: jax.Array, kernel: jax.Array) -> jax.Array:
   return jax.lax.pcast(d, missing, to="varying") if missing else d
 
 
-def _split(fn, kernel: jax.Array, mesh: Mesh | None, axis_name: str | None) -> jax.Array:
-  """``fn(kernel, axis)``: with ``mesh``, in a ``jax.shard_map`` over its axis ``axis_name``
-  (default ``'data'``; none if that axis has one device); else ``axis = axis_name``."""
-  if mesh is None:
-    return fn(kernel, axis_name)
-  axis = "data" if axis_name is None else axis_name
-  if axis not in mesh.axis_names:
-    raise ValueError(f"axis_name {axis!r} is not an axis of the mesh (axes "
-                     f"{mesh.axis_names}); pass the name of the mesh axis to split the "
-                     "rescaling over.")
-  if mesh.shape[axis] == 1:
-    return fn(kernel, None)
-  return jax.shard_map(lambda k: fn(k, axis), mesh=mesh, in_specs=PartitionSpec(),
-                       out_specs=PartitionSpec(), axis_names={axis})(kernel)
-
-
 def dense_factors(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float = 1e-6,
-                  gram_precision: GramPrecision = "highest", mesh: Mesh | None = None,
+                  gram_precision: GramPrecision = "highest",
                   axis_name: str | None = None) -> jax.Array:
   """AOL factors of a dense kernel ``P`` of shape ``(in, out)``.
 
@@ -92,14 +75,12 @@ def dense_factors(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float =
     q: optional positive weights ``(in,)`` (SLL generalisation); ``None`` is AOL.
     eps: stabiliser added to each row sum.
     gram_precision: the precision of the Gram products, a key of :data:`GRAM_PRECISIONS`.
-    mesh, axis_name: with ``q=None``, split the Gram rows over a mesh axis of size ``n``;
-      the result is the same. Given ``mesh`` (``axis_name`` default ``'data'``), called
-      with global arrays: each device computes ``1/n`` of ``P P^T``, forward and backward,
-      in a ``jax.shard_map`` made here. Given ``axis_name`` alone, called inside a
-      ``jax.shard_map`` over that axis: the same split, and the kernel's cotangent is this
-      device's share, completed by the ``psum`` that transposes the kernel's
-      ``jax.lax.pcast`` to varying (made here if the kernel is invariant), the same ``psum``
-      that sums the gradients of the devices' batch shares (:mod:`aol_jax.factors`).
+    axis_name: with ``q=None``, called inside a ``jax.shard_map`` over this mesh axis (size
+      ``n``): each device computes ``1/n`` of ``P P^T``'s rows, forward and backward; the
+      result is the same. The kernel's cotangent is this device's share, completed by the
+      ``psum`` that transposes the kernel's ``jax.lax.pcast`` to varying (made here if the
+      kernel is invariant), the same ``psum`` that sums the gradients of the devices' batch
+      shares (:mod:`aol_jax._src.factors`).
 
   Example:
     >>> dense_factors(jnp.eye(3)).round(4)  # orthogonal kernels keep factor (1 + eps)^-1/2
@@ -111,15 +92,14 @@ def dense_factors(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float =
   precision = check_precision(gram_precision)
   p = kernel.astype(compute_dtype(kernel.dtype))
   if q is None:
-    return _split(lambda k, axis: factors_lib.factors(k, (), float(eps), precision, axis),
-                  p, mesh, axis_name)
+    return factors_lib.factors(p, (), float(eps), precision, axis_name)
   return _factors_from_gram(dense_gram(p, gram_precision=precision), q.astype(p.dtype), eps,
                             precision)
 
 
 def conv_factors(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float = 1e-6,
                  feature_group_count: int = 1, method: GramMethod | None = None,
-                 gram_precision: GramPrecision = "highest", mesh: Mesh | None = None,
+                 gram_precision: GramPrecision = "highest",
                  axis_name: str | None = None) -> jax.Array:
   """AOL factors of a conv kernel ``K`` of shape ``(*spatial, in // g, out)``.
 
@@ -134,11 +114,11 @@ def conv_factors(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float = 
     feature_group_count: ``g``.
     method: the Gram formulation (see :func:`conv_gram`). ``'taps'`` with ``q=None`` takes
       the path with the hand-written derivative that keeps only ``sign(G)``, and that
-      ``mesh`` splits; ``'conv'`` (the reference) and ``q`` are differentiated by autodiff.
+      ``axis_name`` splits; ``'conv'`` (the reference) and ``q`` are differentiated by autodiff.
     gram_precision: the precision of the Gram products, a key of :data:`GRAM_PRECISIONS`.
-    mesh, axis_name: with the ``'taps'`` Gram and ``q=None``, split each group's Gram rows
-      (input channels) over a mesh axis, as :func:`dense_factors` does; the result is the
-      same.
+    axis_name: with the ``'taps'`` Gram and ``q=None``, inside a ``jax.shard_map`` over this
+      axis, split each group's Gram rows (input channels) over it, as :func:`dense_factors`
+      does; the result is the same.
 
   Returns:
     ``(in,)`` factors, input channel ``c = group * (in // g) + i``.
@@ -158,13 +138,10 @@ def conv_factors(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float = 
     k = kernel.astype(compute_dtype(kernel.dtype))
     ksize = k.shape[:-2]
 
-    def per_group(k, axis):
-      one = lambda kg: factors_lib.factors(kg, ksize, float(eps), precision, axis)
-      if g == 1:
-        return one(k)
-      return jax.vmap(one, in_axes=-2)(k.reshape(*k.shape[:-1], g, k.shape[-1] // g)).reshape(-1)
-
-    return _split(per_group, k, mesh, axis_name)
+    one = lambda kg: factors_lib.factors(kg, ksize, float(eps), precision, axis_name)
+    if g == 1:
+      return one(k)
+    return jax.vmap(one, in_axes=-2)(k.reshape(*k.shape[:-1], g, k.shape[-1] // g)).reshape(-1)
   gram = conv_gram(kernel, feature_group_count=g, method=method, gram_precision=precision)
   gram = gram.reshape((g,) + gram.shape[-(kernel.ndim):])  # (g, *offsets, in // g, in // g)
   qg = jnp.ones((g, kernel.shape[-2]), gram.dtype) if q is None else q.astype(
@@ -173,7 +150,7 @@ def conv_factors(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float = 
 
 
 def rescale_dense(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float = 1e-6,
-                  gram_precision: GramPrecision = "highest", mesh: Mesh | None = None,
+                  gram_precision: GramPrecision = "highest",
                   axis_name: str | None = None) -> jax.Array:
   """The 1-Lipschitz dense kernel ``diag(d) @ P`` (AOL, Theorem 1), in the dtype of ``kernel``.
 
@@ -187,8 +164,8 @@ def rescale_dense(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float =
     q: optional positive weights ``(in,)``; ``None`` means ``q = 1`` (AOL).
     eps: stabiliser inside the factor.
     gram_precision: the precision of the Gram products (see :data:`GRAM_PRECISIONS`).
-    mesh, axis_name: split the Gram work over a mesh axis (see :func:`dense_factors`); the
-      result does not change.
+    axis_name: inside a ``jax.shard_map`` over this axis, split the Gram work over it (see
+      :func:`dense_factors`); the result does not change.
 
   Returns:
     ``diag(d) @ P``, shape and dtype of ``kernel``.
@@ -199,7 +176,7 @@ def rescale_dense(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float =
            [0., 1.]], dtype=float32)
   """
   kernel = jnp.asarray(kernel)
-  d = dense_factors(kernel, q=q, eps=eps, gram_precision=gram_precision, mesh=mesh,
+  d = dense_factors(kernel, q=q, eps=eps, gram_precision=gram_precision,
                     axis_name=axis_name)
   return scale_dense(kernel, d)
 
@@ -212,7 +189,7 @@ def scale_dense(kernel: jax.Array, d: jax.Array) -> jax.Array:
 
 def rescale_conv(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float = 1e-6,
                  feature_group_count: int = 1, method: GramMethod | None = None,
-                 gram_precision: GramPrecision = "highest", mesh: Mesh | None = None,
+                 gram_precision: GramPrecision = "highest",
                  axis_name: str | None = None) -> jax.Array:
   """The 1-Lipschitz conv kernel ``K[..., i, o] * d_i`` (AOL, Theorem 2), in ``kernel``'s dtype.
 
@@ -230,8 +207,8 @@ def rescale_conv(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float = 
     feature_group_count: ``g``.
     method: Gram formulation, ``'taps'`` or ``'conv'`` (see :func:`conv_gram`).
     gram_precision: the precision of the Gram products (see :data:`GRAM_PRECISIONS`).
-    mesh, axis_name: split the Gram work over a mesh axis (see :func:`conv_factors`); the
-      result does not change.
+    axis_name: inside a ``jax.shard_map`` over this axis, split the Gram work over it (see
+      :func:`conv_factors`); the result does not change.
 
   Returns:
     The rescaled kernel, shape and dtype of ``kernel``.
@@ -243,8 +220,7 @@ def rescale_conv(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float = 
   """
   kernel = jnp.asarray(kernel)
   d = conv_factors(kernel, q=q, eps=eps, feature_group_count=feature_group_count,
-                   method=method, gram_precision=gram_precision, mesh=mesh,
-                   axis_name=axis_name)
+                   method=method, gram_precision=gram_precision, axis_name=axis_name)
   return scale_conv(kernel, d, feature_group_count)
 
 

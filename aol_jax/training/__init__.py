@@ -1,15 +1,17 @@
 """Reusable training machinery: mesh, augmentation, optimiser, sharded steps, checkpoints.
 
-On a mesh of more than one device the steps split the AOL rescaling over ``'data'``
-(each device computes 1/n of it): each device computes ``1/n`` of every Gram
-product and of its gradient; the results are those of the unsplit step.
+On a mesh of more than one device :func:`create_train_state` has the AOL layers split their
+rescaling over ``'data'`` (``nnx.view``, the layers' static ``rescaling_axis``): each device
+computes ``1/n`` of every Gram product and of its gradient; the results are those of the
+unsplit step.
 
 Typical use (one process or many; see :mod:`aol_jax.training.distributed`)::
 
   maybe_initialize()                      # before any other JAX call
   mesh = make_data_mesh()
   optimizer = make_optimizer(paper_schedule(1e-3, steps_per_epoch, epochs))
-  graphdef, state = create_train_state(model, optimizer, key=jax.random.key(0), mesh=mesh)
+  graphdef, state = create_train_state(model, optimizer, key=jax.random.key(0), mesh=mesh,
+                                       gram_precision="default")
   train_step = make_train_step(graphdef, optimizer, mesh)
   ckpt = Checkpointer(workdir + "/checkpoints")
   if (restored := ckpt.restore_latest(state)) is not None:

@@ -3,14 +3,15 @@
 Data parallelism on a one-axis mesh (:mod:`aol_jax.training.mesh`): the state is replicated
 (``P()``), each batch is split over ``'data'`` (``P('data')``), and ``jax.jit`` inserts the
 all-reduce of the gradients. The AOL rescaling, which does not depend on the batch, is split
-over ``'data'`` too (:func:`aol_jax.sharding.sharded_rescaling`) when the mesh has more than
-one device, so every device does ``1/n`` of it. The step donates the state it receives, so
-the caller must use the state it returns and drop the old one.
+over ``'data'`` too when the mesh has more than one device, so every device does ``1/n`` of
+it: :func:`create_train_state` decides, once, and sets it on the layers with ``nnx.view``
+(their static ``rescaling_axis``), so the graph definition it returns carries it into the
+steps. The step donates the state it receives, so the caller must use the state it returns
+and drop the old one.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -20,8 +21,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from aol_jax._src.gram import GramPrecision
 from aol_jax._src.losses import offset_cross_entropy
-from aol_jax._src.sharding import sharded_rescaling
 from aol_jax._src.training.augment import AugmentConfig, augment as augment_images
 from aol_jax._src.training.mesh import (DATA_AXIS, check_batch_size, data_sharding,
                                    replicated_sharding)
@@ -51,20 +52,36 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, *,
-                       key: jax.Array | int, mesh: Mesh | None = None
+                       key: jax.Array | int, mesh: Mesh | None = None,
+                       split_rescaling: bool | None = None,
+                       gram_precision: GramPrecision | None = None
                        ) -> tuple[nnx.GraphDef, TrainState]:
   """Split ``model`` into its graph definition and a fresh :class:`TrainState`.
+
+  The one place the AOL layers' training modes are decided: they are set with
+  ``nnx.view`` (the layers' ``set_view``) on the graph definition returned, which the steps
+  built from it (:func:`make_train_step`, :func:`make_eval_step`) carry.
 
   Args:
     model: the network; its parameters become ``state.params``.
     optimizer: e.g. :func:`aol_jax.training.make_optimizer`.
     key: a PRNG key (typed or raw) or an int seed, for the augmentation.
     mesh: if given, the state is placed replicated on it (what the train step expects).
+    split_rescaling: split the AOL layers' rescaling over the mesh axis ``'data'`` (each
+      device computes ``1/n`` of every Gram product and of its gradient; the results are
+      those of the unsplit step). Default: whenever ``mesh`` has more than one device.
+      ``False`` computes all of it on every device.
+    gram_precision: if given, the precision of every AOL layer's training-time Gram
+      products (a key of :data:`aol_jax.GRAM_PRECISIONS`); default: as the layers were built.
 
   Returns:
-    ``(graphdef, state)``; ``nnx.merge(graphdef, state.params, state.rest)`` rebuilds the model.
+    ``(graphdef, state)``; :func:`merge_model` rebuilds the model.
+
+  Raises:
+    ValueError: ``split_rescaling`` without a mesh axis ``'data'`` to split over.
   """
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  graphdef, params, rest = nnx.split(_training_view(model, mesh, split_rescaling,
+                                                    gram_precision), nnx.Param, ...)
   if isinstance(key, int):
     key = jax.random.key(key)
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -76,9 +93,29 @@ def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformatio
   return graphdef, state
 
 
+def _training_view(model: nnx.Module, mesh: Mesh | None, split: bool | None,
+                   gram_precision: str | None) -> nnx.Module:
+  """``model`` under ``nnx.view`` with the layers' rescaling axis (and Gram precision)."""
+  if split is None:
+    split = mesh is not None and mesh.devices.size > 1
+  if split and (mesh is None or DATA_AXIS not in mesh.axis_names):
+    axes = "no mesh" if mesh is None else f"a mesh with axes {mesh.axis_names}"
+    raise ValueError(f"split_rescaling needs a mesh axis {DATA_AXIS!r} to split over, got "
+                     f"{axes}; pass mesh=make_data_mesh(), or split_rescaling=False.")
+  # raise_if_not_found=False: a network without AOL layers has nothing to split.
+  model = nnx.view(model, rescaling_axis=DATA_AXIS if split else None,
+                   raise_if_not_found=False)
+  if gram_precision is not None:
+    model = nnx.view(model, gram_precision=gram_precision)
+  return model
+
+
 def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
-  """The model with the parameters of ``state`` (for evaluation, certification, freeze)."""
-  return nnx.merge(graphdef, state.params, state.rest)
+  """The model with the parameters of ``state``, for use outside the steps (evaluation,
+  certification, freeze): its rescaling is computed whole (``rescaling_axis=None``), so
+  it runs with or without a mesh."""
+  return nnx.view(nnx.merge(graphdef, state.params, state.rest), rescaling_axis=None,
+                  raise_if_not_found=False)
 
 
 def to_inputs(images: jax.Array) -> jax.Array:
@@ -101,8 +138,7 @@ def to_inputs(images: jax.Array) -> jax.Array:
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     mesh: Mesh, *,
                     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = offset_cross_entropy,
-                    augment: bool | AugmentConfig = True,
-                    shard_rescaling: bool | None = None
+                    augment: bool | AugmentConfig = True
                     ) -> Callable[[TrainState, jax.Array, jax.Array],
                                   tuple[TrainState, dict[str, jax.Array]]]:
   """The jitted step ``(state, images, labels) -> (state, metrics)``.
@@ -123,13 +159,10 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   unchanged, so the state never holds NaNs; the caller should stop on ``finite == False``
   (:func:`check_finite`) with its last checkpoint intact.
 
-  ``shard_rescaling`` (default: whenever the mesh has more than one device) splits the AOL
-  layers' rescaling over ``'data'`` (:func:`aol_jax.sharding.sharded_rescaling`): the same
-  results, ``1/n`` of the rescaling work per device. ``False`` computes all of it on every
-  device.
+  The AOL layers split their rescaling over ``'data'`` if ``graphdef`` says so
+  (:func:`create_train_state`'s ``split_rescaling``).
   """
   config = AugmentConfig() if augment is True else augment or None
-  rescaling_context = _rescaling_context(mesh, shard_rescaling)
 
   def step(state: TrainState, images: jax.Array, labels: jax.Array
            ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -139,8 +172,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
       x = augment_images(key, x, config=config)
 
     def loss_and_logits(params, x, labels):
-      with rescaling_context():
-        logits = nnx.merge(graphdef, params, state.rest)(x)
+      logits = nnx.merge(graphdef, params, state.rest)(x)
       return loss_fn(logits, labels), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_and_logits, has_aux=True)(
@@ -169,28 +201,13 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   return train_step
 
 
-def _rescaling_context(mesh: Mesh, shard: bool | None) -> Callable[[], Any]:
-  """A factory of the context the model runs in: split rescaling, or nothing to change."""
-  if shard is None:
-    shard = mesh.devices.size > 1
-  if shard and DATA_AXIS not in mesh.axis_names:
-    raise ValueError(f"shard_rescaling needs a mesh axis {DATA_AXIS!r}, the mesh has "
-                     f"{mesh.axis_names}; build it with make_data_mesh.")
-  return (lambda: sharded_rescaling(mesh, DATA_AXIS)) if shard else contextlib.nullcontext
-
-
-def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, *,
-                   shard_rescaling: bool | None = None
+def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh
                    ) -> Callable[[TrainState, jax.Array], jax.Array]:
-  """The jitted ``(state, images) -> logits``, no augmentation; logits sharded on ``'data'``.
-
-  ``shard_rescaling`` as in :func:`make_train_step`.
-  """
-  rescaling_context = _rescaling_context(mesh, shard_rescaling)
+  """The jitted ``(state, images) -> logits``, no augmentation; logits sharded on ``'data'``;
+  the rescaling split as ``graphdef`` says (:func:`create_train_state`)."""
 
   def logits(state: TrainState, images: jax.Array) -> jax.Array:
-    with rescaling_context():
-      return merge_model(graphdef, state)(to_inputs(images))
+    return nnx.merge(graphdef, state.params, state.rest)(to_inputs(images))
 
   jitted = jax.jit(logits, in_shardings=(replicated_sharding(mesh), data_sharding(mesh)),
                    out_shardings=data_sharding(mesh))
