@@ -118,8 +118,8 @@ def validate(config: Config, workdir: str, *, typed: dict[str, str] | None = Non
 
 
 def build_model(config: Config, num_classes: int, image_shape: tuple[int, ...]) -> nnx.Module:
-  """``MODELS[config.model]`` for images of ``image_shape`` (H, W, C), seeded by the config,
-  with ``config.gram_precision`` set on every AOL layer."""
+  """``MODELS[config.model]`` for images of ``image_shape`` (H, W, C), seeded by the config
+  (the Gram precision is set where the train state is created)."""
   height, width, channels = image_shape
   if height != width:
     raise ConfigError(f"The models need square images, got {height}x{width}.")
@@ -129,9 +129,6 @@ def build_model(config: Config, num_classes: int, image_shape: tuple[int, ...]) 
   except (TypeError, ValueError) as e:
     raise ConfigError(f"cannot build {config.model} with {config.model_kwargs} for "
                       f"{height}x{width}x{channels} images: {e}") from e
-  for _, layer in nnx.iter_modules(model):  # read at call time by AOLDense / AOLConv
-    if isinstance(layer, (aol_jax.AOLDense, aol_jax.AOLConv)):
-      layer.gram_precision = config.gram_precision
   return model
 
 
@@ -193,7 +190,8 @@ def setup(config: Config, workdir: str, *, train: bool = True,
   optimizer = training.make_optimizer(schedule, momentum=config.momentum,
                                       nesterov=config.nesterov, weight_decay=config.weight_decay)
   graphdef, state = training.create_train_state(model, optimizer,
-                                                key=jax.random.key(config.seed), mesh=mesh)
+                                                key=jax.random.key(config.seed), mesh=mesh,
+                                                gram_precision=config.gram_precision)
   checkpointer = training.Checkpointer(storage.join(workdir, "checkpoints"),
                                        max_to_keep=config.max_to_keep)
   return Run(config, workdir, mesh, data, batches, graphdef, state, optimizer, schedule,
