@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype
 
+from aol_jax._src import checks
 from aol_jax._src.layers import AOLConv, AOLDense, RescaledKernel
 
 
@@ -32,9 +33,7 @@ def freeze(model: nnx.Module, *, dtype: Dtype | None = None) -> nnx.Module:
       ``nnx.Linear`` convention: ``None`` computes in the parameters' dtype). ``None``
       keeps every dtype as it is.
   """
-  if not isinstance(model, nnx.Module):
-    raise ValueError(f"freeze(model) needs an nnx.Module (an AOL layer or network), got "
-                     f"{type(model).__name__}.")
+  checks.nnx_module(model, "freeze(model)")
   frozen = nnx.clone(model)
   if dtype is not None:
     widen = lambda a: a.astype(dtype) if _narrower(a.dtype, dtype) else a

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
+from aol_jax._src import checks
+
 GramPrecision = Literal["default", "high", "highest", "bfloat16"]
 # The one table of Gram precisions: the type above, the validation and the docs read it.
 GRAM_PRECISIONS: dict[str, str] = {
@@ -68,10 +70,8 @@ def check_kernel(kernel: jax.Array, min_ndim: int, max_ndim: int, what: str) -> 
 
 def check_groups(kernel: jax.Array, feature_group_count: int) -> None:
   """``ValueError`` unless ``feature_group_count`` divides the kernel's output channels."""
-  if feature_group_count < 1 or kernel.shape[-1] % feature_group_count:
-    raise ValueError(
-        f"feature_group_count={feature_group_count} must be >= 1 and divide the kernel's "
-        f"output channels ({kernel.shape[-1]}).")
+  checks.feature_groups(feature_group_count, "the Gram of a grouped conv",
+                        output_channels=kernel.shape[-1])
 
 
 def check_precision(gram_precision: str) -> str:

@@ -18,7 +18,7 @@ from flax import nnx
 from flax.typing import Dtype, Initializer, PrecisionLike
 
 from aol_jax._src import padding as padding_lib
-from aol_jax._src import patches, rescaling, spectral_bounds
+from aol_jax._src import checks, patches, rescaling, spectral_bounds
 from aol_jax._src.certification import protocol, rigorous, statistical
 from aol_jax._src.certification.statistical import StatisticalTerms
 from aol_jax._src.gram import check_precision
@@ -32,22 +32,6 @@ class RescaledKernel(nnx.Variable):
 
   It is not an ``nnx.Param``, so an optimiser over ``nnx.Param`` leaves it alone.
   """
-
-
-def _tuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
-  out = (value,) * n if isinstance(value, int) else tuple(value)
-  if len(out) != n or any(not isinstance(v, int) or v < 1 for v in out):
-    raise ValueError(f"{name} must be a positive int or {n} positive ints, got {value!r}.")
-  return out
-
-
-def _check_eps(eps: float) -> float:
-  """The AOL stabiliser: finite and >= 0, or the factors can exceed the bound."""
-  if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
-      math.isfinite(eps) and eps >= 0):
-    raise ValueError(f"eps (the AOL stabiliser) must be a finite number >= 0, got {eps!r}: a "
-                     "negative eps enlarges the factors and breaks the 1-Lipschitz bound.")
-  return float(eps)
 
 
 def _frozen(layer) -> bool:
@@ -127,8 +111,8 @@ def _conv_columns(layer, x: jax.Array, ksize: tuple[int, ...]) -> jax.Array:
   """The inputs each output of ``layer``'s conv reads (:func:`aol_jax._src.patches.
   conv_patches`), with its padding, strides and dilation as they are now."""
   nd = len(ksize)
-  return patches.conv_patches(x, ksize, strides=_tuple(layer.strides, nd, "strides"),
-                              dilation=_tuple(layer.kernel_dilation, nd, "kernel_dilation"),
+  return patches.conv_patches(x, ksize, strides=checks.positive_ints(layer.strides, nd, "strides"),
+                              dilation=checks.positive_ints(layer.kernel_dilation, nd, "kernel_dilation"),
                               padding=padding_lib.normalize_padding(layer.padding, nd))
 
 
@@ -181,37 +165,12 @@ _rescale_conv = jax.jit(rescaling.rescale_conv, static_argnames=(
 
 
 @protocol.library_class
-class AOLDense(nnx.Module):
-  """``y = x @ (diag(d) P) + b``, 1-Lipschitz in l2 for every ``P`` (AOL, Theorem 1).
-
-  Args mirror ``nnx.Linear``. ``eps`` is the AOL stabiliser inside the factor
-  ``(sum_j |P P^T|_ij + eps) ** -1/2``. ``gram_precision`` is the precision of the
-  training-time Gram products, a key of :data:`aol_jax.GRAM_PRECISIONS`;
-  :func:`aol_jax.freeze` ignores it (float32, ``'highest'``). It and ``rescaling_axis``
-  (split the rescaling over a mesh axis; default ``None``) are static attributes, set with
-  ``nnx.view(model, gram_precision=..., rescaling_axis=...)`` (:meth:`set_view`), as
-  ``aol_jax.training.create_train_state`` does.
-  """
+class _AOLLayer(nnx.Module):
+  """What :class:`AOLDense` and :class:`AOLConv` share: the static modes, the rescaling
+  from the factors, and the kernel applied. A subclass defines ``factors``,
+  ``apply_factors`` and ``_rescale_now`` (the jitted whole rescaling)."""
   _FORWARD_METHODS = ("applied_kernel", "rescale", "factors", "apply_factors",
-                      "rounding_error")
-
-  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
-               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
-               precision: PrecisionLike = None, kernel_init: Initializer | None = None,
-               bias_init: Initializer = nnx.initializers.zeros_init(), eps: float = 1e-6,
-               gram_precision: rescaling.GramPrecision = "default", rngs: nnx.Rngs):
-    if in_features < 1 or out_features < 1:
-      raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, "
-                       f"{out_features}.")
-    eps = _check_eps(eps)
-    kernel_init = aol_init() if kernel_init is None else kernel_init
-    self.in_features, self.out_features = in_features, out_features
-    self.use_bias, self.dtype, self.precision, self.eps = use_bias, dtype, precision, eps
-    self.gram_precision = check_precision(gram_precision)
-    self.rescaling_axis: str | None = None  # set by nnx.view (set_view)
-    self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
-    self.bias = (nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
-                 if use_bias else None)
+                      "_rescale_now", "rounding_error")
 
   def set_view(self, *, rescaling_axis: str | None = _UNCHANGED,
                gram_precision: rescaling.GramPrecision | None = None) -> None:
@@ -226,6 +185,66 @@ class AOLDense(nnx.Module):
     """
     _set_view(self, rescaling_axis, gram_precision)
 
+  def _init_parameters(self, shape: tuple[int, ...], *, use_bias: bool, dtype: Dtype | None,
+                       precision: PrecisionLike, eps: float, gram_precision: str,
+                       kernel_init: Initializer, bias_init: Initializer, param_dtype: Dtype,
+                       rngs: nnx.Rngs) -> None:
+    """The attributes and parameters both layers have: the kernel of ``shape`` (its last
+    axis the output features) and the bias, drawn in that order."""
+    self.use_bias, self.dtype, self.precision = use_bias, dtype, precision
+    self.eps = checks.non_negative(eps, "eps (the AOL stabiliser)",
+                                   ": a negative eps enlarges the factors and breaks the "
+                                   "1-Lipschitz bound")
+    self.gram_precision = check_precision(gram_precision)
+    self.rescaling_axis: str | None = None  # set by nnx.view (set_view)
+    self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
+    self.bias = (nnx.Param(bias_init(rngs.params(), (shape[-1],), param_dtype))
+                 if use_bias else None)
+
+  def rescale(self, kernel: jax.Array, *, gram_precision: str | None = None,
+              axis_name: str | None = None) -> jax.Array:
+    """The rescaled ``kernel`` (input feature ``i`` scaled by ``d_i``), with the factors
+    :meth:`factors` computes."""
+    return self.apply_factors(kernel, self.factors(kernel, gram_precision=gram_precision,
+                                                   axis_name=axis_name))
+
+  def applied_kernel(self, *, gram_precision: str | None = None) -> jax.Array:
+    """The kernel this layer applies: the stored one once frozen, else the raw kernel
+    rescaled now at ``gram_precision`` (default: the layer's). The one definition used by
+    the call, :func:`aol_jax.freeze` (at ``'highest'``) and :meth:`lipschitz_bound`."""
+    if _frozen(self):
+      return self.kernel[...]
+    precision = self.gram_precision if gram_precision is None else gram_precision
+    return self._rescale_now(self.kernel[...], precision)
+
+
+@protocol.library_class
+class AOLDense(_AOLLayer):
+  """``y = x @ (diag(d) P) + b``, 1-Lipschitz in l2 for every ``P`` (AOL, Theorem 1).
+
+  Args mirror ``nnx.Linear``. ``eps`` is the AOL stabiliser inside the factor
+  ``(sum_j |P P^T|_ij + eps) ** -1/2``. ``gram_precision`` is the precision of the
+  training-time Gram products, a key of :data:`aol_jax.GRAM_PRECISIONS`;
+  :func:`aol_jax.freeze` ignores it (float32, ``'highest'``). It and ``rescaling_axis``
+  (split the rescaling over a mesh axis; default ``None``) are static attributes, set with
+  ``nnx.view(model, gram_precision=..., rescaling_axis=...)`` (:meth:`set_view`), as
+  ``aol_jax.training.create_train_state`` does.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
+               precision: PrecisionLike = None, kernel_init: Initializer | None = None,
+               bias_init: Initializer = nnx.initializers.zeros_init(), eps: float = 1e-6,
+               gram_precision: rescaling.GramPrecision = "default", rngs: nnx.Rngs):
+    if in_features < 1 or out_features < 1:
+      raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, "
+                       f"{out_features}.")
+    self.in_features, self.out_features = in_features, out_features
+    self._init_parameters((in_features, out_features), use_bias=use_bias, dtype=dtype,
+                          precision=precision, eps=eps, gram_precision=gram_precision,
+                          kernel_init=aol_init() if kernel_init is None else kernel_init,
+                          bias_init=bias_init, param_dtype=param_dtype, rngs=rngs)
+
   def factors(self, kernel: jax.Array, *, gram_precision: str | None = None,
               axis_name: str | None = None) -> jax.Array:
     """:func:`aol_jax.dense_factors` at ``gram_precision`` (default: the layer's), split
@@ -238,20 +257,8 @@ class AOLDense(nnx.Module):
     """``diag(d) @ kernel``."""
     return rescaling.scale_dense(kernel, d)
 
-  def rescale(self, kernel: jax.Array, *, gram_precision: str | None = None,
-              axis_name: str | None = None) -> jax.Array:
-    """``diag(d) @ kernel`` (:func:`aol_jax.rescale_dense`), as :meth:`factors` computes."""
-    return self.apply_factors(kernel, self.factors(kernel, gram_precision=gram_precision,
-                                                   axis_name=axis_name))
-
-  def applied_kernel(self, *, gram_precision: str | None = None) -> jax.Array:
-    """The kernel this layer applies: the stored one once frozen, else ``diag(d) P``
-    rescaled now at ``gram_precision`` (default: the layer's). The one definition used by
-    the call, :func:`aol_jax.freeze` (at ``'highest'``) and :meth:`lipschitz_bound`."""
-    if _frozen(self):
-      return self.kernel[...]
-    precision = self.gram_precision if gram_precision is None else gram_precision
-    return _rescale_dense(self.kernel[...], eps=self.eps, gram_precision=precision)
+  def _rescale_now(self, kernel: jax.Array, precision: str) -> jax.Array:
+    return _rescale_dense(kernel, eps=self.eps, gram_precision=precision)
 
   def lipschitz_bound(self) -> float:
     """A rigorous bound on the spectral norm of :meth:`applied_kernel`
@@ -312,7 +319,7 @@ class AOLDense(nnx.Module):
 
 
 @protocol.library_class
-class AOLConv(nnx.Module):
+class AOLConv(_AOLLayer):
   """An AOL-rescaled convolution over 1, 2 or 3 spatial dims, 1-Lipschitz in l2.
 
   The bound (AOL, Theorem 2) holds for zero padding ('SAME', 'VALID', explicit ints) and
@@ -321,8 +328,6 @@ class AOLConv(nnx.Module):
   ``kernel_size`` means a 1D conv; inputs are ``(*batch, *spatial, in_features)``.
   ``gram_precision`` and ``rescaling_axis`` as in :class:`AOLDense`.
   """
-  _FORWARD_METHODS = ("applied_kernel", "rescale", "factors", "apply_factors",
-                      "rounding_error")
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int],
                strides: int | Sequence[int] = 1, *, padding: padding_lib.PaddingLike = "SAME",
@@ -337,35 +342,24 @@ class AOLConv(nnx.Module):
     nd = len(ksize)
     if not 1 <= nd <= 3:
       raise ValueError(f"AOLConv supports 1, 2 or 3 spatial dims, got kernel_size={kernel_size!r}.")
-    self.kernel_size = _tuple(ksize, nd, "kernel_size")
-    self.strides = _tuple(strides, nd, "strides")
-    self.kernel_dilation = _tuple(kernel_dilation, nd, "kernel_dilation")
+    self.kernel_size = checks.positive_ints(ksize, nd, "kernel_size")
+    self.strides = checks.positive_ints(strides, nd, "strides")
+    self.kernel_dilation = checks.positive_ints(kernel_dilation, nd, "kernel_dilation")
     self.padding = padding_lib.normalize_padding(padding, nd)
-    g = feature_group_count
-    if g < 1 or in_features % g or out_features % g:
-      raise ValueError(f"feature_group_count={g} must divide in_features={in_features} and "
-                       f"out_features={out_features}.")
+    g = checks.feature_groups(feature_group_count, "AOLConv", in_features=in_features,
+                              out_features=out_features)
     if in_features < 1 or out_features < 1:
       raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, "
                        f"{out_features}.")
     if gram_method is not None and gram_method not in rescaling.GRAM_METHODS:
       raise ValueError(f"gram_method must be one of {rescaling.GRAM_METHODS}, got {gram_method!r}.")
-    eps = _check_eps(eps)
-    kernel_init = aol_init(g) if kernel_init is None else kernel_init
     self.in_features, self.out_features, self.feature_group_count = in_features, out_features, g
-    self.use_bias, self.dtype, self.precision, self.eps = use_bias, dtype, precision, eps
     self.gram_method = gram_method
-    self.gram_precision = check_precision(gram_precision)
-    self.rescaling_axis: str | None = None  # set by nnx.view (set_view)
-    shape = (*self.kernel_size, in_features // g, out_features)
-    self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
-    self.bias = (nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
-                 if use_bias else None)
-
-  def set_view(self, *, rescaling_axis: str | None = _UNCHANGED,
-               gram_precision: rescaling.GramPrecision | None = None) -> None:
-    """As :meth:`AOLDense.set_view`."""
-    _set_view(self, rescaling_axis, gram_precision)
+    self._init_parameters((*self.kernel_size, in_features // g, out_features),
+                          use_bias=use_bias, dtype=dtype, precision=precision, eps=eps,
+                          gram_precision=gram_precision,
+                          kernel_init=aol_init(g) if kernel_init is None else kernel_init,
+                          bias_init=bias_init, param_dtype=param_dtype, rngs=rngs)
 
   def factors(self, kernel: jax.Array, *, gram_precision: str | None = None,
               axis_name: str | None = None) -> jax.Array:
@@ -381,22 +375,9 @@ class AOLConv(nnx.Module):
     """Each input channel of the kernel scaled by its factor (per group)."""
     return rescaling.scale_conv(kernel, d, self.feature_group_count)
 
-  def rescale(self, kernel: jax.Array, *, gram_precision: str | None = None,
-              axis_name: str | None = None) -> jax.Array:
-    """The rescaled kernel (:func:`aol_jax.rescale_conv`), as :meth:`factors` computes."""
-    return self.apply_factors(kernel, self.factors(kernel, gram_precision=gram_precision,
-                                                   axis_name=axis_name))
-
-  def applied_kernel(self, *, gram_precision: str | None = None) -> jax.Array:
-    """The kernel this layer applies: the stored one once frozen, else the raw kernel
-    rescaled now at ``gram_precision`` (default: the layer's). The one definition used by
-    the call, :func:`aol_jax.freeze` (at ``'highest'``) and :meth:`lipschitz_bound`."""
-    if _frozen(self):
-      return self.kernel[...]
-    precision = self.gram_precision if gram_precision is None else gram_precision
-    return _rescale_conv(self.kernel[...], eps=self.eps,
-                         feature_group_count=self.feature_group_count, method=self.gram_method,
-                         gram_precision=precision)
+  def _rescale_now(self, kernel: jax.Array, precision: str) -> jax.Array:
+    return _rescale_conv(kernel, eps=self.eps, feature_group_count=self.feature_group_count,
+                         method=self.gram_method, gram_precision=precision)
 
   def lipschitz_bound(self) -> float:
     """A rigorous bound on the l2 norm of the convolution with :meth:`applied_kernel`, for

@@ -125,6 +125,7 @@ import scipy.sparse.linalg
 import threadpoolctl
 from jax.typing import ArrayLike
 
+from aol_jax._src import checks
 from aol_jax._src import padding as padding_lib
 
 FLOAT32_UNIT_ROUNDOFF = 2.0 ** -24
@@ -935,15 +936,9 @@ def conv_norm_bound(kernel: ArrayLike, *, strides: int | Sequence[int] = 1,
     raise ValueError(f"conv_norm_bound: kernel must be (*spatial, c_in/g, c_out) with 1 to 3 "
                      f"spatial dims, got shape {k.shape}.")
   for name, value in (("strides", strides), ("kernel_dilation", kernel_dilation)):
-    vals = (value,) * nd if isinstance(value, int) else tuple(value)
-    if len(vals) != nd or any(not isinstance(v, int) or v < 1 for v in vals):
-      raise ValueError(f"conv_norm_bound: {name} must be a positive int or {nd} positive ints, "
-                       f"got {value!r}.")
+    checks.positive_ints(value, nd, f"conv_norm_bound: {name}")
   padding_lib.normalize_padding(padding, nd)  # refuses paddings that void the bound
-  g = feature_group_count
-  if not isinstance(g, int) or g < 1 or k.shape[-1] % g:
-    raise ValueError(f"conv_norm_bound: feature_group_count={g!r} must be a positive int "
-                     f"dividing c_out={k.shape[-1]}.")
+  g = checks.feature_groups(feature_group_count, "conv_norm_bound", c_out=k.shape[-1])
   if not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
     raise ValueError(f"conv_norm_bound: tolerance must be in (0, 1), got {tolerance!r}.")
   if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):

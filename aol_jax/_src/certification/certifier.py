@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
+from aol_jax._src import checks
 from aol_jax._src.certification import protocol
 from aol_jax._src.certification.margins import margins
 from aol_jax._src.certification.modes import DEFAULT_ROUNDING, Bounds, Mode, get_mode
@@ -220,9 +221,7 @@ def prepare(model: nnx.Module, image_shape: Sequence[int], *,
   """
   mode = get_mode(rounding)
   check_platform(mode, platform)
-  if not isinstance(model, nnx.Module):
-    raise ValueError(f"model must be an nnx.Module (an aol_jax.AOLNetwork), got "
-                     f"{type(model).__name__}.")
+  checks.nnx_module(model, "certification")
   shape = tuple(image_shape)
   if not shape or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
                           and d >= 1 for d in shape):

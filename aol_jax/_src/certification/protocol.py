@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from aol_jax._src import checks
 from aol_jax._src.certification import rigorous, statistical
 from aol_jax._src.certification.statistical import StatisticalTerms
 from aol_jax._src.spectral_bounds import FloatFormat
@@ -57,16 +58,6 @@ _EXACT_MAPS: list[tuple[Any, float]] = []  # (function or class, L), matched by 
 # The methods a certificate asks a step for, by mode.
 BOUND_METHODS = ("lipschitz_bound", "rounding_error", "rounding_error_slope",
                  "statistical_terms", "certification_steps")
-
-
-def check_non_negative(value: Any, what: str) -> float:
-  """``value`` as a float if it is a finite real number >= 0, else ``ValueError``."""
-  if isinstance(value, np.generic):
-    value = value.item()
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-      math.isfinite(value) and value >= 0):
-    raise ValueError(f"{what} must be a finite number >= 0, got {value!r}.")
-  return float(value)
 
 
 class UndeclaredBoundError(TypeError):
@@ -97,7 +88,7 @@ def register_exact_map(fn_or_type: Any, lipschitz: float) -> None:
   voids certificates. A class that states its own bound (an AOL layer, a block) cannot be
   re-declared, and an instance holding parameters is refused when certified.
   """
-  check_non_negative(lipschitz, f"register_exact_map({fn_or_type!r}, lipschitz)")
+  checks.non_negative(lipschitz, f"register_exact_map({fn_or_type!r}, lipschitz)")
   if isinstance(fn_or_type, type) and any(hasattr(fn_or_type, m) for m in BOUND_METHODS):
     raise ValueError(f"register_exact_map({fn_or_type.__name__}): the class states its own "
                      "bound (it has " + ", ".join(m for m in BOUND_METHODS
@@ -143,7 +134,7 @@ class ExactMap:
   lipschitz: float = 1.0
 
   def lipschitz_bound(self) -> float:
-    return check_non_negative(type(self).lipschitz, f"{type(self).__name__}.lipschitz")
+    return checks.non_negative(type(self).lipschitz, f"{type(self).__name__}.lipschitz")
 
   def statistical_terms(self) -> StatisticalTerms:
     return StatisticalTerms.exact(self.lipschitz_bound())
@@ -313,7 +304,7 @@ def flatten(model: Any, path: Path = ()) -> list[tuple[Path, Any]]:
 
 def _stated_float(step: Any, name: str, path: Path, *args) -> float:
   value = _method(step, name, path)(*args)
-  return check_non_negative(value, f"{type(step).__name__}.{name}() at path {path}")
+  return checks.non_negative(value, f"{type(step).__name__}.{name}() at path {path}")
 
 
 def lipschitz_bound(model: Any, path: Path = ()) -> float:
