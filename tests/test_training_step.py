@@ -151,11 +151,6 @@ def test_batch_not_divisible_by_devices_is_a_clear_error(eight):
     eight.step(eight.fresh()[1], jnp.asarray(images), jnp.asarray(labels))
 
 
-def test_global_batch_rejects_mismatched_arrays(eight):
-  with pytest.raises(ValueError, match="leading"):
-    training.global_batch(eight.mesh, np.zeros((16, 2)), np.zeros((8,)))
-
-
 def test_eval_step_and_merge_model_give_the_model_logits(eight):
   images, labels = batches(1)[0]
   state, _ = eight.train([(images, labels)])
