@@ -87,8 +87,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   p = timing.parser(__doc__.splitlines()[0])
   p.add_argument("--memory-variants", action="store_true",
                  help="instead of timing, compile variants and tabulate peak memory and FLOPs")
-  args = p.parse_args(argv)
-  timing.set_threads(args.threads)
+  args = timing.parse(p, argv)
   if args.memory_variants:
     out = memory_variants(args.size)
     table = timing.markdown_table(

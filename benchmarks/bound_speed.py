@@ -112,8 +112,7 @@ def run(size: str, *, warmup: int, repeats: int) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> None:
   p = timing.parser(__doc__.splitlines()[0])
-  args = p.parse_args(argv)
-  timing.set_threads(args.threads)
+  args = timing.parse(p, argv)
   warmup, repeats = timing.warmup_and_repeats(
       args, {"tiny": (0, 1), "quick": (0, 1), "paper": (1, 3)})
   r = run(args.size, warmup=warmup, repeats=repeats)
@@ -121,13 +120,13 @@ def main(argv: Sequence[str] | None = None) -> None:
   n_conv, n_dense = r["layers"]["conv3x3"], r["layers"]["dense"]
   rows = [[f"{r['model']}, perturbed: freeze + lipschitz_bound()", n_conv + n_dense + 2,
            f"{r['freeze_and_bound_median_s']:.2f}", "", ""],
-          [f"3x3 convs: conv_norm_bound / conv_row_sum_bound", n_conv,
+          ["3x3 convs: conv_norm_bound / conv_row_sum_bound", n_conv,
            f"{s['conv tight']['median']:.2f}", f"{s['conv row-sum']['median']:.2f}",
            f"{timing.ratio(s, 'conv tight', 'conv row-sum'):.2f}"],
-          [f"dense: dense_norm_bound / dense_row_sum_bound", n_dense,
+          ["dense: dense_norm_bound / dense_row_sum_bound", n_dense,
            f"{s['dense tight']['median']:.2f}", f"{s['dense row-sum']['median']:.2f}",
            f"{timing.ratio(s, 'dense tight', 'dense row-sum'):.2f}"],
-          [f"dense: dense_norm_bound(abs(W)) / dense_row_sum_bound", n_dense,
+          ["dense: dense_norm_bound(abs(W)) / dense_row_sum_bound", n_dense,
            f"{s['dense |W|']['median']:.2f}", f"{s['dense row-sum']['median']:.2f}",
            f"{timing.ratio(s, 'dense |W|', 'dense row-sum'):.2f}"]]
   wide = [name for name in s if name.startswith("|W| ")]

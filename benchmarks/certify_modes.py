@@ -118,8 +118,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   p = timing.parser(__doc__.splitlines()[0])
   p.add_argument("--workdir", action="append", default=[],
                  help="a workdir of python -m experiments.cifar (repeatable)")
-  args = p.parse_args(argv)
-  timing.set_threads(args.threads)
+  args = timing.parse(p, argv)
   warmup, repeats = timing.warmup_and_repeats(
       args, {"tiny": (0, 1), "quick": (0, 1), "paper": (0, 3)})
   import aol_jax

@@ -107,12 +107,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   p = timing.parser(__doc__.splitlines()[0])
   p.add_argument("--targets", nargs="*", default=[], help="TPU topologies or <gpu>:<count>")
   p.add_argument("--batch", type=int, default=256, help="global batch of the compiled steps")
-  args = p.parse_args(argv)
-  timing.set_threads(args.threads)
+  args = timing.parse(p, argv)
   warmup, repeats = timing.warmup_and_repeats(
       args, {"tiny": (1, 1), "quick": (1, 5), "paper": (1, 5)})
   r = run(args.size, warmup=warmup, repeats=repeats)
-  pb, wh = r["per_batch"], r["whole"]
+  pb = r["per_batch"]
   rows = [["certified step (default mode)", r["batch_size"] / pb["certified step"]["median"],
            1e3 * pb["certified step"]["median"]],
           ["forward", r["batch_size"] / pb["forward"]["median"], 1e3 * pb["forward"]["median"]]]

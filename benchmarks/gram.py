@@ -67,8 +67,7 @@ def run(size: str, *, warmup: int, repeats: int) -> list[dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  args = timing.parser(__doc__.splitlines()[0]).parse_args(argv)
-  timing.set_threads(args.threads)
+  args = timing.parse(timing.parser(__doc__.splitlines()[0]), argv)
   warmup, repeats = timing.warmup_and_repeats(
       args, {"tiny": (1, 1), "quick": (2, 7), "paper": (2, 7)})
   rows = run(args.size, warmup=warmup, repeats=repeats)

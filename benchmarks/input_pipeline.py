@@ -79,8 +79,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   p = timing.parser(__doc__.splitlines()[0])
   p.add_argument("--on-host", action="store_true",
                  help="gather batches on the host (TrainBatches(on_device=False))")
-  args = p.parse_args(argv)
-  timing.set_threads(args.threads)
+  args = timing.parse(p, argv)
   warmup, repeats = timing.warmup_and_repeats(
       args, {"tiny": (1, 1), "quick": (1, 3), "paper": (1, 3)})
   r = run(args.size, warmup=warmup, repeats=repeats, on_device=False if args.on_host else None)

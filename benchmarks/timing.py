@@ -138,6 +138,13 @@ def parser(description: str) -> argparse.ArgumentParser:
   return p
 
 
+def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+  """``p``'s arguments, with the process pinned to ``--threads`` CPUs (:func:`set_threads`)."""
+  args = p.parse_args(argv)
+  set_threads(args.threads)
+  return args
+
+
 def warmup_and_repeats(args: argparse.Namespace,
                        defaults: Mapping[str, tuple[int, int]]) -> tuple[int, int]:
   """``(warmup, repeats)``: ``--warmup`` / ``--repeats`` where given, else ``defaults[size]``.

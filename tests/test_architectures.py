@@ -7,9 +7,8 @@ import pytest
 from flax import nnx
 
 import aol_jax
-from support.certification import logits_and_activation_norm
 from aol_jax._src import lipschitz
-from aol_jax._src.blocks import ConcatenationPooling, FirstChannels, Flatten, MaxMin
+from aol_jax._src.blocks import ConcatenationPooling, FirstChannels
 from aol_jax._src.layers import AOLConv, AOLDense
 from support.models import SMALL, build_small, digits, train
 

@@ -11,7 +11,6 @@ from flax import nnx
 
 import aol_jax
 from aol_jax._src.certification.dataset import certify_dataset
-from aol_jax._src.certification.margins import margins
 from aol_jax._src.certification.rule import certify
 from aol_jax._src.layers import AOLDense
 from support.certification import (digits_like, numpy_margin, reference_counts, tiny_std_model,

@@ -6,7 +6,6 @@ import jax
 import numpy as np
 import pytest
 
-import aol_jax
 from aol_jax._src.certification.margins import margins
 from aol_jax._src.certification.rule import certified_robust_accuracy, certify
 from support.certification import numpy_margin

@@ -4,7 +4,6 @@ corrupt newest checkpoint in the bucket is named, moved aside and skipped."""
 
 import io
 import json
-import os
 
 import matplotlib.image
 import numpy as np

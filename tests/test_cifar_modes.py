@@ -14,18 +14,14 @@ import aol_jax
 import experiments
 from experiments.cifar import configs
 from experiments.common import input_pipeline
-from support.cifar_archive import accept_archive, write_cifar10_archive
+from support.cifar_archive import prepare_cifar10
 from support.runs import history, results, run_cifar
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("modes")
-  archive, _ = write_cifar10_archive(str(tmp / "manual"), per_file=8)
-  with pytest.MonkeyPatch.context() as mp:
-    accept_archive(mp, archive)
-    input_pipeline.prepare_tfds("cifar10", data_dir=str(tmp / "data"),
-                                manual_dir=str(tmp / "manual"), download=False)
+  prepare_cifar10(tmp)
   flags = ["--accelerator=cpu", "--preset=tiny", "--epochs=1", "--config.augment=false",
            f"--data_dir={tmp / 'data'}", f"--workdir={tmp / 'work'}"]
   assert run_cifar(flags) == 0

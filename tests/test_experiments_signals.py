@@ -14,8 +14,7 @@ import sys
 
 import pytest
 
-from experiments.common import input_pipeline
-from support.cifar_archive import accept_archive, write_cifar10_archive
+from support.cifar_archive import prepare_cifar10
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,12 +65,7 @@ app.run(main.main, argv=["experiments.cifar", *argv], flags_parser=main.PROGRAM.
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("signals")
-  archive, _ = write_cifar10_archive(str(tmp / "manual"), per_file=8)
-  with pytest.MonkeyPatch.context() as mp:
-    accept_archive(mp, archive)
-    input_pipeline.prepare_tfds("cifar10", data_dir=str(tmp / "data"),
-                                manual_dir=str(tmp / "manual"), download=False)
-  return str(tmp / "data")
+  return prepare_cifar10(tmp)
 
 
 def _run(stage, sig, workdir, data_dir, *extra):

@@ -42,6 +42,21 @@ def _refused_or_certified(fn):
     return None
 
 
+def _certified_class_is_the_own_pass(net, x, what: str) -> None:
+  """Where ``certified_radii`` certifies ``x`` (radius > 0), the model's own frozen forward
+  pass on ``x`` as given predicts the certified class."""
+  out = _refused_or_certified(lambda: aol_jax.certified_radii(net, x, batch_size=1))
+  if out is None:
+    return
+  pred, radii = out
+  own = np.asarray(aol_jax.freeze(net)(jnp.asarray(x)).astype(jnp.float32))
+  print(f"certified class {pred[0]} at radius {radii[0]}; own frozen pass logits {own[0]}")
+  if radii[0] > 0:
+    assert np.argmax(own[0]) == pred[0], (
+        f"{what} is certified class {pred[0]} at radius {radii[0]}, but the model's own "
+        f"frozen forward pass on it gives logits {own[0]}")
+
+
 # -- 1. Overflow inside the ball ---------------------------------------------------------------
 
 
@@ -377,15 +392,7 @@ def test_a_bfloat16_compute_dtype_is_certified_as_float32_silently():
                            dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   net = aol_jax.AOLNetwork([layer])
   x = np.array([[0.5, 0.5 + 2.0 ** -11]], np.float32)
-  out = _refused_or_certified(lambda: aol_jax.certified_radii(net, x, batch_size=1))
-  if out is not None:
-    pred, radii = out
-    own = np.asarray(aol_jax.freeze(net)(jnp.asarray(x)).astype(jnp.float32))
-    print(f"certified class {pred[0]} at radius {radii[0]}; own frozen pass logits {own[0]}")
-    if radii[0] > 0:
-      assert np.argmax(own[0]) == pred[0], (
-          f"certified class {pred[0]} at radius {radii[0]}, but the model's own frozen "
-          f"forward pass gives logits {own[0]} at x itself")
+  _certified_class_is_the_own_pass(net, x, "the image")
 
 
 # -- 6. The runner ---------------------------------------------------------------------------------
@@ -434,12 +441,4 @@ def test_a_float16_image_is_certified_for_a_pass_the_model_does_not_run():
                                              rngs=nnx.Rngs(0))],
                            input_mean=(0.0, 0.1), input_std=(1.0, 1.0))
   x = np.array([[0.50683594, 0.60693359]], np.float16)
-  out = _refused_or_certified(lambda: aol_jax.certified_radii(net, x, batch_size=1))
-  if out is not None:
-    pred, radii = out
-    own = np.asarray(aol_jax.freeze(net)(jnp.asarray(x)).astype(jnp.float32))
-    print(f"certified class {pred[0]} at radius {radii[0]}; own frozen pass logits {own[0]}")
-    if radii[0] > 0:
-      assert np.argmax(own[0]) == pred[0], (
-          f"the float16 image is certified class {pred[0]} at radius {radii[0]}, but the "
-          f"model's own frozen forward pass on it gives logits {own[0]}")
+  _certified_class_is_the_own_pass(net, x, "the float16 image")

@@ -61,3 +61,19 @@ def accept_archive(monkeypatch, archive: str) -> None:
   info = checksums.compute_url_info(archive)
   monkeypatch.setattr(tfds.builder_cls("cifar10"), "url_infos", {CIFAR10_URL: checksums.UrlInfo(
       size=info.size, checksum=info.checksum, filename="cifar-10-binary.tar.gz")})
+
+
+def prepare_cifar10(directory, *, per_file: int = 8) -> str:
+  """Write an archive under ``directory/manual`` and prepare it with tfds into
+  ``directory/data`` (the runner's own ``prepare_tfds``); returns that data dir."""
+  import pytest
+
+  from experiments.common import input_pipeline
+
+  directory = str(directory)
+  archive, _ = write_cifar10_archive(os.path.join(directory, "manual"), per_file=per_file)
+  with pytest.MonkeyPatch.context() as mp:
+    accept_archive(mp, archive)
+    input_pipeline.prepare_tfds("cifar10", data_dir=os.path.join(directory, "data"),
+                                manual_dir=os.path.join(directory, "manual"), download=False)
+  return os.path.join(directory, "data")

@@ -23,7 +23,6 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from aol_jax._src.certification import protocol, rigorous, statistical
