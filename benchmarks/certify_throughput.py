@@ -56,6 +56,10 @@ def run(size_name: str, *, warmup: int, repeats: int) -> dict[str, Any]:
   step = jax.jit(lambda s, v: prepared.radii(s, v, shift)[:3])
   batch = jnp.asarray(images[:b])
   with prepared.mode.arithmetic():
+    # The two sides compute the same network: the certified step's predictions are the
+    # forward pass's.
+    agrees = float(np.mean(np.asarray(step(state, batch)[0])
+                           == np.argmax(np.asarray(forward(state, batch)), axis=-1)))
     per_batch = timing.time_interleaved(
         {"certified step": lambda: step(state, batch), "forward": lambda: forward(state, batch)},
         warmup=max(warmup, 1), repeats=repeats)
@@ -64,7 +68,7 @@ def run(size_name: str, *, warmup: int, repeats: int) -> dict[str, Any]:
          "forward, every batch": lambda: [forward(state, images[i:i + b])
                                           for i in range(0, n, b)]},
         warmup=warmup, repeats=repeats)
-  return {"size": size_name, "num_images": n, "batch_size": b,
+  return {"size": size_name, "num_images": n, "batch_size": b, "agrees_with_forward": agrees,
           "rounding": prepared.mode.name, "per_batch": per_batch, "whole": whole,
           "ratio": timing.ratio(per_batch, "certified step", "forward"),
           "ratio_whole": timing.ratio(whole, "certified_radii", "forward, every batch")}

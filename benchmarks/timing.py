@@ -125,6 +125,10 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
   return "\n".join(lines)
 
 
+# JAX's platform name for each --accelerator value.
+PLATFORMS = {"cpu": "cpu", "gpu": "cuda", "tpu": "tpu"}
+
+
 def parser(description: str) -> argparse.ArgumentParser:
   """The options every benchmark takes."""
   p = argparse.ArgumentParser(description=description)
@@ -132,6 +136,9 @@ def parser(description: str) -> argparse.ArgumentParser:
                  help="tiny: smoke test; quick: a laptop CPU; paper: the paper's sizes.")
   p.add_argument("--repeats", type=int, default=None, help="timed repeats (median kept)")
   p.add_argument("--warmup", type=int, default=None, help="untimed runs before timing")
+  p.add_argument("--accelerator", choices=sorted(PLATFORMS), default="cpu",
+                 help="the one backend JAX starts (no other plugin is probed, so none prints "
+                      "its start-up errors)")
   p.add_argument("--threads", type=int, default=None,
                  help="pin to this many CPUs (XLA and torch then use as many threads)")
   p.add_argument("--json", type=str, default=None, help="also write the results here")
@@ -139,9 +146,13 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-  """``p``'s arguments, with the process pinned to ``--threads`` CPUs (:func:`set_threads`)."""
+  """``p``'s arguments, with the process pinned to ``--threads`` CPUs (:func:`set_threads`)
+  and JAX limited to the ``--accelerator``'s backend."""
   args = p.parse_args(argv)
   set_threads(args.threads)
+  import jax  # after the pinning: XLA sizes its CPU pool from the affinity mask
+
+  jax.config.update("jax_platforms", PLATFORMS[args.accelerator])
   return args
 
 

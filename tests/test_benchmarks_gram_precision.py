@@ -20,7 +20,7 @@ def test_conv_norm_is_the_explicit_matrix_norm(ksize, shape):
   kernel = rng.standard_normal((*ksize, shape[-1], 4))
   k32 = jnp.asarray(kernel, jnp.float32)
   conv = lambda x: jax.lax.conv_general_dilated(
-      x[None], k32, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      x[None], k32.astype(x.dtype), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
       precision="highest")[0]
   x = rng.standard_normal(shape)
   np.testing.assert_allclose(gpq.conv_apply(kernel, x), conv(jnp.asarray(x, jnp.float32)),

@@ -341,11 +341,16 @@ def test_help_lists_every_config_field(capsys):
     assert f"--config.{field.name}: " in printed
 
 
-def test_gram_precision_is_set_on_every_aol_layer():
+def test_gram_precision_is_set_on_every_aol_layer_of_the_run(tmp_path):
+  """The runner decides the Gram precision once, where it creates the train state."""
   import aol_jax
   from flax import nnx
-  config = get_config("tiny", gram_precision="bfloat16")
-  model = train.build_model(config, 10, (32, 32, 3))
+  config = get_config("digits", gram_precision="bfloat16")
+  run = train.setup(config, str(tmp_path), train=False)
+  model = nnx.merge(run.graphdef, run.state.params, run.state.rest)
   layers = [m for _, m in nnx.iter_modules(model)
             if isinstance(m, (aol_jax.AOLDense, aol_jax.AOLConv))]
   assert len(layers) >= 4 and {m.gram_precision for m in layers} == {"bfloat16"}
+  plain = train.build_model(config, 10, (8, 8, 1))  # as built: the layers' own default
+  assert {m.gram_precision for _, m in nnx.iter_modules(plain)
+          if isinstance(m, (aol_jax.AOLDense, aol_jax.AOLConv))} == {"default"}

@@ -110,7 +110,8 @@ def test_export_mode_refuses_a_mode_that_does_not_certify_float32_and_writes_not
   shutil.copytree(tmp / "work", workdir, ignore=shutil.ignore_patterns("export"))
   with pytest.raises(SystemExit) as err:
     run_cifar([*flags[:-1], f"--workdir={workdir}", "--mode=export", "--rounding=float64"])
-  assert str(err.value).startswith("error: --rounding=float64: rounding must be one of")
+  assert str(err.value).startswith("error: --rounding=float64: 'float64' cannot be exported")
+  assert str(err.value).endswith("use one of float32, float32_statistical.")
   assert "\n" not in str(err.value)
   assert not (workdir / "export").exists()
 

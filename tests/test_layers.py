@@ -441,8 +441,8 @@ def test_channel_mismatch_at_call_time():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(in_features=4, out_features=6, kernel_size=3, feature_group_count=4), "divide"),
-    (dict(in_features=4, out_features=6, kernel_size=3, feature_group_count=0), "divide"),
+    (dict(in_features=4, out_features=6, kernel_size=3, feature_group_count=4), "dividing"),
+    (dict(in_features=4, out_features=6, kernel_size=3, feature_group_count=0), "dividing"),
     (dict(in_features=3, out_features=3, kernel_size=(3, 0)), "kernel_size"),
     (dict(in_features=3, out_features=3, kernel_size=()), "1, 2 or 3 spatial dims"),
     (dict(in_features=3, out_features=3, kernel_size=(1, 1, 1, 1)), "1, 2 or 3 spatial dims"),

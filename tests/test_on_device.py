@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+import aol_jax
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -32,7 +34,7 @@ def test_on_device_script_at_tiny_size_on_cpu(tmp_path):
     assert r["ratio"] == pytest.approx(r["value"] / r["base"])
     assert r["flops_ratio"] > 1 and r["memory_ratio"] > 1  # the Gram costs something
   certify, = [r for r in rows if "certify_dataset" in r["what"]]
-  assert certify["rounding"] == "float32_statistical"  # the library's default
+  assert certify["rounding"] == aol_jax.certification.DEFAULT_ROUNDING == "float32"
   assert certify["agrees_with_forward"] == 1.0  # labelled by the forward pass's predictions
   assert certify["ratio"] == pytest.approx(certify["value"] / certify["base"])
   radii, = [r for r in rows if "artifact" in r["what"]]

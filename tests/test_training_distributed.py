@@ -74,7 +74,7 @@ def _worker(process_id: int, port: int, out: str) -> None:
 
 def test_no_environment_is_a_noop(monkeypatch):
   import jax
-  from aol_jax.training import distributed
+  from aol_jax._src.training import distributed
   for name in list(os.environ):
     if name.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_",
                         "OMPI_", "TPU_", "AOL_JAX_DISTRIBUTED")):

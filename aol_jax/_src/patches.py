@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from aol_jax._src import padding as padding_lib
+from aol_jax._src.sharding import batch_reshape
 
 
 def conv_patches(x: jax.Array, ksize: Sequence[int], *, strides: Sequence[int],
@@ -71,7 +72,7 @@ def chunked_contract(lhs: jax.Array, rhs: jax.Array, dtype) -> tuple[jax.Array, 
   k = max(1, min(CHUNKS, math.isqrt(n)))  # c + k - 1 <= n; about 2 sqrt(n) up to 16 chunks
   c = -(-n // k)
   pad = k * c - n
-  lhs = jnp.pad(lhs.astype(dtype), ((0, 0), (0, 0), (0, pad))).reshape(rows, g, k, c)
+  lhs = batch_reshape(jnp.pad(lhs.astype(dtype), ((0, 0), (0, 0), (0, pad))), (rows, g, k, c))
   rhs = jnp.pad(rhs.astype(dtype), ((0, 0), (0, pad), (0, 0))).reshape(g, k, c, -1)
   partial = jax.lax.dot_general(lhs, rhs, (((3,), (2,)), ((1, 2), (0, 1))),
                                 precision=jax.lax.Precision.HIGHEST,
@@ -95,9 +96,10 @@ def conv_as_dot(patches: jax.Array, kernel: jax.Array, feature_group_count: int,
   *lead, taps, c_in = patches.shape
   c_in_g, c_out = kernel.shape[-2:]
   rows = math.prod(lead)
-  lhs = patches.reshape(rows, taps, g, c_in_g).transpose(0, 2, 1, 3).reshape(
-      rows, g, taps * c_in_g)
+  # batch_reshape: the rows (batch-major) keep the batch's sharding on a mesh.
+  lhs = batch_reshape(batch_reshape(patches, (rows, taps, g, c_in_g)).transpose(0, 2, 1, 3),
+                      (rows, g, taps * c_in_g))
   rhs = kernel.reshape(taps, c_in_g, g, c_out // g).transpose(2, 0, 1, 3).reshape(
       g, taps * c_in_g, c_out // g)
   out, depth = chunked_contract(lhs, rhs, dtype)
-  return out.reshape(*lead, c_out), depth
+  return batch_reshape(out, (*lead, c_out)), depth

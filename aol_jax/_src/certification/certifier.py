@@ -221,7 +221,7 @@ def prepare(model: nnx.Module, image_shape: Sequence[int], *,
   """
   mode = get_mode(rounding)
   check_platform(mode, platform)
-  checks.nnx_module(model, "certification")
+  checks.nnx_module(model, "model")
   shape = tuple(image_shape)
   if not shape or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
                           and d >= 1 for d in shape):

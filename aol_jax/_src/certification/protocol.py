@@ -153,6 +153,9 @@ class _RegisteredMap:
   def __init__(self, fn: Any, lipschitz: float):
     self.fn, self.lipschitz = fn, lipschitz
 
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fn(x)
+
   def lipschitz_bound(self) -> float:
     return self.lipschitz
 

@@ -105,8 +105,8 @@ def _training_view(model: nnx.Module, mesh: Mesh | None, split: bool | None,
   # raise_if_not_found=False: a network without AOL layers has nothing to split.
   model = nnx.view(model, rescaling_axis=DATA_AXIS if split else None,
                    raise_if_not_found=False)
-  if gram_precision is not None:
-    model = nnx.view(model, gram_precision=gram_precision)
+  if gram_precision is not None:  # (a network without AOL layers has no Gram to set)
+    model = nnx.view(model, gram_precision=gram_precision, raise_if_not_found=False)
   return model
 
 

@@ -119,6 +119,12 @@ def field_errors(config: Config) -> dict[str, str]:
                         ("gram_precision", GRAM_PRECISIONS)):
     if name not in errors and getattr(config, name) not in choices:
       errors[name] = f"must be one of {', '.join(choices)}, got {getattr(config, name)!r}"
+  if ("rounding" not in errors and "mode" not in errors and config.mode == "export"
+      and not aol_jax.ROUNDING_MODES[config.rounding].exportable):
+    exportable = [k for k, m in aol_jax.ROUNDING_MODES.items() if m.exportable]
+    errors["rounding"] = (f"{config.rounding!r} cannot be exported (the artifact runs a "
+                          f"float32 evaluation, which it does not certify); with --mode=export "
+                          f"use one of {', '.join(exportable)}")
   if "momentum" not in errors and not 0 <= config.momentum < 1:
     errors["momentum"] = f"must be in [0, 1), got {config.momentum!r}"
   return errors
