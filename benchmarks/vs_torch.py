@@ -308,11 +308,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  help="rerun in one process per XLA_FLAGS setting and tabulate the ratios")
   p.add_argument("--parts", default=",".join(PARTS),
                  help=f"comma-separated subset of {PARTS} to run")
-  args = p.parse_args(argv)
+  args = timing.parse(p, argv)
   parts = args.parts.split(",")
   if not set(parts) <= set(PARTS):
     p.error(f"--parts must be a subset of {PARTS}, got {args.parts!r}")
-  timing.set_threads(args.threads)
   if args.sweep_xla_flags:
     _import_torch()
     runs = sweep(args.size, args.repeats, args.warmup, args.parts)
