@@ -51,17 +51,6 @@ def _apply_kernel(layer, op: Callable[[jax.Array, jax.Array], jax.Array],
 _UNCHANGED = object()
 
 
-def _set_view(layer, rescaling_axis, gram_precision) -> None:
-  """The static modes of an AOL layer, as ``nnx.view`` sets them (:meth:`AOLDense.set_view`)."""
-  if rescaling_axis is not _UNCHANGED:
-    if rescaling_axis is not None and not isinstance(rescaling_axis, str):
-      raise ValueError(f"rescaling_axis must be a mesh axis name or None, got "
-                       f"{rescaling_axis!r}: pass the name of the data axis, e.g. 'data'.")
-    layer.rescaling_axis = rescaling_axis
-  if gram_precision is not None:
-    layer.gram_precision = check_precision(gram_precision)
-
-
 def _host_kernel(layer) -> np.ndarray:
   """The kernel ``layer`` applies (the stored one once frozen, else ``applied_kernel()``) as
   a float64 host array, refused if not finite."""
@@ -111,9 +100,10 @@ def _conv_columns(layer, x: jax.Array, ksize: tuple[int, ...]) -> jax.Array:
   """The inputs each output of ``layer``'s conv reads (:func:`aol_jax._src.patches.
   conv_patches`), with its padding, strides and dilation as they are now."""
   nd = len(ksize)
-  return patches.conv_patches(x, ksize, strides=checks.positive_ints(layer.strides, nd, "strides"),
-                              dilation=checks.positive_ints(layer.kernel_dilation, nd, "kernel_dilation"),
-                              padding=padding_lib.normalize_padding(layer.padding, nd))
+  return patches.conv_patches(
+      x, ksize, strides=checks.positive_ints(layer.strides, nd, "strides"),
+      dilation=checks.positive_ints(layer.kernel_dilation, nd, "kernel_dilation"),
+      padding=padding_lib.normalize_padding(layer.padding, nd))
 
 
 def _conv_abs_bound(cols: jax.Array, kernel: jax.Array, groups: int,
@@ -183,7 +173,13 @@ class _AOLLayer(nnx.Module):
       gram_precision: the precision of the training-time Gram products, a key of
         :data:`aol_jax.GRAM_PRECISIONS`.
     """
-    _set_view(self, rescaling_axis, gram_precision)
+    if rescaling_axis is not _UNCHANGED:
+      if rescaling_axis is not None and not isinstance(rescaling_axis, str):
+        raise ValueError(f"rescaling_axis must be a mesh axis name or None, got "
+                         f"{rescaling_axis!r}: pass the name of the data axis, e.g. 'data'.")
+      self.rescaling_axis = rescaling_axis
+    if gram_precision is not None:
+      self.gram_precision = check_precision(gram_precision)
 
   def _init_parameters(self, shape: tuple[int, ...], *, use_bias: bool, dtype: Dtype | None,
                        precision: PrecisionLike, eps: float, gram_precision: str,
