@@ -275,6 +275,28 @@ def test_conv_bound_is_above_exact_norm_for_every_input_size(index):
     assert bound <= schur
 
 
+def test_wide_conv_shifts_from_lanczos_estimates(monkeypatch):
+  """A side above _EIGVALSH_UP_TO (here the transposed one, c_in > c_out): the shifts come
+  from complex64 Lanczos estimates of P + i Q, close enough that no sample needs LAPACK's
+  eigenvalues after a failed factorisation, and the bound is as tight as the refinement
+  allows."""
+  kernel = np.random.default_rng(1).standard_normal((3, 40, 36))
+  assert min(kernel.shape[-2:]) > spectral_bounds._EIGVALSH_UP_TO
+  exact_estimates = []
+  true_batch = spectral_bounds._estimate_batch_lambda_max
+
+  def counting(h, exact=False):
+    exact_estimates.extend([len(h)] if exact else [])
+    return true_batch(h, exact)
+
+  monkeypatch.setattr(spectral_bounds, "_estimate_batch_lambda_max", counting)
+  monkeypatch.setattr(spectral_bounds, "_schur_conv", lambda *args, **kwargs: math.inf)
+  bound = conv_norm_bound(kernel)
+  sup = _symbol_sup_estimate(kernel, 1)
+  assert sup <= bound <= sup * (1 + CONV_TOLERANCE), (sup, bound)
+  assert not exact_estimates
+
+
 @pytest.mark.parametrize("grid_size", [2, 3, 4, 6])
 def test_coarse_grid_bound_still_holds(grid_size):
   """The correction 1 / (1 - theta^2 / 2) carries the bound from the grid to the whole torus:

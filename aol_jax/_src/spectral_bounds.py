@@ -95,7 +95,7 @@ may stand for ``P`` and ``Q``, being within ``c M`` of them as well) is within
 :data:`_POWER_ITERATIONS` iterates.
 
 **Speed.** The per-sample work (forming ``P`` and ``Q``, a 12-step Lanczos estimate of the
-top eigenvalue in float32, the Cholesky factorisation in float64) runs in chunks on up to
+top eigenvalue of ``P + i Q`` in complex64, the Cholesky factorisation in float64) runs in chunks on up to
 :data:`_WORKERS` threads, with the BLAS itself limited to one thread meanwhile (OpenBLAS's
 threads spin-wait on small factorisations: on a loaded 2-core machine a batch of them ran 40
 times slower with two BLAS threads than with one). The estimates decide the refinement; then
@@ -707,44 +707,50 @@ class _SymbolGram:
     a_sq = _up(_sq_frobenius_up(abs_sum) * _up(1.0 + 2.0 * _gamma(count)) ** 2)
     self.error = _up(_up(2.0 * _up(c * a_sq)) + 2 * a * (dots + num + 2) * _UNDERFLOW)
 
-  def blocks(self, points: np.ndarray, n: int,
-             estimate: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """``P``, ``Q`` ``(S, a, a)`` at ``w = 2 pi points / n`` (``points`` ``(S, nd)``); in
-    float32 if only an ``estimate`` is wanted."""
+  def blocks(self, points: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``P``, ``Q`` ``(S, a, a)`` at ``w = 2 pi points / n`` (``points`` ``(S, nd)``)."""
+    even, odd = self._twiddles(points, n)
+    a = self.side
+    return (even @ self.even).reshape(-1, a, a), (odd @ self.odd).reshape(-1, a, a)
+
+  def hermitian32(self, points: np.ndarray, n: int) -> np.ndarray:
+    """``P + i Q`` ``(S, a, a)`` in complex64, for the estimates (no rigour needed)."""
+    even, odd = self._twiddles(points, n)
+    h = np.empty((len(points), self.side ** 2), np.complex64)
+    np.matmul(even.astype(np.float32), self.even32, out=h.real)
+    np.matmul(odd.astype(np.float32), self.odd32, out=h.imag)
+    return h.reshape(-1, self.side, self.side)
+
+  def _twiddles(self, points: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows ``[1, cos(w.s)]`` and ``[-sin(w.s)]`` of each sample's product."""
     cos, sin = _unit_circle_table(n)
     phase = (points @ self.offsets.T) % n  # exact integers: (S, O)
-    even = np.concatenate([np.ones((len(points), 1)), cos[phase]], axis=1)
-    odd = np.negative(sin[phase])
-    a = self.side
-    if estimate:
-      return ((even.astype(np.float32) @ self.even32).reshape(-1, a, a),
-              (odd.astype(np.float32) @ self.odd32).reshape(-1, a, a))
-    return (even @ self.even).reshape(-1, a, a), (odd @ self.odd).reshape(-1, a, a)
+    return np.concatenate([np.ones((len(points), 1)), cos[phase]], axis=1), -sin[phase]
 
   def chunks(self, count: int) -> list[np.ndarray]:
     size = max(1, _CHUNK_ENTRIES // self.side ** 2)
     return [np.arange(i, min(i + size, count)) for i in range(0, count, size)]
 
 
-def _lanczos_top(p: np.ndarray, q: np.ndarray, steps: int) -> np.ndarray:
-  """Lanczos estimates (Ritz values, from below) of ``lambda_max([[P, -Q], [Q, P]])``."""
-  batch, a, _ = p.shape
-  start = np.concatenate([np.ones(a), np.linspace(0.0, 1.0, a)]).astype(p.dtype)
+def _lanczos_top(h: np.ndarray, steps: int) -> np.ndarray:
+  """Lanczos estimates (Ritz values, from below) of ``lambda_max`` of the Hermitian ``h``
+  ``(batch, a, a)``."""
+  batch, a, _ = h.shape
+  start = (np.ones(a) + 1j * np.linspace(0.0, 1.0, a)).astype(h.dtype)
   v = np.tile(start / np.linalg.norm(start), (batch, 1))
   previous = np.zeros_like(v)
-  beta = np.zeros(batch, p.dtype)
+  real = np.finfo(h.dtype).dtype
+  beta = np.zeros(batch, real)
   alphas, betas = [], []
   for _ in range(steps):
-    x = np.stack([v[:, :a], v[:, a:]], axis=-1)  # (batch, a, 2)
-    px, qx = p @ x, q @ x
-    w = np.concatenate([px[..., 0] - qx[..., 1], qx[..., 0] + px[..., 1]], axis=1)
-    alpha = np.einsum("bi,bi->b", v, w)
+    w = (h @ v[..., None])[..., 0]
+    alpha = np.einsum("bi,bi->b", v.conj(), w).real
     w -= alpha[:, None] * v + beta[:, None] * previous
     beta = np.linalg.norm(w, axis=1)
     alphas.append(alpha)
     betas.append(beta)
-    previous, v = v, w / np.maximum(beta, 1e-300)[:, None]
-  tri = np.zeros((batch, steps, steps), p.dtype)
+    previous, v = v, w / np.maximum(beta, 1e-30)[:, None]
+  tri = np.zeros((batch, steps, steps), real)
   i = np.arange(steps)
   tri[:, i, i] = np.stack(alphas, axis=1)
   off = np.stack(betas[:-1], axis=1) if steps > 1 else np.zeros((batch, 0))
@@ -753,19 +759,20 @@ def _lanczos_top(p: np.ndarray, q: np.ndarray, steps: int) -> np.ndarray:
   return np.linalg.eigvalsh(tri)[:, -1]
 
 
-def _estimate_batch_lambda_max(p: np.ndarray, q: np.ndarray, exact: bool = False) -> np.ndarray:
-  """Float estimates of ``lambda_max(P + i Q)`` per sample (no guarantee either way): LAPACK's
-  eigenvalues if ``exact`` or the side is small, else :func:`_lanczos_top`."""
-  if exact or p.shape[-1] <= _EIGVALSH_UP_TO:
-    return np.linalg.eigvalsh(p + 1j * q)[:, -1].astype(np.float64)
-  return _lanczos_top(p, q, _LANCZOS_STEPS).astype(np.float64)
+def _estimate_batch_lambda_max(h: np.ndarray, exact: bool = False) -> np.ndarray:
+  """Float estimates of ``lambda_max`` of each Hermitian ``h[i] = P + i Q`` (no guarantee
+  either way): LAPACK's eigenvalues if ``exact`` or the side is small, else
+  :func:`_lanczos_top`."""
+  if exact or h.shape[-1] <= _EIGVALSH_UP_TO:
+    return np.linalg.eigvalsh(h)[:, -1].astype(np.float64)
+  return _lanczos_top(h, _LANCZOS_STEPS).astype(np.float64)
 
 
 def _symbol_estimates(symbol: _SymbolGram, points: np.ndarray, n: int) -> np.ndarray:
   """Float estimates of ``||K^(2 pi m / n)||_2`` for each row ``m`` of ``points``."""
 
   def chunk(index):
-    return _estimate_batch_lambda_max(*symbol.blocks(points[index], n, estimate=True))
+    return _estimate_batch_lambda_max(symbol.hermitian32(points[index], n))
 
   parts = _parallel_map(chunk, symbol.chunks(len(points)))
   return np.sqrt(np.maximum(np.concatenate(parts), 0.0))
@@ -789,7 +796,7 @@ def _sample_bounds(symbol: _SymbolGram, points: np.ndarray, n: int,
       np.negative(p[b].T, out=out[a:, a:])
 
     diagonal = np.diagonal(p, axis1=1, axis2=2)
-    improve = lambda failed: _estimate_batch_lambda_max(p[failed], q[failed], exact=True)
+    improve = lambda failed: _estimate_batch_lambda_max(p[failed] + 1j * q[failed], exact=True)
     lam = _lambda_max_upper(load, np.concatenate([diagonal, diagonal], axis=1),
                             np.square(targets[index]), improve)
     return _vup(np.sqrt(_vup(lam + symbol.error)))
