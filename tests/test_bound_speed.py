@@ -20,7 +20,7 @@ def test_bound_speed_tiny(capsys, tmp_path, monkeypatch):
   bound_speed.main(["--size", "tiny", "--json", str(path)])
   out = capsys.readouterr().out
   for row in ("perturbed: freeze + lipschitz_bound()", "conv_norm_bound / conv_row_sum_bound",
-              "dense_norm_bound(abs(W))", "Load average"):
+              "dense_norm_bound(abs(W))", "process CPU time", "Load average"):
     assert row in out
   results = json.loads(path.read_text())["results"]
   layers = results["layers"]
@@ -29,5 +29,6 @@ def test_bound_speed_tiny(capsys, tmp_path, monkeypatch):
   # perturbation moved every kernel off its single-tap initialisation, and nothing was memoised.
   assert calls == [(3, 3, 16, 16)] * 2 * layers["conv3x3"]
   assert 0 < results["bound"] < np.inf
+  assert results["freeze_and_bound_median_s"] > 0 and results["freeze_and_bound_cpu_median_s"] > 0
   for name in ("conv tight", "conv row-sum", "dense tight", "dense row-sum", "dense |W|"):
     assert results["stats"][name]["median"] > 0
