@@ -95,13 +95,14 @@ may stand for ``P`` and ``Q``, being within ``c M`` of them as well) is within
 :data:`_POWER_ITERATIONS` iterates.
 
 **Speed.** The per-sample work (forming ``P`` and ``Q``, a 12-step Lanczos estimate of the
-top eigenvalue of ``P + i Q`` in complex64, the Cholesky factorisation in float64) runs in chunks on up to
-:data:`_WORKERS` threads, with the BLAS itself limited to one thread meanwhile (OpenBLAS's
-threads spin-wait on small factorisations: on a loaded 2-core machine a batch of them ran 40
-times slower with two BLAS threads than with one). The estimates decide the refinement; then
-every box is verified against one target, the largest estimated box bound ``T``: its sample's
-shift is placed at ``(T / factor)^2``, or at LAPACK's eigenvalue where that factorisation
-fails. ``python -m benchmarks.bound_speed`` times it on a perturbed AOL-Small.
+top eigenvalue of ``P + i Q`` in complex64, the Cholesky factorisation in float64) runs in
+chunks on up to :data:`_WORKERS` threads, with the BLAS itself limited to one thread
+meanwhile (OpenBLAS's threads spin-wait on small factorisations: on a loaded 2-core machine a
+batch of them ran 40 times slower with two BLAS threads than with one). The estimates
+decide the refinement; then every box is verified against one target, the largest estimated
+box bound ``T``: its sample's shift is placed at ``(T / factor)^2``, or at LAPACK's
+eigenvalue where that factorisation fails. ``python -m benchmarks.bound_speed`` times it on
+a perturbed AOL-Small.
 
 Finally both functions return the minimum with the AOL row-sum (Schur) bound of
 :func:`dense_row_sum_bound` and :func:`conv_row_sum_bound` (rigorous in float64), so they
