@@ -13,10 +13,12 @@ install-test:
 run: install-experiments
 	$(PYTHON) -m experiments.cifar --accelerator=cpu --preset=digits --workdir=runs/digits
 
-# The whole test suite, then the numeric core again under capped CPU instruction sets
-# (XLA's CPU code differs per ISA; no doctest or test may depend on the last float digit).
+# The test suite but the numeric core, compiled for speed (tests/conftest.py); then the
+# numeric core and the doctests at XLA's default optimisation, on this ISA and under capped
+# ones (XLA's CPU code differs per ISA; no doctest or test may depend on the last float
+# digit).
 test: install-test
-	$(PYTHON) -m pytest -n 2 --dist loadfile -q
+	$(PYTHON) -m pytest -n 2 --dist loadfile -q $(addprefix --ignore=,$(ISA_TESTS))
 	$(MAKE) test-isa
 	$(MAKE) docs
 
@@ -24,19 +26,20 @@ test: install-test
 docs:
 	$(PYTHON) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
-# The doctests and the numeric core tests under SSE4.2 and AVX2 (the suite above ran on this
-# machine's own ISA): the Gram and rescaling, freeze, the exact norms and the certificate's
-# rule and rounding models. XLA_FLAGS changes only XLA's CPU code: the kernel-norm bounds
-# (tests/test_spectral_bounds.py) run in numpy and LAPACK, which it does not touch, so they
-# run once, above. test_layers (its bounds are checked against SVDs natively) is left out to
-# keep CI < 15 min.
+# The doctests and the numeric core tests at XLA's default optimisation, on this machine's
+# ISA and under SSE4.2 and AVX2: the Gram and rescaling, freeze, the exact norms and the
+# certificate's rule and rounding models. XLA_FLAGS changes only XLA's CPU code: the
+# kernel-norm bounds (tests/test_spectral_bounds.py) run in numpy and LAPACK, which it does
+# not touch, so they run once, above. test_layers (its bounds are checked against SVDs) runs
+# once, above, to keep CI short.
 ISA_TESTS ?= aol_jax tests/test_gram.py tests/test_rescaling.py tests/test_freeze.py \
 	tests/test_lipschitz.py tests/test_certification_rule.py \
 	tests/test_certification_statistical.py tests/test_certification_rigorous.py
 test-isa:
-	for isa in SSE4_2 AVX2; do \
-	  echo "== XLA_FLAGS=--xla_cpu_max_isa=$$isa"; \
-	  XLA_FLAGS=--xla_cpu_max_isa=$$isa $(PYTHON) -m pytest -n 2 --dist loadfile -q \
+	for isa in native SSE4_2 AVX2; do \
+	  flags=$$([ $$isa = native ] || echo --xla_cpu_max_isa=$$isa); \
+	  echo "== XLA_FLAGS=$$flags (XLA's default optimisation)"; \
+	  XLA_FLAGS="$$flags" $(PYTHON) -m pytest -n 2 --dist loadfile -q \
 	    -p no:cacheprovider $(ISA_TESTS) || exit 1; \
 	done
 
