@@ -35,12 +35,7 @@ def _exact(w: np.ndarray) -> float:
 
 DENSE_SHAPES = [(1, 1), (5, 3), (3, 5), (16, 16), (64, 64), (256, 10), (10, 256), (40, 90)]
 
-# The test kernels and explicit matrices come from programs that run once on small inputs:
-# compiled without LLVM's optimisations and with XLA's older (elemental) fusion emitters
-# they compile several times faster (the conv itself is a library call either way).
-_RUN_ONCE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-_run_once_jit = functools.partial(jax.jit, compiler_options=_RUN_ONCE)
-_rescale_dense = _run_once_jit(aol_jax.rescale_dense)
+_rescale_dense = jax.jit(aol_jax.rescale_dense)
 
 
 @functools.cache
@@ -58,7 +53,7 @@ def _dense_cases() -> dict[str, np.ndarray]:
     cases[f"rank{r}{shape}"] = rng.standard_normal((m, r)) @ rng.standard_normal((r, n))
     raws.append(jnp.asarray(rng.standard_normal(shape), jnp.float32))
 
-  @_run_once_jit
+  @jax.jit
   def aol_kernels(raws):
     inits = [aol_jax.aol_init()(jax.random.key(m * 1000 + n), (m, n), jnp.float32)
              for m, n in DENSE_SHAPES]
@@ -242,7 +237,7 @@ def _conv_cases() -> list[tuple[np.ndarray, np.ndarray, dict]]:
     rng = np.random.default_rng(len(str(case)))
     raws.append(rng.standard_normal((*ksize, c_in // groups, c_out)).astype(np.float32))
 
-  @_run_once_jit
+  @jax.jit
   def compute(raws):
     out = []
     for case, raw in zip(CONV_CASES, raws):
@@ -317,8 +312,8 @@ def test_coarse_grid_bound_still_holds(grid_size):
 def test_conv_bound_at_aol_init_is_tight():
   """Identity at the centre tap (AOL's init) trims to one tap: the bound is the dense one."""
   init = lambda key: aol_jax.rescale_conv(aol_jax.aol_init()(key, (3, 3, 8, 8), jnp.float32))
-  kernel = np.asarray(_run_once_jit(init)(jax.random.key(0)))
-  exact, = _largest_singular_values(_run_once_jit(_explicit_matrices, static_argnums=(0, 2))(
+  kernel = np.asarray(jax.jit(init)(jax.random.key(0)))
+  exact, = _largest_singular_values(jax.jit(_explicit_matrices, static_argnums=(0, 2))(
       _conv_fn(kernel, (1, 1), (1, 1), 1, "SAME"), jnp.asarray(kernel)[None], (5, 5, 8)))
   bound = conv_norm_bound(kernel)
   assert exact <= bound <= exact * (1 + DENSE_TIGHTNESS)
