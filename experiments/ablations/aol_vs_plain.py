@@ -29,11 +29,9 @@ def local_lipschitz(model: nnx.Module, images: np.ndarray, *, iterations: int) -
   """The largest Jacobian spectral norm found by power iteration at the first
   :data:`LIPSCHITZ_POINTS` images: a lower bound on the network's l2 Lipschitz constant."""
   graphdef, state = nnx.split(model)
-  # The parameters are arguments: closed over, they would be constants that XLA folds (the
-  # rescaling computed by its constant evaluator at compile time, slowly).
-  norm = jax.jit(lambda s, x: power_iteration(lambda z: nnx.merge(graphdef, s)(z), x,
-                                              iterations))
-  return max(float(norm(state, jnp.asarray(x[None]))) for x in images[:LIPSCHITZ_POINTS])
+  f = lambda z: nnx.merge(graphdef, state)(z)
+  norm = jax.jit(lambda x: power_iteration(f, x, iterations))
+  return max(float(norm(jnp.asarray(x[None]))) for x in images[:LIPSCHITZ_POINTS])
 
 
 def run(config: AblationConfig, workdir: str) -> dict:

@@ -62,9 +62,7 @@ def measure_layer(layer: nnx.Module, in_shape: tuple[int, ...], *, iterations: i
   graphdef, state = nnx.split(layer)
   f = lambda z: nnx.merge(graphdef, state)(z)
   x0 = jnp.zeros(in_shape, jnp.float32)
-  # The parameters as an argument, not constants for XLA to fold (see aol_vs_plain).
-  power = jax.jit(lambda s, x: power_iteration(lambda z: nnx.merge(graphdef, s)(z), x,
-                                               iterations, key=jax.random.key(seed)))(state, x0)
+  power = jax.jit(lambda x: power_iteration(f, x, iterations, key=jax.random.key(seed)))(x0)
   m = explicit_matrix(f, in_shape)  # (out_size, in_size), float64
   gram = m.T @ m if m.shape[1] <= m.shape[0] else m @ m.T
   n = gram.shape[0]
