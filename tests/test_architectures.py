@@ -78,8 +78,10 @@ def test_every_family_builds_for_greyscale_digits(name, image_size):
   assert set(SMALL) == set(aol_jax.MODELS)
   model = aol_jax.MODELS[name](10, rngs=nnx.Rngs(0), image_size=image_size, in_channels=1,
                               **SMALL[name])
-  graphdef, state = nnx.split(model)  # parameters as arguments: a closure would make XLA
-  for batch in (1, 3):                 # constant-fold the rescaling (98 s for aol_large)
+  # The parameters as arguments: closed over, they are constants, and XLA constant-folds the
+  # rescaling at compile time (98 s for aol_large at 16x16).
+  graphdef, state = nnx.split(model)
+  for batch in (1, 3):
     x = jax.random.uniform(jax.random.key(batch), (batch, image_size, image_size, 1))
     logits = _apply(graphdef, state, x)
     assert logits.shape == (batch, 10) and bool(jnp.all(jnp.isfinite(logits)))
