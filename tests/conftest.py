@@ -25,17 +25,21 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
   os.environ.setdefault(_var, "1")
 
 # The suite's programs run once or a few times, on small inputs: compiled without LLVM's
-# optimisation passes and with XLA's elemental fusion emitters they compile 2-3x faster
-# (tests/test_layers.py + test_architectures.py: 287 s -> 115 s on 2 cores). Both act below
-# the HLO, so no compiler count changes (benchmarks.compile_targets printed the same FLOPs and
-# peak bytes for v5e 2x4 and 8 x H100 with and without them), and results differ at most in
-# summation order, which every bound and certificate covers. `make test-isa` runs the numeric
-# core again at XLA's default optimisation, on this ISA and two older ones. Explicit
-# XLA_FLAGS (even empty) are kept.
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
-                                   "--xla_cpu_use_fusion_emitters=false")
+# optimisation passes (jax_disable_most_optimizations) and with XLA's elemental fusion
+# emitters they compile 2-3x faster (tests/test_layers.py + test_architectures.py: 287 s ->
+# 115 s on 2 cores). Both act below the HLO, so no compiler count changes, and results
+# differ at most in summation order, which every bound and certificate covers. Modules whose
+# programs run long (attacks, trainings) are marked `xla_default_optimisation` and compile
+# at XLA's default level. `make test-isa` runs the numeric core again at the default level,
+# on this ISA and older ones. Explicit XLA_FLAGS (even empty) keep XLA's defaults throughout.
+# The environment variable is inherited by the subprocesses tests start.
+FAST_COMPILE = "XLA_FLAGS" not in os.environ
+if FAST_COMPILE:
+  os.environ["XLA_FLAGS"] = "--xla_cpu_use_fusion_emitters=false"
+  os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402  (after the environment above)
+import pytest  # noqa: E402
 import threadpoolctl  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
@@ -43,6 +47,26 @@ _BLAS_LIMIT = threadpoolctl.threadpool_limits(int(os.environ["OPENBLAS_NUM_THREA
                                               user_api="blas")
 
 _FILE_SECONDS: collections.Counter = collections.Counter()
+
+
+@pytest.fixture(scope="session")
+def fast_compile() -> bool:
+  """Whether this session compiles at the fast level (no XLA_FLAGS were given)."""
+  return FAST_COMPILE
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _xla_optimisation(request):
+  """XLA's default optimisation for the modules marked ``xla_default_optimisation``; module
+  scoped and autouse, so it also covers their module fixtures."""
+  marked = request.node.get_closest_marker("xla_default_optimisation") is not None
+  before = jax.config.values["jax_disable_most_optimizations"]
+  if marked:
+    jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def pytest_addoption(parser):

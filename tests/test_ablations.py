@@ -22,6 +22,10 @@ from experiments.ablations.configs import full as full_module
 from experiments.common import storage
 from support.runs import history, run_ablations
 
+# The small ablation run trains and attacks long enough to repay XLA's default
+# optimisation (tests/conftest.py).
+pytestmark = pytest.mark.xla_default_optimisation
+
 CHECK_FILES = ("offset_temperature", "orthogonality", "aol_vs_plain")
 SMALL = small.get_config()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,6 +17,13 @@ from aol_jax import certify, certify_dataset, margins
 from support.models import digits_split, train
 from support.certification import float64_logit_error
 
+# Attacks of hundreds of steps: worth XLA's default optimisation (tests/conftest.py).
+pytestmark = pytest.mark.xla_default_optimisation
+
+
+def test_this_module_compiles_at_xla_default_optimisation():
+  assert jax.config.values["jax_disable_most_optimizations"] is False
+
 
 @pytest.fixture(scope="module")
 def trained():

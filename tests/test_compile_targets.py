@@ -23,6 +23,9 @@ import pytest  # noqa: E402
 
 from benchmarks import compile_targets  # noqa: E402
 
+# The counts the docs state are those of XLA's default optimisation (tests/conftest.py).
+pytestmark = pytest.mark.xla_default_optimisation
+
 BATCH, CERTIFY_BATCH = 256, 1024
 
 

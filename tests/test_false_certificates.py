@@ -13,6 +13,9 @@ from flax import nnx
 
 import aol_jax
 
+# Long searches: worth XLA's default optimisation (tests/conftest.py).
+pytestmark = pytest.mark.xla_default_optimisation
+
 
 def _tiny_std(**kw) -> aol_jax.AOLNetwork:
   return aol_jax.aol_std(10, rngs=nnx.Rngs(0), channels=8, num_stages=1, blocks_per_stage=1,

@@ -1,0 +1,30 @@
+"""tests/support/cpu_target.py, by which `make test-isa` skips an ISA cap that compiles the
+code of a pass before it: it must read the target, and tell a capped ISA from the host's."""
+
+import os
+import subprocess
+import sys
+
+import jax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _target(xla_flags: str) -> str:
+  proc = subprocess.run([sys.executable, "-m", "tests.support.cpu_target"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120, check=True,
+                        env={**os.environ, "XLA_FLAGS": xla_flags, "JAX_PLATFORMS": "cpu"})
+  return proc.stdout.strip().splitlines()[-1]
+
+
+def test_the_target_is_read_and_a_lower_cap_changes_it():
+  host, sse = _target(""), _target("--xla_cpu_max_isa=SSE4_2")
+  assert host != "unknown" and sse.startswith("nehalem:"), (host, sse)
+  assert host != sse
+  # The suite's own flags leave the CPU target alone.
+  assert _target("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false") \
+      == host
+
+
+def test_unmarked_modules_compile_fast_unless_xla_flags_are_given(fast_compile):
+  assert jax.config.values["jax_disable_most_optimizations"] is fast_compile
