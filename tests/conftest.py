@@ -33,8 +33,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 # at XLA's default level. `make test-isa` runs the numeric core again at the default level,
 # on this ISA and older ones. Explicit XLA_FLAGS (even empty) keep XLA's defaults throughout.
 # The environment variable is inherited by the subprocesses tests start.
-FAST_COMPILE = "XLA_FLAGS" not in os.environ
-if FAST_COMPILE:
+if "XLA_FLAGS" not in os.environ:
   os.environ["XLA_FLAGS"] = "--xla_cpu_use_fusion_emitters=false"
   os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
@@ -43,6 +42,8 @@ import pytest  # noqa: E402
 import threadpoolctl  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+# The session's level (pytest-xdist's workers inherit the environment set above).
+FAST_COMPILE = jax.config.values["jax_disable_most_optimizations"]
 _BLAS_LIMIT = threadpoolctl.threadpool_limits(int(os.environ["OPENBLAS_NUM_THREADS"]),
                                               user_api="blas")
 

@@ -26,5 +26,7 @@ def test_the_target_is_read_and_a_lower_cap_changes_it():
       == host
 
 
-def test_unmarked_modules_compile_fast_unless_xla_flags_are_given(fast_compile):
+def test_unmarked_modules_compile_at_the_sessions_level(fast_compile):
+  """Fast unless XLA_FLAGS are given; a marked module before this one must not leak."""
   assert jax.config.values["jax_disable_most_optimizations"] is fast_compile
+  assert fast_compile is (os.environ["XLA_FLAGS"] == "--xla_cpu_use_fusion_emitters=false")
