@@ -16,6 +16,8 @@ the hand-written derivative of :mod:`aol_jax.factors`, which ``axis_name`` (insi
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -38,6 +40,26 @@ def _factors_from_gram(gram: jax.Array, q: jax.Array, eps: float, precision: str
   """
   absg = jnp.abs(gram).sum(axis=tuple(range(gram.ndim - 2)))  # (in, in): sum_s |G[s, i, j]|
   return jax.lax.rsqrt(dot(absg, q[:, None], precision)[:, 0] / q + eps)
+
+
+# The Gram paths without the hand-written derivative, one compiled program each: called
+# eagerly (a layer outside jax.jit, a test), they would otherwise dispatch and compile their
+# dozens of operations one by one. Under a trace they are inlined.
+@functools.partial(jax.jit, static_argnames=("eps", "precision"))
+def _dense_gram_factors(p: jax.Array, q: jax.Array, *, eps: float, precision: str
+                        ) -> jax.Array:
+  return _factors_from_gram(dense_gram(p, gram_precision=precision), q.astype(p.dtype), eps,
+                            precision)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "groups", "method", "precision"))
+def _conv_gram_factors(kernel: jax.Array, q: jax.Array | None, *, eps: float, groups: int,
+                       method: str, precision: str) -> jax.Array:
+  gram = conv_gram(kernel, feature_group_count=groups, method=method, gram_precision=precision)
+  gram = gram.reshape((groups,) + gram.shape[-(kernel.ndim):])  # (g, *offsets, in/g, in/g)
+  qg = jnp.ones((groups, kernel.shape[-2]), gram.dtype) if q is None else q.astype(
+      gram.dtype).reshape(groups, -1)
+  return jax.vmap(lambda gr, qq: _factors_from_gram(gr, qq, eps, precision))(gram, qg).reshape(-1)
 
 
 def _check_q(q: ArrayLike | None, n: int) -> jax.Array | None:
@@ -93,8 +115,7 @@ def dense_factors(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float =
   p = kernel.astype(compute_dtype(kernel.dtype))
   if q is None:
     return factors_lib.factors(p, (), float(eps), precision, axis_name)
-  return _factors_from_gram(dense_gram(p, gram_precision=precision), q.astype(p.dtype), eps,
-                            precision)
+  return _dense_gram_factors(p, q, eps=float(eps), precision=precision)
 
 
 def conv_factors(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float = 1e-6,
@@ -142,11 +163,8 @@ def conv_factors(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float = 
     if g == 1:
       return one(k)
     return jax.vmap(one, in_axes=-2)(k.reshape(*k.shape[:-1], g, k.shape[-1] // g)).reshape(-1)
-  gram = conv_gram(kernel, feature_group_count=g, method=method, gram_precision=precision)
-  gram = gram.reshape((g,) + gram.shape[-(kernel.ndim):])  # (g, *offsets, in // g, in // g)
-  qg = jnp.ones((g, kernel.shape[-2]), gram.dtype) if q is None else q.astype(
-      gram.dtype).reshape(g, -1)
-  return jax.vmap(lambda gr, qq: _factors_from_gram(gr, qq, eps, precision))(gram, qg).reshape(-1)
+  return _conv_gram_factors(kernel, q, eps=float(eps), groups=g, method=method,
+                            precision=precision)
 
 
 def rescale_dense(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float = 1e-6,
