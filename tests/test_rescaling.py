@@ -294,3 +294,25 @@ def test_groups_must_divide_channels(g):
 def test_unknown_gram_method():
   with pytest.raises(ValueError, match="Unknown Gram method"):
     conv_gram(jnp.ones((3, 2, 4)), method="fft")
+
+
+def test_eager_gram_paths_compile_one_program():
+  """Called eagerly (outside jax.jit), the q-weighted and 'conv' factor paths compile as one
+  program plus q's checks, not operation by operation (about 60 compiles each before)."""
+  compiles = []
+  listen = lambda name, *_, **__: compiles.append(name) if name == (
+      "/jax/core/compile/backend_compile_duration") else None
+  rng = np.random.default_rng(11)
+  kernel = jnp.asarray(rng.normal(size=(3, 2, 5, 9)), jnp.float32)  # shapes no other test uses
+  q = rng.lognormal(size=5)
+  calls = {"conv, q": lambda: conv_factors(kernel, q=q),
+           "conv, method='conv'": lambda: conv_factors(kernel, method="conv"),
+           "dense, q": lambda: dense_factors(kernel[0, 0], q=q)}
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    for name, call in calls.items():
+      compiles.clear()
+      jax.block_until_ready(call())
+      assert len(compiles) <= 5, (name, len(compiles))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
