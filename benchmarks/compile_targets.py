@@ -2,10 +2,11 @@
 
 JAX compiles for accelerators it does not have. For a TPU, ``libtpu`` (the ``tpu`` extra:
 ``jax[tpu]`` at the pinned jax) describes a slice by its topology name (``v5e:2x4``). For an
-NVIDIA GPU, the CUDA plugin (the ``gpu-compile`` extra: ``jax[cuda12]`` at the pinned jax)
-describes ``N`` GPUs from a device description, ``benchmarks/targets/h100.txtpb`` (target
-``h100:8``). Either way the devices form the data mesh, the steps are traced with abstract,
-sharded arguments and compiled; nothing runs. The CUDA plugin cannot start without a GPU,
+NVIDIA GPU, the CUDA plugin (the ``gpu-compile`` extra: the plugin at the pinned jax, without
+the CUDA libraries, which compiling does not use) describes ``N`` GPUs from a device
+description, ``benchmarks/targets/h100.txtpb`` (target ``h100:8``). Either way the devices
+form the data mesh, the steps are traced with abstract, sharded arguments and compiled;
+nothing runs. The CUDA plugin cannot start without a GPU,
 so this module sets ``JAX_PLATFORMS=cpu`` before JAX starts (the topology still compiles).
 
 For AOL and for the same network with plain ``nnx.Conv`` / ``nnx.Linear``
