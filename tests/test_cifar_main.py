@@ -3,6 +3,7 @@ through the real tfds builder: what it writes (TensorBoard events read back with
 TensorBoard's reader), its console, and its error messages."""
 
 import dataclasses
+import importlib.util
 import os
 import signal
 import subprocess
@@ -256,6 +257,20 @@ def test_a_bad_flag_prints_one_line_and_no_traceback(tmp_path):
   assert proc.returncode == 1
   assert proc.stderr.strip() == "error: --epochs=0: must be >= 1, got 0."
   assert not (tmp_path / "w").exists()
+
+
+def test_the_runner_imports_no_torch_and_leaves_it_importable(tmp_path):
+  # tensorboardX's writer imports torch, when installed (the test extra installs it), only
+  # to accept torch tensors: 1.4 s of every run's start-up. The runner imports it without.
+  assert importlib.util.find_spec("torch") is not None
+  code = ("import sys, experiments.cifar.main; from experiments.common import summaries; "
+          "assert 'torch' not in sys.modules, 'torch imported'; import torch; "
+          "s = summaries.Summaries(sys.argv[1]); s.scalars(3, {'x': torch.tensor(2.0).item()}); "
+          "s.close()")
+  proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert tensorboard_scalars(str(tmp_path)) == {"x": [(3, 2.0)]}
 
 
 def test_every_config_field_can_be_set_on_the_command_line_either_way():
