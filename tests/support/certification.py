@@ -1,6 +1,7 @@
 """Shared by the certification tests: an independent margin, data, small models, and the
 float64 comparison the statistical allowance is checked against."""
 
+import functools
 import math
 
 import jax
@@ -34,13 +35,22 @@ def numpy_margin(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
   return np.array(out)
 
 
+# At XLA's default level the CPU compiler unrolls jax.random's small nested loops: one
+# eager normal draw of a small conv kernel's shape compiles for 1-3 s, at the lowest level
+# in 0.1 s (the noise differs in the last bit of a few values, by its erfinv's rounding).
+@functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
+                                              "xla_llvm_disable_expensive_passes": True})
+def _perturbed(leaves: list, key: jax.Array, scale: float) -> list:
+  keys = jax.random.split(key, len(leaves))
+  return [(p + scale * jax.random.normal(k, p.shape)).astype(p.dtype)
+          for p, k in zip(leaves, keys)]
+
+
 def trained_like(model: nnx.Module, scale: float, seed: int) -> nnx.Module:
   """Perturbs every parameter so kernels and biases look trained (not identity-like)."""
   state = nnx.state(model, nnx.Param)
   leaves, tree = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  leaves = [(p + scale * jax.random.normal(k, p.shape)).astype(p.dtype)
-            for p, k in zip(leaves, keys)]
+  leaves = _perturbed(leaves, jax.random.key(seed), scale)
   nnx.update(model, jax.tree.unflatten(tree, leaves))
   return model
 
