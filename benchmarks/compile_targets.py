@@ -6,8 +6,8 @@ NVIDIA GPU, the CUDA plugin (the ``gpu-compile`` extra: the plugin at the pinned
 the CUDA libraries, which compiling does not use) describes ``N`` GPUs from a device
 description, ``benchmarks/targets/h100.txtpb`` (target ``h100:8``). Either way the devices
 form the data mesh, the steps are traced with abstract, sharded arguments and compiled;
-nothing runs. The CUDA plugin cannot start without a GPU,
-so this module sets ``JAX_PLATFORMS=cpu`` before JAX starts (the topology still compiles).
+nothing runs. The CUDA plugin cannot start without a GPU, so this module sets
+``JAX_PLATFORMS=cpu`` before JAX starts (the topology still compiles).
 
 For AOL and for the same network with plain ``nnx.Conv`` / ``nnx.Linear``
 (``benchmarks.nets.plain_net``) it reports, per device: FLOPs (``cost_analysis()``; the GPU

@@ -37,7 +37,8 @@ def numpy_margin(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 # At XLA's default level the CPU compiler unrolls jax.random's small nested loops: one
 # eager normal draw of a small conv kernel's shape compiles for 1-3 s, at the lowest level
-# in 0.1 s (the noise differs in the last bit of a few values, by its erfinv's rounding).
+# in 0.1 s. (A few values differ from the default level's draw in the last bit: its erfinv
+# rounds differently.)
 @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
                                               "xla_llvm_disable_expensive_passes": True})
 def _perturbed(leaves: list, key: jax.Array, scale: float) -> list:
