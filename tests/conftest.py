@@ -9,6 +9,8 @@ and teardown of its tests, summed; with pytest-xdist, per worker process as it r
 
 import collections
 import os
+import shutil
+import tempfile
 
 # pytest-xdist workers each load libtpu for the TPU compile tests; without this the second
 # process to load it stops on libtpu's lock file.
@@ -36,6 +38,18 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 if "XLA_FLAGS" not in os.environ:
   os.environ["XLA_FLAGS"] = "--xla_cpu_use_fusion_emitters=false"
   os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+# A program compiled again in another process of the session (the same train step in each
+# run of the ablations and of the runner's subprocesses, the same steps in both workers) is
+# read from jax's persistent compilation cache: one folder per session, made here by the
+# first process (pytest-xdist's workers and the subprocesses tests start inherit it) and
+# removed by it at the end (pytest_unconfigure). The cache's key holds the program, the
+# compile options, XLA_FLAGS and the jax version, so a hit is the same executable.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+      prefix="aol_jax_tests_jax_cache_")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import jax  # noqa: E402  (after the environment above)
 import pytest  # noqa: E402
@@ -77,6 +91,11 @@ def pytest_addoption(parser):
 
 def pytest_runtest_logreport(report):
   _FILE_SECONDS[report.nodeid.split("::")[0]] += report.duration
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE is not None:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -172,6 +172,18 @@ def test_the_presets_derive_small_from_full():
   assert set(dataclasses.asdict(full)) == {f.name for f in dataclasses.fields(SMALL)}
   assert SMALL.recipes[0].model_kwargs == full.recipe("digits").model_kwargs
   assert SMALL.recipes[0].epochs < full.recipe("digits").epochs
+  # The small run trains each network on one device; the full one on every device.
+  assert SMALL.recipes[0].num_devices == 1
+  assert {r.num_devices for r in full.recipes} == {None}
+  assert trainer.config_for(SMALL.recipes[0], PAPER_SETTING, seed=0).num_devices == 1
+
+
+@pytest.mark.parametrize("num_devices", [0, 3])
+def test_a_recipe_whose_batch_does_not_split_over_its_devices_is_refused(num_devices):
+  recipe = dataclasses.replace(SMALL.recipes[0], num_devices=num_devices)
+  errors = configs.field_errors(dataclasses.replace(SMALL, recipes=(recipe,)))
+  assert errors == {"recipes": f"the digits recipe's num_devices={num_devices} must be None "
+                               f"or a divisor >= 1 of its batch_size 64"}
 
 
 @pytest.mark.parametrize("flags,expected", [

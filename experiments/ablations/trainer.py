@@ -70,7 +70,8 @@ def config_for(recipe: Recipe, loss: LossSetting, *, seed: int, plain: bool = Fa
       batch_size=recipe.batch_size,
       learning_rate=recipe.plain_learning_rate if plain else recipe.learning_rate,
       momentum=0.9, nesterov=True, weight_decay=5e-4, loss_offset=loss.offset,
-      loss_temperature=loss.temperature, augment=False, seed=seed, num_devices=None,
+      loss_temperature=loss.temperature, augment=False, seed=seed,
+      num_devices=recipe.num_devices,
       checkpoint_every=CHECKPOINT_EVERY, max_to_keep=1, eval_every=recipe.epochs,
       eval_batch_size=recipe.eval_batch_size, log_every=10, mode="train",
       rounding=DEFAULT_ROUNDING, gram_precision="default")

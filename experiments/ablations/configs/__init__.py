@@ -61,6 +61,9 @@ class Recipe:
   pgd_steps: int  # steps of pgd_l2 per radius (check 3)
   pgd_examples: int | None  # test examples attacked (None: the whole test set)
   power_iterations: int  # iterations of power_iteration per layer (check 2)
+  # Devices of each training's data mesh (the runner's num_devices); None: all. A batch this
+  # small trains fastest on one device when the devices share a CPU.
+  num_devices: int | None = None
 
   @property
   def sizes(self) -> dict[str, int]:
@@ -148,4 +151,8 @@ def field_errors(config: AblationConfig) -> dict[str, str]:
     errors["seeds"] = "must be one or more integers >= 0"
   if config.seed < 0:
     errors["seed"] = "must be >= 0"
+  for r in config.recipes:
+    if r.num_devices is not None and (r.num_devices < 1 or r.batch_size % r.num_devices):
+      errors["recipes"] = (f"the {r.dataset} recipe's num_devices={r.num_devices} must be "
+                           f"None or a divisor >= 1 of its batch_size {r.batch_size}")
   return errors
