@@ -3,13 +3,19 @@ PYTHON ?= python3
 
 .PHONY: run test test-isa test-times docs install-experiments install-test
 
-# --no-compile: pip would byte-compile every module of every wheel (19,578 files for the
-# test extra, about 50 s); Python compiles those a process imports, once, when it imports them.
+# uv installs the wheels pip would install, from the same constraints, in a quarter of the
+# time (the test extra: 19 s against pip's 83 s; it unpacks in parallel and byte-compiles
+# nothing, which Python does for the modules a process imports). uv does not read pip's
+# configuration: the wheel folders pip is configured to find links in are passed on.
+FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+UV_INSTALL = $(PYTHON) -m pip install -q -c constraints.txt uv && $(PYTHON) -m uv pip install \
+	-q --python $(PYTHON) $(addprefix --find-links ,$(FIND_LINKS)) -c constraints.txt
+
 install-experiments:
-	$(PYTHON) -m pip install -q --no-compile -c constraints.txt -e '.[experiments]'
+	$(UV_INSTALL) -e '.[experiments]'
 
 install-test:
-	$(PYTHON) -m pip install -q --no-compile -c constraints.txt -e '.[test]'
+	$(UV_INSTALL) -e '.[test]'
 
 # The main job: train on scikit-learn's digits (offline, about a minute on a CPU), then certify.
 run: install-experiments
