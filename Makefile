@@ -6,8 +6,9 @@ PYTHON ?= python3
 # uv installs the wheels pip would install, from the same constraints, in a quarter of the
 # time (the test extra: 19 s against pip's 83 s; it unpacks in parallel and byte-compiles
 # nothing, which Python does for the modules a process imports). uv does not read pip's
-# configuration: the wheel folders pip is configured to find links in are passed on.
-FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+# configuration: the wheel folders pip is configured to find links in are passed on (asked
+# of pip only by the install targets).
+FIND_LINKS = $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 UV_INSTALL = $(PYTHON) -m pip install -q -c constraints.txt uv && $(PYTHON) -m uv pip install \
 	-q --python $(PYTHON) $(addprefix --find-links ,$(FIND_LINKS)) -c constraints.txt
 
