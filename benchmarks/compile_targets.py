@@ -71,7 +71,9 @@ GPU_CONFIGS = {"h100": pathlib.Path(__file__).parent / "targets" / "h100.txtpb"}
 # v5p 95 GiB per chip (one megacore device per chip). A v4 chip has 32 GiB for two
 # TensorCores; its topology lists each core as a device, so each has half.
 HBM_GIB = {"TPU v5 lite": 16, "TPU v5": 95, "TPU v4": 16}
-FLOPS_TARGET = MEMORY_TARGET = 1.30
+# Per device, AOL over plain at global batch 256: FLOPs per model, and peak memory.
+FLOPS_TARGETS = {"aol_small": 1.20, "aol_medium": 1.95}
+MEMORY_TARGET = 1.30
 _COLLECTIVE = re.compile(r"=\s*(\(.*?\)|[a-z0-9]+\[[\d,]*\](?:\{[^}]*\})?)\s+"
                          r"(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
                          r"(?:-done)?\(")
@@ -278,6 +280,12 @@ def _gflop(x: float | None) -> str:
   return "n/a" if x is None else f"{x / 1e9:.3g}"
 
 
+def _met(ratio: float | None, target: float | None) -> str:
+  if ratio is None or target is None:
+    return "n/a"
+  return f"{'yes' if ratio <= target else 'no'} (<= {target})"
+
+
 def _mib(x: float) -> str:
   return f"{x / 2**20:.0f}"
 
@@ -315,7 +323,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           target, f"{r['devices']} ({r['hosts']})", model_name,
           f"{_gflop(a['flops'])} / {_gflop(b['flops'])}",
           "n/a" if r["flops_ratio"] is None else r["flops_ratio"],
+          _met(r["flops_ratio"], FLOPS_TARGETS.get(model_name)),
           f"{_mib(a['peak_bytes'])} / {_mib(b['peak_bytes'])}", r["peak_bytes_ratio"],
+          _met(r["peak_bytes_ratio"], MEMORY_TARGET),
           *[f"{_mib(a['peak_bytes_per_device_batch'][k])} / "
             f"{_mib(b['peak_bytes_per_device_batch'][k])} = "
             f"{r['peak_ratio_per_device_batch'][k]:.2f}" for k in per_device],
@@ -335,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              f"{c['aol']['compile_s']:.0f}"])
   table = timing.markdown_table(
       ["target", "devices (hosts)", "model", f"GFLOP/dev AOL / plain (batch {args.batch})",
-       "FLOPs AOL/plain", f"peak MiB/dev AOL / plain (batch {args.batch})", "peak AOL/plain",
+       "FLOPs AOL/plain", "FLOPs target", f"peak MiB/dev AOL / plain (batch {args.batch})",
+       "peak AOL/plain", f"peak <= {MEMORY_TARGET}",
        *[f"peak MiB/dev at {k}/dev, AOL / plain = ratio" for k in per_device],
        "AOL max peak / HBM", "HIGHEST ops AOL / plain", "AOL GEMM/conv kernels",
        "plain GEMM/conv kernels", "AOL collectives", "plain collectives",

@@ -2,13 +2,15 @@
 
 Compiler counts, not timings (``benchmarks.compile_targets``): the train step must compile
 for the 8-chip v5e 2x4, the 4-host, 16-chip v5e 4x4 and 8 x H100, fit the device's memory,
-keep its per-device FLOPs within 1.30x those of the same network with plain layers (TPU; the
-GPU compiler counts no FLOPs ahead of time), and hold no op at precision HIGHEST beyond those
-of the plain network (none on the GPUs): training runs the Gram at the platform's fast
-precision, only ``freeze`` (certification) needs HIGHEST. About a minute of compiling per TPU topology on two cores, 25 s for the GPUs; the
-certification step is compiled for AOL only (its frozen kernels cost what plain kernels
-cost). Needs ``JAX_PLATFORMS=cpu`` before JAX starts (``conftest.py``): the CUDA plugin
-offers its topology only then, on a machine without a GPU.
+keep its per-device FLOPs within ``compile_targets.FLOPS_TARGETS`` times those of the same
+network with plain layers (TPU, global batch 256: AOL-Small 1.20, and AOL-Medium 1.95 on
+the 2x4; the GPU compiler counts no FLOPs ahead of time), and hold no op at precision
+HIGHEST beyond those of the plain network (none on the GPUs): training runs the Gram at the
+platform's fast precision, only ``freeze`` (certification) needs HIGHEST. About a minute of
+compiling per TPU topology and model on two cores, 25 s for the GPUs; the certification
+step is compiled for AOL only (its frozen kernels cost what plain kernels cost). Needs
+``JAX_PLATFORMS=cpu`` before JAX starts (``conftest.py``): the CUDA plugin offers its
+topology only then, on a machine without a GPU.
 """
 
 import os
@@ -43,7 +45,7 @@ def test_aol_small_train_step_compiles_fits_and_meets_the_flops_target(topology)
       compile_targets.compile_train_step(mesh, "aol_small", "plain", BATCH))
   assert aol["peak_bytes"] < hbm, (name, aol["peak_bytes"])
   ratio = aol["flops"] / plain["flops"]
-  assert ratio <= compile_targets.FLOPS_TARGET, (name, ratio)
+  assert ratio <= compile_targets.FLOPS_TARGETS["aol_small"], (name, ratio)
   # The split rescaling adds no kernel-sized collective: the factors' gathers and sums are
   # a few KiB next to the gradients' all-reduce, which both networks do.
   moved = lambda c: sum(v["bytes"] for v in c.values())
@@ -55,6 +57,18 @@ def test_aol_small_train_step_compiles_fits_and_meets_the_flops_target(topology)
   # must add no HIGHEST op to those of the plain network.
   assert aol["highest_ops"] == plain["highest_ops"], (name, aol["highest_ops"],
                                                       plain["highest_ops"])
+
+
+@pytest.mark.slow
+def test_aol_medium_train_step_meets_its_flops_target():
+  """AOL-Medium's 2048-wide dense Grams, whose cost does not fall with the batch, dominate
+  its extra FLOPs; split into block pairs over the devices they meet the target (v5e 2x4;
+  the benchmark reports 4x4 too)."""
+  mesh = compile_targets.target_mesh("v5e:2x4")
+  aol, plain = (compile_targets.counts(compile_targets.compile_train_step(
+      mesh, "aol_medium", network, BATCH)) for network in ("aol", "plain"))
+  ratio = aol["flops"] / plain["flops"]
+  assert ratio <= compile_targets.FLOPS_TARGETS["aol_medium"], ratio
 
 
 @pytest.mark.slow

@@ -71,18 +71,25 @@ def test_factors_and_their_derivative_match_autodiff_of_the_formula(shape, ksize
   np.testing.assert_allclose(grad, want_grad, rtol=RTOL, atol=ATOL)
 
 
-def _flops(m: int, n: int) -> float:
+def _flops(m: int, n: int, grad: bool) -> float:
   kernel = jax.ShapeDtypeStruct((n, n), jnp.float32)
+  fn = _split(m, ())
+  if grad:
+    fn = jax.grad(lambda k: jnp.sum(_split(m, ())(k)))
   with jax.set_mesh(_mesh(m)):
-    return jax.jit(_split(m, ())).lower(kernel).compile().cost_analysis()["flops"]
+    return jax.jit(fn).lower(kernel).compile().cost_analysis()["flops"]
 
 
 @pytest.mark.parametrize("m", [3, 8])
-def test_split_computes_one_share_of_the_gram(m):
-  """Per device, the split forward of a dense ``(n, n)`` kernel's factors costs ``1/m`` of
-  the whole ``P P^T`` (``2 n^3`` FLOPs): its own ``n/m`` rows, not a replicated Gram. Up to
-  8 % more: the elementwise work (signs, sums) on ``O(n^2 / m)`` entries."""
+@pytest.mark.parametrize("grad", [False, True])
+def test_split_forms_each_block_pair_of_the_gram_once(m, grad):
+  """Per device, the split factors of a dense ``(n, n)`` kernel cost a share of the whole
+  ``P P^T`` (``2 n^3`` FLOPs), not a replicated Gram: forward, its ``2m + 1`` of the
+  ``m (2m + 1)`` block pairs on and above the diagonal (blocks of ``b = n / 2m`` rows), about
+  half of its ``n / m`` rows; the backward pass adds ``4 m`` block products, ``1 / m``. Up
+  to 8 % more: the elementwise work (signs, sums) on ``O(n^2 / m)`` entries."""
   n = 384
-  share = 1 / m
-  split = _flops(m, n) / (2 * n ** 3)
+  b = n // (2 * m)
+  share = ((2 * m + 1) + (4 * m if grad else 0)) * b ** 2 / n ** 2
+  split = _flops(m, n, grad) / (2 * n ** 3)
   assert share <= split <= share * 1.08, (split, share)

@@ -6,10 +6,15 @@ Forward: one triangle of the Gram (:func:`aol_jax.gram.half_gram_rows`); since
 ``s < 0``. Reverse mode keeps the kernel, ``d`` and ``sign(H)`` of that triangle as int8,
 and spends one product's worth of multiply-adds, as the forward of the whole Gram would.
 
-Split over ``axis_name`` (size ``n``), each device takes a block of ``ceil(in / n)`` input
-features (the kernel zero-padded to a multiple of ``n``) and forms those rows of the
-triangle: ``1/n`` of the forward and of the backward products. Its row and column sums are
-added over the axis by one ``psum`` of an ``(in,)`` vector. In the backward pass each device
+Split over ``axis_name`` (size ``n``), each device of a conv kernel takes a block of
+``ceil(in / n)`` input features (the kernel zero-padded to a multiple of ``n``) and forms
+those rows of the triangle: ``1/n`` of the forward and of the backward products. A dense
+kernel's Gram ``A A^T`` is cut into ``2n`` row blocks; device ``r`` forms the block pairs
+``(r, r .. r + n)`` and ``(r + n, r + n .. r + 2n - 1)`` (cyclically), so the ``n`` devices
+together form each pair on and above the diagonal once: ``(2n + 1) / (4 n^2)`` of the
+product each, about half a row block's ``1/n`` (:func:`_paired_blocks`). The backward
+pass takes ``1/n`` of a product either way. Each device's row and column sums are added over
+the axis by one ``psum`` of an ``(in,)`` vector. In the backward pass each device
 returns its share of the kernel's gradient, for a kernel varying over the axis: the ``psum``
 that completes it is the transpose of the ``pcast`` that made the kernel varying (made here
 if it is not), the one that also sums the gradients of the devices' batch shares.
@@ -66,6 +71,32 @@ def _place(block: jax.Array, start: jax.Array, n: int, axis: int) -> jax.Array:
   return jax.lax.slice_in_dim(full, 0, n, axis=axis)
 
 
+def _roll(x: jax.Array, shift: jax.Array) -> jax.Array:
+  """``x`` rolled by ``-shift`` along axis 0 (a traced shift): ``out[q] = x[(q + shift) % len]``."""
+  n = x.shape[0]
+  return jax.lax.dynamic_slice_in_dim(jnp.concatenate([x, x]), jnp.mod(shift, n), n, 0)
+
+
+def _paired_blocks(a: jax.Array, axis_name: str) -> tuple[jax.Array, jax.Array, int, int]:
+  """This device's view of ``a`` ``(in, f)`` for the paired-block split of ``A A^T``.
+
+  ``a`` is zero-padded to ``2m`` blocks of ``b = ceil(in / 2m)`` rows (``m`` the axis size)
+  and rolled by device ``r``'s ``r`` blocks, so that its pairs are two contiguous products:
+  rolled block 0 against blocks ``0 .. m`` and block ``m`` against blocks ``m .. 2m - 1``.
+  Over ``r``, every block pair at cyclic distance below ``m`` is formed from its lower
+  block, and each pair at distance ``m`` from its block below ``m``: once.
+
+  Returns:
+    The rolled, padded ``a``, the roll (``r * b``, undone by :func:`_roll` of ``-r * b``),
+    ``m`` and ``b``.
+  """
+  m = jax.lax.axis_size(axis_name)
+  b = -(-a.shape[0] // (2 * m))
+  padded = jnp.pad(a, ((0, 2 * m * b - a.shape[0]), (0, 0)))
+  shift = jax.lax.axis_index(axis_name) * b
+  return _roll(padded, shift), shift, m, b
+
+
 def _row_and_column_sums(half: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``sum_{s <= 0, j} |H[s, i, j]|`` per row ``i``, and ``sum_{s < 0, i} |H[s, i, j]|`` per
   column ``j`` (row ``j``'s sum over ``s > 0``); zeros for one offset (no empty slice: an
@@ -85,6 +116,16 @@ def _fwd(kernel, ksize, eps, precision, axis_name):
     half = half_gram_rows(k, k, table, precision, whole=True)
     row_sums, col_sums = _row_and_column_sums(half)
     sums = row_sums + col_sums
+  elif k.shape[0] == 1 and jax.lax.axis_size(axis_name) > 1:
+    a, shift, m, b = _paired_blocks(k[0], axis_name)
+    # (b, (m + 1) b) and (b, m b); the first b columns of each are a diagonal block.
+    half = (dot(a[:b], a[:(m + 1) * b], precision, (1, 1)),
+            dot(a[m * b:(m + 1) * b], a[m * b:], precision, (1, 1)))
+    ga, gb = (jnp.abs(g) for g in half)
+    zeros = jnp.zeros((m - 1) * b, ga.dtype)
+    rolled = (jnp.concatenate([ga.sum(1), ga[:, b:].sum(0), zeros])
+              + jnp.pad(jnp.concatenate([gb.sum(1), gb[:, b:].sum(0)]), (m * b, 0)))
+    sums = jax.lax.psum(_roll(rolled, -shift)[:n], axis_name)
   else:
     rows, start = _block(k, axis_name, 1)
     half = half_gram_rows(rows, k, table, precision, whole=False)
@@ -93,7 +134,8 @@ def _fwd(kernel, ksize, eps, precision, axis_name):
   d = jax.lax.rsqrt(sums + eps)
   # The TPU compiler stores these int8 signs. XLA:CPU fuses sign() into its use in the
   # backward pass and keeps the float32 Gram alive instead, so on CPU the residual is H.
-  return d, (kernel, d, jnp.sign(half).astype(jnp.int8))
+  signs = jax.tree.map(lambda g: jnp.sign(g).astype(jnp.int8), half)
+  return d, (kernel, d, signs)
 
 
 def _half_gram_rows_vjp(rows, k, sign, c_rows, c, table, precision):
@@ -131,6 +173,19 @@ def _bwd(ksize, eps, precision, axis_name, residuals, dd):
   # d(sums ** -1/2) = -1/2 d^3 d(sums). Under a shard_map, d is invariant over the axis, so
   # dd arrives summed over the devices' batch shares.
   c = -0.5 * dd * d ** 3
+  if isinstance(sign, tuple):  # the paired blocks of a dense kernel (_fwd)
+    a, shift, m, b = _paired_blocks(k[0], axis_name)
+    c = _roll(jnp.pad(c, (0, 2 * m * b - n)), shift)
+    wa = sign[0].astype(a.dtype) * (c[:b, None] + c[None, :(m + 1) * b])
+    wb = sign[1].astype(a.dtype) * (c[m * b:(m + 1) * b, None] + c[None, m * b:])
+    # W_IJ A_J onto block I, W_IJ^T A_I onto block J (a diagonal block: once).
+    onto_a = dot(wa, a[:b], precision, (0, 0))  # ((m + 1) b, f) onto blocks 0 .. m
+    onto_b = dot(wb, a[m * b:(m + 1) * b], precision, (0, 0))  # (m b, f) onto blocks m ..
+    grad = jnp.concatenate([
+        onto_a[:b] + dot(wa[:, b:], a[b:(m + 1) * b], precision), onto_a[b:m * b],
+        onto_a[m * b:] + onto_b[:b] + dot(wb[:, b:], a[(m + 1) * b:], precision), onto_b[b:]])
+    dk = _roll(grad, -shift)[:n]
+    return (dk.reshape(kernel.shape).astype(kernel.dtype),)
   if axis_name is None:
     on_rows, full = _half_gram_rows_vjp(k, k, sign, c, c, table, precision)
     dk = full if k.shape[0] == 1 else on_rows + full

@@ -4,9 +4,10 @@ The layer's static attribute ``rescaling_axis`` (set with ``nnx.view(model,
 rescaling_axis='data')``, see :meth:`aol_jax.AOLConv.set_view`) decides. ``None``: every
 device computes the whole rescaling. An axis name: the call runs in a ``jax.shard_map``
 over that axis of the mesh entered with ``jax.set_mesh`` (``aol_jax.training``'s steps
-enter it), each device on its batch share, and each device computes the Gram rows of its
-``1/n`` share of the kernel's input features, forward and backward
-(:mod:`aol_jax._src.factors`); the results are the same.
+enter it), each device on its batch share, and each device computes ``1/n`` of the Gram's
+products, forward and backward (:mod:`aol_jax._src.factors`: the rows of its share of the
+input features for a conv kernel, block pairs of the symmetric ``P P^T`` for a dense one);
+the results are the same.
 """
 
 from __future__ import annotations

@@ -98,8 +98,9 @@ def dense_factors(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float =
     eps: stabiliser added to each row sum.
     gram_precision: the precision of the Gram products, a key of :data:`GRAM_PRECISIONS`.
     axis_name: with ``q=None``, called inside a ``jax.shard_map`` over this mesh axis (size
-      ``n``): each device computes ``1/n`` of ``P P^T``'s rows, forward and backward; the
-      result is the same. The kernel's cotangent is this device's share, completed by the
+      ``n``): each device forms ``1/n`` of ``P P^T``'s blocks on and above the diagonal
+      forward, and ``1/n`` of the backward's product; the result is the same. The
+      kernel's cotangent is this device's share, completed by the
       ``psum`` that transposes the kernel's ``jax.lax.pcast`` to varying (made here if the
       kernel is invariant), the same ``psum`` that sums the gradients of the devices' batch
       shares (:mod:`aol_jax._src.factors`).
