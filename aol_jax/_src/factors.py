@@ -122,8 +122,7 @@ def _fwd(kernel, ksize, eps, precision, axis_name):
     half = (dot(a[:b], a[:(m + 1) * b], precision, (1, 1)),
             dot(a[m * b:(m + 1) * b], a[m * b:], precision, (1, 1)))
     ga, gb = (jnp.abs(g) for g in half)
-    zeros = jnp.zeros((m - 1) * b, ga.dtype)
-    rolled = (jnp.concatenate([ga.sum(1), ga[:, b:].sum(0), zeros])
+    rolled = (jnp.pad(jnp.concatenate([ga.sum(1), ga[:, b:].sum(0)]), (0, (m - 1) * b))
               + jnp.pad(jnp.concatenate([gb.sum(1), gb[:, b:].sum(0)]), (m * b, 0)))
     sums = jax.lax.psum(_roll(rolled, -shift)[:n], axis_name)
   else:
