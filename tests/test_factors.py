@@ -73,9 +73,8 @@ def test_factors_and_their_derivative_match_autodiff_of_the_formula(shape, ksize
 
 def _flops(m: int, n: int, grad: bool) -> float:
   kernel = jax.ShapeDtypeStruct((n, n), jnp.float32)
-  fn = _split(m, ())
-  if grad:
-    fn = jax.grad(lambda k: jnp.sum(_split(m, ())(k)))
+  split = _split(m, ())
+  fn = jax.grad(lambda k: jnp.sum(split(k))) if grad else split
   with jax.set_mesh(_mesh(m)):
     return jax.jit(fn).lower(kernel).compile().cost_analysis()["flops"]
 

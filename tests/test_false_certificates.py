@@ -222,8 +222,8 @@ def _margin_error(frozen, levels: np.ndarray) -> np.ndarray:
 
 
 def _sequential_margin_error(frozen, levels: np.ndarray) -> np.ndarray:
-  """The float32 margin of ``x @ W`` summed left to right (numpy's cumulative sum, one
-  rounding per product) minus the exact one, on constant images."""
+  """The float32 margin of ``x @ W`` summed left to right (numpy's cumulative sum of the
+  float32 products) minus the exact one, on constant images."""
   w = np.asarray(frozen.layers[1].kernel[...], np.float32)
   x = np.ones((len(levels), _CHAIN), np.float32) * levels[:, None]
   logits = np.cumsum(x[:, :, None] * w[None], axis=1, dtype=np.float32)[:, -1]

@@ -6,7 +6,7 @@ Forward: one triangle of the Gram (:func:`aol_jax.gram.half_gram_rows`); since
 ``s < 0``. Reverse mode keeps the kernel, ``d`` and ``sign(H)`` of that triangle as int8,
 and spends one product's worth of multiply-adds, as the forward of the whole Gram would.
 
-Split over ``axis_name`` (size ``n``), each device of a conv kernel takes a block of
+Split over ``axis_name`` (size ``n``), for a conv kernel each device takes a block of
 ``ceil(in / n)`` input features (the kernel zero-padded to a multiple of ``n``) and forms
 those rows of the triangle: ``1/n`` of the forward and of the backward products. A dense
 kernel's Gram ``A A^T`` is cut into ``2n`` row blocks; device ``r`` forms the block pairs
