@@ -17,8 +17,7 @@ import sys
 import pytest
 from etils import epath
 
-from support.cifar_archive import accept_archive, write_cifar10_archive
-from experiments.common import input_pipeline
+from support.cifar_archive import accept_archive, prepare_cifar10, write_cifar10_archive
 from support.servers import BUCKET, gcs_clients_in_this_process, gcs_emulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,42 +58,51 @@ def _results(workdir):
   return history, json.loads((root / "results.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """CIFAR-10 in its own format, 8 images per file, prepared by tfds once for the module's
+  runs (which only read it)."""
+  return prepare_cifar10(tmp_path_factory.mktemp("cifar"))
+
+
+def _run(data_dir, workdir, kill_after=None, *, env=None, sig=signal.SIGKILL):
+  return subprocess.run(_command(data_dir, workdir, kill_after, sig), cwd=ROOT, env=env,
+                        text=True, capture_output=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+  """The records and results of an uninterrupted run on a local disk: what a run computes
+  does not depend on where it writes, so the local and the bucket resume both compare to it
+  (the programs are compiled once: the session's persistent compilation cache,
+  tests/conftest.py, reaches the runs through the environment)."""
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  done = _run(data_dir, workdir)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return _results(workdir)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "gcs"])
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, where):
-  archive, _ = write_cifar10_archive(str(tmp_path / "manual"), per_file=8)
-  accept_archive(monkeypatch, archive)  # only this process prepares; the runs just read
-  data_dir = str(tmp_path / "data")
-  input_pipeline.prepare_tfds("cifar10", data_dir=data_dir, manual_dir=str(tmp_path / "manual"),
-                              download=False)
-  # The runs compile the same programs, once: the session's persistent compilation cache
-  # (tests/conftest.py) reaches them through the environment.
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir, uninterrupted,
+                                                          where):
   env = dict(os.environ)
   with contextlib.ExitStack() as stack:
     if where == "gcs":
       env.update(stack.enter_context(gcs_clients_in_this_process(
           stack.enter_context(gcs_emulator()))))
-    base = f"gs://{BUCKET}" if where == "gcs" else str(tmp_path)
-    run = lambda workdir, kill_after=None: subprocess.run(
-        _command(data_dir, workdir, kill_after), cwd=ROOT, env=env, text=True,
-        capture_output=True, timeout=300)
-
-    reference = f"{base}/reference"
-    done = run(reference)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    killed = f"{base}/killed"
-    proc = run(killed, kill_after=7)  # 5 steps per epoch: mid epoch 2
+    killed = f"gs://{BUCKET}/killed" if where == "gcs" else str(tmp_path / "killed")
+    proc = _run(data_dir, killed, kill_after=7, env=env)  # 5 steps per epoch: mid epoch 2
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     root = epath.Path(killed)
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["5"]
     assert not (root / "results.md").exists()
     assert len((root / "metrics.jsonl").read_text().splitlines()) == 1
 
-    resumed = run(killed)
+    resumed = _run(data_dir, killed, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "at step 5 (epoch 1)" in resumed.stdout
-    assert _results(killed) == _results(reference)
+    assert _results(killed) == uninterrupted
 
 
 @pytest.mark.parametrize("batch_size", [4, 16])  # twice and half the steps per epoch
@@ -125,15 +133,9 @@ def test_resuming_with_another_batch_size_stops_at_once_and_keeps_every_record(
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_the_epoch_and_exits_143_with_quiet_logs(tmp_path, monkeypatch):
-  archive, _ = write_cifar10_archive(str(tmp_path / "manual"), per_file=8)
-  accept_archive(monkeypatch, archive)
-  data_dir = str(tmp_path / "data")
-  input_pipeline.prepare_tfds("cifar10", data_dir=data_dir, manual_dir=str(tmp_path / "manual"),
-                              download=False)
+def test_sigterm_checkpoints_the_epoch_and_exits_143_with_quiet_logs(tmp_path, data_dir):
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-  proc = subprocess.run(_command(data_dir, tmp_path / "work", kill_after=3, sig=signal.SIGTERM),
-                        cwd=ROOT, env=env, text=True, capture_output=True, timeout=300)
+  proc = _run(data_dir, tmp_path / "work", kill_after=3, env=env, sig=signal.SIGTERM)
   assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
   assert ("Stopped at epoch 1 with a checkpoint (step 5); rerun the same command to resume."
           in proc.stdout)
