@@ -42,11 +42,21 @@ def _table_rows(out):
   return [[c.strip() for c in l.strip("|").split("|")] for l in lines[1:]]
 
 
+# Elementwise FLOPs per Gram entry that XLA counts in a forward + backward pass of the core's
+# factors: 8 covered abs, sums, rsqrt, scaling and their derivatives; the sign bit planes
+# kept for the backward pass (factors._pack_signs) add packing and, at each use in the
+# backward pass (XLA:CPU fuses the unpacking into every consumer), unpacking: 17 per entry
+# measured at (3, 3, 8, 8) and 16 in the tiny AOL network. An extra Gram product (2 out FLOPs
+# per Gram entry) still fails both tests: one added to the core's backward pass did.
+BACKWARD_ELEMENTWISE = 20
+
+
 def _gram_products(shape):
   """FLOPs of one Gram product ``Kf Kf^T``, ``Kf`` the ``(taps * in, out)`` kernel: the AOL
   Gram ``sum_o K[p, i, o] K[q, j, o]`` over all tap pairs (reference section 2), 2 FLOPs per
   multiply-add; and the entries of the Gram and the kernel, which bound the elementwise work
-  (abs, sums, rsqrt, scaling and their derivatives: a few FLOPs per entry)."""
+  (abs, sums, rsqrt, scaling and their derivatives: a few FLOPs per entry; see
+  :data:`BACKWARD_ELEMENTWISE`)."""
   taps, (c_in, c_out) = int(np.prod(shape[:-2])), shape[-2:]
   return 2 * (taps * c_in) ** 2 * c_out, (taps * c_in) ** 2 + taps * c_in * c_out
 
@@ -107,8 +117,21 @@ def test_aol_vs_plain(capsys, tmp_path):
       gram_flops, entries = gram_flops + p + _triangle_products(layer.kernel.shape), entries + e
   for n in names - {"plain"}:
     extra = flops[n] - flops["plain"]
-    assert gram_flops <= extra <= gram_flops + 8 * entries, (n, extra / gram_flops)
+    assert gram_flops <= extra <= gram_flops + BACKWARD_ELEMENTWISE * entries, (
+        n, extra / gram_flops)
     assert results["flops_ratio"][n] > 1
+
+
+def test_aol_small_cpu_step_keeps_packed_gram_signs_not_the_gram():
+  """A compiler count: the peak memory of AOL-Small's CPU train step at paper size (batch
+  256) over the plain network's, 1.307 (680 / 520 MiB). With the Gram's signs kept as int8,
+  XLA:CPU fused sign() into the backward pass and kept every float32 Gram alive: 1.414."""
+  size = nets.SIZES["paper"]
+  x, y = nets.batch(size)
+  aol = nets.aol_net(size)
+  peak = {name: nets.peak_bytes(nets.train_step(model, x, y).compiled)
+          for name, model in (("aol", aol), ("plain", nets.plain_net(aol)))}
+  assert peak["aol"] / peak["plain"] <= 1.31, (peak["aol"] / 2**20, peak["plain"] / 2**20)
 
 
 def test_aol_vs_plain_memory_variants(capsys, tmp_path):
@@ -146,7 +169,7 @@ def test_gram(capsys, tmp_path):
       assert fwd <= r["fwd_flops"] <= fwd + 4 * entries, (shape, m)
       if m in backward_products:
         total = fwd + backward_products[m] * product
-        assert total <= r["fwdbwd_flops"] <= total + 8 * entries, (shape, m)
+        assert total <= r["fwdbwd_flops"] <= total + BACKWARD_ELEMENTWISE * entries, (shape, m)
 
 
 def test_gram_variants_match_the_core():
