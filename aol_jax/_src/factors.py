@@ -149,9 +149,9 @@ def _fwd(kernel, ksize, eps, precision, axis_name):
   d = jax.lax.rsqrt(sums + eps)
   if axis_name is None:
     return d, (kernel, d, _pack_signs(half))
-  # Split over a mesh, the compilers keep int8 signs of each device's share (packed, peak
-  # memory per device of AOL-Small's train step went 1.56 -> 1.50 x plain on v5e 2x4, but
-  # 1.10 -> 1.14 on v5p 2x2x2).
+  # Split over a mesh, the compilers keep int8 signs of each device's share. Packed, the
+  # per-device peak / plain of AOL-Small's train step went 1.56 -> 1.50 on v5e 2x4 but
+  # 1.13 -> 1.14 on v5p 2x2x2 (each compiled alone in a fresh process).
   return d, (kernel, d, jax.tree.map(lambda g: jnp.sign(g).astype(jnp.int8), half))
 
 
