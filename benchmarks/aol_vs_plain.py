@@ -103,11 +103,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   s, n = r["stats"], r["net"]
   labels = {"aol": "AOL (core, default Gram)",
             "plain": "plain nnx.Conv / nnx.Linear"}
-  met = lambda v, target=TARGET: "yes" if v <= target else f"no (+{v - target:.2f})"
   rows = [[labels[m], s[m]["median"] * 1e3, r["peak_bytes"][m] / 2**20, r["flops"][m] / 1e9,
            r["time_ratio"][m], r["time_ratio_min"][m], r["cpu_time_ratio"][m],
            r["flops_ratio"][m], r["memory_ratio"][m],
-           met(r["time_ratio"][m]), met(r["memory_ratio"][m], MEMORY_TARGET)] for m in labels]
+           timing.met(r["time_ratio"][m], TARGET),
+           timing.met(r["memory_ratio"][m], MEMORY_TARGET)] for m in labels]
   table = timing.markdown_table(
       ["network", "step (ms, median)", "peak memory (MiB)", "GFLOP / step",
        "time / plain (median)", "time / plain (min)", "CPU time / plain", "FLOPs / plain",

@@ -84,10 +84,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       args, {"tiny": (1, 1), "quick": (1, 3), "paper": (1, 3)})
   r = run(args.size, warmup=warmup, repeats=repeats, on_device=False if args.on_host else None)
   s = r["stats"]
-  met = lambda v: "yes" if v <= TARGET else f"no (+{v - TARGET:.3f})"
   rows = [[f"{r['steps']} steps, batch {r['net']['batch']}, data on "
            f"{'device' if r['on_device'] else 'host'}", s["epoch"]["median"],
-           s["steps"]["median"], r["ratio"], r["ratio_min"], r["cpu_ratio"], met(r["ratio"])]]
+           s["steps"]["median"], r["ratio"], r["ratio_min"], r["cpu_ratio"],
+           timing.met(r["ratio"], TARGET, digits=3)]]
   table = timing.markdown_table(
       ["epoch", "epoch wall (s)", "sum of step times (s)", "epoch / steps (median)",
        "epoch / steps (min)", "CPU time ratio", f"<= {TARGET}"], rows)

@@ -82,6 +82,11 @@ def ratio(stats: Mapping[str, Mapping[str, float]], num: str, den: str,
   return stats[num][key] / stats[den][key]
 
 
+def met(value: float, target: float, digits: int = 2) -> str:
+  """A table's verdict on ``value <= target``: ``'yes'``, or ``'no (+excess)'``."""
+  return "yes" if value <= target else f"no (+{value - target:.{digits}f})"
+
+
 def cpu_model() -> str:
   try:
     out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout

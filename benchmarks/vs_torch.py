@@ -279,7 +279,7 @@ def _rows(results: dict[str, Any]) -> list[list[Any]]:
                    stats[theirs]["median"] * 1e3, r,
                    stats[name]["min"] / stats[theirs]["min"],
                    timing.ratio(stats, name, theirs, "cpu_median"),
-                   "yes" if r <= TARGET else f"no (+{r - TARGET:.2f})"])
+                   timing.met(r, TARGET)])
   return rows
 
 

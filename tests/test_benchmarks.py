@@ -85,6 +85,12 @@ def test_markdown_table():
   assert timing.markdown_table(["x", "y"], [["a", 1.23456]]) == "| x | y |\n|---|---|\n| a | 1.23 |"
 
 
+def test_met():
+  assert timing.met(1.10, 1.10) == "yes"
+  assert timing.met(1.314, 1.30) == "no (+0.01)"
+  assert timing.met(1.0516, 1.05, digits=3) == "no (+0.002)"
+
+
 def test_warmup_and_repeats():
   p = timing.parser("x")
   defaults = {"tiny": (1, 2), "quick": (3, 4), "paper": (5, 6)}
