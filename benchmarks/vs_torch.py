@@ -12,6 +12,7 @@ ours / theirs <= 1.0.
 
   python -m benchmarks.vs_torch --size paper
   python -m benchmarks.vs_torch --size quick --sweep-xla-flags   # one process per flag set
+  XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= python -m benchmarks.vs_torch --size paper
 
 torch and orthogonium are benchmark-only dependencies (``pip install 'aol-jax[benchmarks]'``).
 """
@@ -41,6 +42,7 @@ XLA_FLAG_SETS = (
     "--xla_cpu_use_xnnpack=true",
     "--xla_cpu_experimental_xnn_fusion_type=dot,eltwise",
     "--xla_cpu_enable_fast_math=true",
+    "--xla_cpu_experimental_ynn_fusion_type=",  # experiments' CPU runs (accelerator.py)
 )
 
 

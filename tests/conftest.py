@@ -56,6 +56,11 @@ import pytest  # noqa: E402
 import threadpoolctl  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+# The backend starts here, with the flags above. Started later, an experiment run in-process
+# (experiments.common.accelerator.select, as the ablations' tests do) would add the runs' CPU
+# XLA_FLAGS first, and XLA would compile every later test of that worker with them: which
+# tests then, test order would decide.
+jax.devices()
 # The session's level (pytest-xdist's workers inherit the environment set above).
 FAST_COMPILE = jax.config.values["jax_disable_most_optimizations"]
 _BLAS_LIMIT = threadpoolctl.threadpool_limits(int(os.environ["OPENBLAS_NUM_THREADS"]),

@@ -41,8 +41,12 @@ def _results(out_dir):
 def run(tmp_path_factory):
   out_dir = str(tmp_path_factory.mktemp("ablations"))
   trainer.fit.cache_clear()
+  xla_flags = os.environ.get("XLA_FLAGS")
   # "--preset small" with a space: the small preset (it once ran the full one silently).
   assert run_ablations(["--preset", "small", "--accelerator=cpu", f"--workdir={out_dir}"]) == 0
+  # In-process the runs use this process's backend, started by conftest: the runs' CPU
+  # XLA_FLAGS (accelerator.select) are not added, so later tests here compile as before.
+  assert os.environ.get("XLA_FLAGS") == xla_flags
   return out_dir, _results(out_dir)
 
 

@@ -1,5 +1,6 @@
 """``--accelerator``: the one backend a run uses, chosen before JAX starts a backend and
-checked before anything runs, with one line when it is missing (never a fallback)."""
+checked before anything runs, with one line when it is missing (never a fallback); on a CPU,
+XLA's convolutions without YNNPACK (:data:`CPU_XLA_FLAG`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import sys
 import tempfile
 
 import jax
+import jaxlib.version
+from jax._src import xla_bridge  # backends_are_initialized: no public equivalent
 
 # JAX's platform name for each --accelerator value.
 PLATFORMS = {"cpu": "cpu", "gpu": "cuda", "tpu": "tpu"}
@@ -19,6 +22,31 @@ _HINTS = {"gpu": "install jax with CUDA support (pip install -U 'jax[cuda12]') o
           "cpu": "check that jaxlib is installed"}
 
 
+# XLA:CPU of jaxlib 0.10 runs convolutions as YNNPACK dot fusions by default. The kernel
+# gradient of a 3x3 convolution (192 channels on 8x8, batch 256, one thread) took 1.98x
+# torch's time with them and 0.59x without, and AOL-Small's CPU train step (2 threads) 4812 ms
+# against 2569 ms (benchmarks/README.md, "XLA:CPU's convolutions"). XLA stops the process on
+# a flag it does not know, so it is set only for the jaxlib versions it was measured on.
+CPU_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
+CPU_XLA_FLAG_JAXLIB = ("0.10.",)
+
+
+def cpu_xla_flags(flags: str, jaxlib_version: str) -> str:
+  """``XLA_FLAGS`` for a CPU run: ``flags`` and :data:`CPU_XLA_FLAG`, unless ``flags`` set
+  the YNNPACK fusions themselves or ``jaxlib_version`` is not one it was measured on.
+
+  Example:
+    >>> cpu_xla_flags("--xla_cpu_max_isa=AVX2", "0.10.2")
+    '--xla_cpu_max_isa=AVX2 --xla_cpu_experimental_ynn_fusion_type='
+    >>> cpu_xla_flags("--xla_cpu_experimental_ynn_fusion_type=dot", "0.10.2")
+    '--xla_cpu_experimental_ynn_fusion_type=dot'
+  """
+  name = CPU_XLA_FLAG.split("=")[0]
+  if name in flags or not jaxlib_version.startswith(CPU_XLA_FLAG_JAXLIB):
+    return flags
+  return f"{flags} {CPU_XLA_FLAG}".strip()
+
+
 class AcceleratorError(RuntimeError):
   """JAX cannot use the requested accelerator; the message says what to do."""
 
@@ -26,8 +54,13 @@ class AcceleratorError(RuntimeError):
 def select(name: str) -> None:
   """Let JAX start only the backend of ``--accelerator=name`` (``jax_platforms``): no other
   plugin is probed, so none prints its start-up errors (with the CUDA plugin installed, a
-  CPU run would otherwise print a CUDA initialisation traceback). Call it before anything
-  starts a backend (``jax.devices()``, a computation, ``jax.distributed``)."""
+  CPU run would otherwise print a CUDA initialisation traceback). For ``cpu``, also add
+  :func:`cpu_xla_flags` to ``XLA_FLAGS``, which XLA reads when the backend starts (not once
+  one has: then nothing changes). Call it before anything starts a backend
+  (``jax.devices()``, a computation, ``jax.distributed``)."""
+  if name == "cpu" and not xla_bridge.backends_are_initialized():
+    os.environ["XLA_FLAGS"] = cpu_xla_flags(os.environ.get("XLA_FLAGS", ""),
+                                            jaxlib.version.__version__)
   jax.config.update("jax_platforms", PLATFORMS[name])
 
 
