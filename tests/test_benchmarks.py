@@ -128,16 +128,19 @@ def test_aol_vs_plain(capsys, tmp_path):
     assert results["flops_ratio"][n] > 1
 
 
-def test_aol_small_cpu_step_keeps_packed_gram_signs_not_the_gram():
+def test_aol_small_cpu_step_peak_memory_meets_the_target():
   """A compiler count: the peak memory of AOL-Small's CPU train step at paper size (batch
-  256) over the plain network's, 1.307 (680 / 520 MiB). With the Gram's signs kept as int8,
-  XLA:CPU fused sign() into the backward pass and kept every float32 Gram alive: 1.414."""
+  256) over the plain network's, 1.278 (665 / 520 MiB), within aol_vs_plain's 1.30. With
+  the Gram's signs kept as int8, XLA:CPU fused sign() into the backward pass and kept every
+  float32 Gram alive (1.414); with the backward's centre product on the features-first
+  kernel, it kept the forward's copy of that alive until the backward (1.307)."""
   size = nets.SIZES["paper"]
   x, y = nets.batch(size)
   aol = nets.aol_net(size)
   peak = {name: nets.peak_bytes(nets.train_step(model, x, y).compiled)
           for name, model in (("aol", aol), ("plain", nets.plain_net(aol)))}
-  assert peak["aol"] / peak["plain"] <= 1.31, (peak["aol"] / 2**20, peak["plain"] / 2**20)
+  assert peak["aol"] / peak["plain"] <= aol_vs_plain.MEMORY_TARGET, (
+      peak["aol"] / 2**20, peak["plain"] / 2**20)
 
 
 def test_aol_vs_plain_memory_variants(capsys, tmp_path):
