@@ -22,12 +22,15 @@ install-test:
 run: install-experiments
 	$(PYTHON) -m experiments.cifar --accelerator=cpu --preset=digits --workdir=runs/digits
 
-# The test suite but the numeric core, compiled for speed (tests/conftest.py); then the
-# numeric core and the doctests at XLA's default optimisation, on this ISA and under capped
-# ones (XLA's CPU code differs per ISA; no doctest or test may depend on the last float
-# digit).
+# Two workers, a test file each at a time, handed out slowest first (tests/conftest.py).
+XDIST = -n 2 --dist loadfile --no-loadscope-reorder
+
+# The test suite but the numeric core, compiled for speed (tests/conftest.py; it ends with
+# the seconds spent per test file); then the numeric core and the doctests at XLA's default
+# optimisation, on this ISA and under capped ones (XLA's CPU code differs per ISA; no
+# doctest or test may depend on the last float digit).
 test: install-test
-	$(PYTHON) -m pytest -n 2 --dist loadfile -q tests $(addprefix --ignore=,$(ISA_TESTS))
+	$(PYTHON) -m pytest $(XDIST) -q --file-durations tests $(addprefix --ignore=,$(ISA_TESTS))
 	$(MAKE) test-isa
 	$(MAKE) docs
 
@@ -56,11 +59,11 @@ test-isa:
 	    continue;; esac;; esac; \
 	  seen="$$seen$$target "; \
 	  echo "== XLA_FLAGS=$$flags (XLA's default optimisation; target $$target)"; \
-	  XLA_FLAGS="$$flags" $(PYTHON) -m pytest -n 2 --dist loadfile -q \
+	  XLA_FLAGS="$$flags" $(PYTHON) -m pytest $(XDIST) -q \
 	    -p no:cacheprovider $(ISA_TESTS) || exit 1; \
 	done
 
 # Seconds per test file (summed setup + call + teardown, slowest first), for finding what to
 # cut; the same workers as `make test`.
 test-times:
-	$(PYTHON) -m pytest -n 2 --dist loadfile -q -p no:cacheprovider --file-durations $(TEST_ARGS)
+	$(PYTHON) -m pytest $(XDIST) -q -p no:cacheprovider --file-durations $(TEST_ARGS)

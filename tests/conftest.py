@@ -89,6 +89,28 @@ def _xla_optimisation(request):
     jax.config.update("jax_disable_most_optimizations", before)
 
 
+# The slowest test files (`make test-times`, 2026-12-07), slowest first; the rest follow in
+# collection order. The Makefile's runs pass --no-loadscope-reorder, so pytest-xdist hands out
+# files in this order: without it, it sorts them by their number of tests, and a long file
+# with few tests (the TPU compiles) could start last and run alone at the end.
+SLOWEST_FIRST = (
+    "tests/test_compile_targets.py", "tests/test_ablations.py", "tests/test_layers.py",
+    "tests/test_cifar_resume.py", "tests/test_cifar_main.py", "tests/test_experiments_signals.py",
+    "tests/test_attacks.py", "tests/test_certification_dataset.py",
+    "tests/test_architectures.py", "tests/test_experiment_digits.py",
+    "tests/test_sharded_rescaling.py", "tests/test_benchmarks.py",
+    "tests/test_false_certificates.py", "tests/test_cifar_multiprocess.py",
+    "tests/test_benchmarks_gram_precision.py",
+    # make test-isa's files
+    "tests/test_certification_rigorous.py", "tests/test_rescaling.py",
+    "tests/test_certification_statistical.py", "tests/test_freeze.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {path: i for i, path in enumerate(SLOWEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable
+
+
 def pytest_addoption(parser):
   parser.addoption("--file-durations", action="store_true", default=False,
                    help="print the seconds spent in each test file, slowest first")
