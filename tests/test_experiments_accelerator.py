@@ -9,7 +9,7 @@ import sys
 from experiments.common import accelerator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NAME = accelerator.CPU_XLA_FLAG.split("=")[0]
+NAME = accelerator.YNN_FUSIONS
 
 # In a fresh process: select() as a run does (or not: argv[1] == "no"), then compile a train
 # step's convolution (its kernel gradient, the one YNNPACK ran slowest) and say whether XLA

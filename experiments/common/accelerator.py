@@ -27,7 +27,8 @@ _HINTS = {"gpu": "install jax with CUDA support (pip install -U 'jax[cuda12]') o
 # torch's time with them and 0.59x without, and AOL-Small's CPU train step (2 threads) 4812 ms
 # against 2569 ms (benchmarks/README.md, "XLA:CPU's convolutions"). XLA stops the process on
 # a flag it does not know, so it is set only for the jaxlib versions it was measured on.
-CPU_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
+YNN_FUSIONS = "--xla_cpu_experimental_ynn_fusion_type"  # XLA's flag: which fusions use YNNPACK
+CPU_XLA_FLAG = f"{YNN_FUSIONS}="  # none of them
 CPU_XLA_FLAG_JAXLIB = ("0.10.",)
 
 
@@ -41,8 +42,7 @@ def cpu_xla_flags(flags: str, jaxlib_version: str) -> str:
     >>> cpu_xla_flags("--xla_cpu_experimental_ynn_fusion_type=dot", "0.10.2")
     '--xla_cpu_experimental_ynn_fusion_type=dot'
   """
-  name = CPU_XLA_FLAG.split("=")[0]
-  if name in flags or not jaxlib_version.startswith(CPU_XLA_FLAG_JAXLIB):
+  if YNN_FUSIONS in flags or not jaxlib_version.startswith(CPU_XLA_FLAG_JAXLIB):
     return flags
   return f"{flags} {CPU_XLA_FLAG}".strip()
 
