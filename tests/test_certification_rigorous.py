@@ -92,10 +92,11 @@ def test_dense_bound_covers_adversarial_summation(n, kind):
   layer.bias[...] = jnp.asarray(np.linspace(-0.5, 0.5, m), jnp.float32)
   w = np.asarray(layer.kernel[...], np.float64)
   b = np.asarray(layer.bias[...], np.float64)
+  certified = jax.jit(lambda v: layer.rounding_error(v, FLOAT32))
   worst = 0.0
   for name, x in _inputs(n, 3, seed=n).items():
     exact = x.astype(np.float64) @ w + b
-    y, bound = jax.jit(lambda v: layer.rounding_error(v, FLOAT32))(jnp.asarray(x))
+    y, bound = certified(jnp.asarray(x))
     bound = np.asarray(bound, np.float64)
     measured = {"xla": np.asarray(y, np.float64)}
     for order in ("left", "largest", "smallest"):
@@ -134,20 +135,21 @@ def test_conv_bound_covers_xla_and_adversarial_summation(case):
   with jax.default_matmul_precision("highest"):
     matrix = explicit_matrix(lambda v: frozen(v[None])[0] - frozen(
         jnp.zeros_like(v)[None])[0], (*size, c_in))
-  bias = np.asarray(frozen(jnp.zeros((1, *size, c_in)))[0], np.float64).reshape(-1)
+  call, certified = jax.jit(frozen), jax.jit(lambda v: frozen.rounding_error(v, FLOAT32))
+  bias = np.asarray(call(jnp.zeros((1, *size, c_in)))[0], np.float64).reshape(-1)
   kernel = np.asarray(frozen.kernel[...], np.float64)
   worst = 0.0
   for name, x in _inputs(n, 2, seed=n).items():
     images = x.reshape(2, *size, c_in)
     exact = x.astype(np.float64) @ matrix.T + bias
-    y, bound = jax.jit(lambda v: frozen.rounding_error(v, FLOAT32))(jnp.asarray(images))
+    y, bound = certified(jnp.asarray(images))
     bound = np.asarray(bound, np.float64)
     measured = {"certified": np.asarray(y, np.float64).reshape(2, -1),
-                "call": np.asarray(jax.jit(frozen)(jnp.asarray(images)), np.float64).reshape(2, -1)}
+                "call": np.asarray(call(jnp.asarray(images)), np.float64).reshape(2, -1)}
     if groups == 1:  # the chunked sums emulated on the columns the conv reads
-      cols = np.asarray(patches.conv_patches(
-          jnp.asarray(images), ksize, strides=strides, dilation=dilation,
-          padding=normalize_padding(padding, len(ksize))))
+      cols = np.asarray(jax.jit(lambda v: patches.conv_patches(
+          v, ksize, strides=strides, dilation=dilation,
+          padding=normalize_padding(padding, len(ksize))))(jnp.asarray(images)))
       rows = cols.reshape(-1, cols.shape[-2] * cols.shape[-1])
       w = kernel.reshape(-1, c_out)
       b = np.full(c_out, 0.25)
@@ -172,9 +174,9 @@ def test_slopes_bound_the_change_of_the_stated_error():
     z = rng.uniform(0, 1, (64, *shape)).astype(np.float32)
     dz = rng.normal(size=z.shape).astype(np.float32)
     dz /= np.linalg.norm(dz.reshape(64, -1), axis=1).reshape(64, *[1] * len(shape))
+    error = jax.jit(lambda v, step=step: step.rounding_error(v, FLOAT32)[1])
     for r in (1e-3, 0.1, 3.0):
-      _, here = step.rounding_error(jnp.asarray(z), FLOAT32)
-      _, there = step.rounding_error(jnp.asarray(z + r * dz), FLOAT32)
+      here, there = error(jnp.asarray(z)), error(jnp.asarray(z + r * dz))
       moved = np.linalg.norm((r * dz).reshape(64, -1), axis=1)
       assert np.all(np.asarray(there) <= np.asarray(here) + slope * moved * (1 + 1e-6)), step
 
@@ -195,7 +197,8 @@ def _exact_logits(frozen, x: np.ndarray) -> np.ndarray:
     graphdef, state = nnx.split(frozen)
     state = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), state)
     with jax.default_matmul_precision("highest"):
-      return np.asarray(nnx.merge(graphdef, state)(jnp.asarray(x, jnp.float64)))
+      return np.asarray(jax.jit(lambda s, v: nnx.merge(graphdef, s)(v))(
+          state, jnp.asarray(x, jnp.float64)))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
