@@ -24,7 +24,7 @@ from aol_jax._src.padding import normalize_padding
 from aol_jax._src.certification import rigorous
 from aol_jax._src.lipschitz import explicit_matrix
 from aol_jax.certification import FLOAT32, FLOAT64
-from support.certification import trained_like
+from support.certification import float64_logits, trained_like
 
 TINY32 = np.float32(2.0 ** -126)
 
@@ -191,16 +191,6 @@ def _network(seed: int) -> aol_jax.AOLNetwork:
                       seed)
 
 
-def _exact_logits(frozen, x: np.ndarray) -> np.ndarray:
-  """The network in float64 on its float32 weights (far more precise than float32)."""
-  with jax.enable_x64(True):
-    graphdef, state = nnx.split(frozen)
-    state = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), state)
-    with jax.default_matmul_precision("highest"):
-      return np.asarray(jax.jit(lambda s, v: nnx.merge(graphdef, s)(v))(
-          state, jnp.asarray(x, jnp.float64)))
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_the_chain_bounds_the_logit_error_at_x_and_in_the_ball(seed):
   """``||F(x) - f(x)|| <= e_K`` and ``||F(x') - f(x')|| <= alpha + beta ||x' - x||`` for the
@@ -213,7 +203,7 @@ def test_the_chain_bounds_the_logit_error_at_x_and_in_the_ball(seed):
   logits, _, bounds = jax.jit(prepared.evaluate)(prepared.state, jnp.asarray(x))
   e, alpha = np.asarray(bounds.a, np.float64), np.asarray(bounds.b, np.float64)
   beta = prepared.constants.chain.beta
-  exact = _exact_logits(frozen, x)
+  exact = float64_logits(frozen, x)
   for value in (np.asarray(logits), np.asarray(jax.jit(frozen)(jnp.asarray(x)))):
     err = np.linalg.norm(value.astype(np.float64) - exact, axis=1)
     assert np.all(err <= e), (err, e)
@@ -224,7 +214,7 @@ def test_the_chain_bounds_the_logit_error_at_x_and_in_the_ball(seed):
   x2 = np.clip(x[None] + d, 0, 1).astype(np.float32).reshape(48, 8, 8, 1)
   moved = np.linalg.norm((x2.astype(np.float64) - np.tile(x, (3, 1, 1, 1))).reshape(48, -1), 1)
   err2 = np.linalg.norm(np.asarray(jax.jit(frozen)(jnp.asarray(x2)), np.float64)
-                        - _exact_logits(frozen, x2), axis=1)
+                        - float64_logits(frozen, x2), axis=1)
   assert np.all(err2 <= np.tile(alpha, 3) + beta * moved)
 
 

@@ -21,13 +21,13 @@ def _normal(key, shape, dtype):
 class _Net(nnx.Module):
 
   def __init__(self, rngs: nnx.Rngs, param_dtype=jnp.float32):
-    normal = _normal
-    self.conv1 = AOLConv(3, 4, (3, 3), kernel_init=normal, param_dtype=param_dtype, rngs=rngs)
+    self.conv1 = AOLConv(3, 4, (3, 3), kernel_init=_normal, param_dtype=param_dtype, rngs=rngs)
     self.conv2 = AOLConv(4, 4, (2, 2), 2, padding="CIRCULAR", feature_group_count=2,
-                         kernel_init=normal, param_dtype=param_dtype, rngs=rngs)
+                         kernel_init=_normal, param_dtype=param_dtype, rngs=rngs)
     self.act = blocks.MaxMin()
-    self.dense = nnx.List([AOLDense(36, 10, kernel_init=normal, param_dtype=param_dtype, rngs=rngs),
-                  AOLDense(10, 10, param_dtype=param_dtype, rngs=rngs)])
+    self.dense = nnx.List([
+        AOLDense(36, 10, kernel_init=_normal, param_dtype=param_dtype, rngs=rngs),
+        AOLDense(10, 10, param_dtype=param_dtype, rngs=rngs)])
 
   def __call__(self, x):
     x = self.act(self.conv2(self.act(self.conv1(x))))
