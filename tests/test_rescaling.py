@@ -9,6 +9,7 @@ Gram kernel |K^T * K|), literally
 
 import itertools
 
+import aol_jax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -296,23 +297,32 @@ def test_unknown_gram_method():
     conv_gram(jnp.ones((3, 2, 4)), method="fft")
 
 
-def test_eager_gram_paths_compile_one_program():
-  """Called eagerly (outside jax.jit), the q-weighted and 'conv' factor paths compile as one
-  program plus q's checks, not operation by operation (about 60 compiles each before)."""
+def test_every_public_function_called_eagerly_compiles_one_program():
+  """Called eagerly (outside jax.jit), each path of the public functions compiles as one
+  program, not operation by operation (65 compiles for a conv kernel's factors before)."""
   compiles = []
   listen = lambda name, *_, **__: compiles.append(name) if name == (
       "/jax/core/compile/backend_compile_duration") else None
   rng = np.random.default_rng(11)
   kernel = jnp.asarray(rng.normal(size=(3, 2, 5, 9)), jnp.float32)  # shapes no other test uses
+  grouped = jnp.asarray(rng.normal(size=(3, 2, 5, 3)), jnp.float32)
+  dense = jnp.asarray(rng.normal(size=(5, 9)), jnp.float32)
   q = rng.lognormal(size=5)
-  calls = {"conv, q": lambda: conv_factors(kernel, q=q),
+  calls = {"conv": lambda: conv_factors(kernel),
+           "conv, q": lambda: conv_factors(kernel, q=q),
            "conv, method='conv'": lambda: conv_factors(kernel, method="conv"),
-           "dense, q": lambda: dense_factors(kernel[0, 0], q=q)}
+           "conv, groups": lambda: rescale_conv(grouped, feature_group_count=3),
+           "rescale_conv": lambda: rescale_conv(kernel, eps=1e-3),
+           "conv_gram": lambda: conv_gram(kernel, gram_precision="default"),
+           "dense": lambda: dense_factors(dense),
+           "dense, q": lambda: dense_factors(dense, q=q),
+           "rescale_dense": lambda: rescale_dense(dense, gram_precision="bfloat16"),
+           "dense_gram": lambda: aol_jax.dense_gram(dense)}
   jax.monitoring.register_event_duration_secs_listener(listen)
   try:
     for name, call in calls.items():
       compiles.clear()
       jax.block_until_ready(call())
-      assert len(compiles) <= 5, (name, len(compiles))
+      assert len(compiles) == 1, (name, len(compiles))
   finally:
     jax.monitoring.unregister_event_duration_listener(listen)

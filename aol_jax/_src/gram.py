@@ -12,6 +12,8 @@ mirror image.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Literal
 
 import jax
@@ -52,6 +54,44 @@ def compute_dtype(dtype: DTypeLike) -> jnp.dtype:
     dtype('float32')
   """
   return jnp.promote_types(dtype, jnp.float32)
+
+
+def check_positive_q(q: ArrayLike) -> None:
+  """``ValueError`` unless every weight of a concrete ``q`` is positive."""
+  if not np.all(np.asarray(q) > 0):
+    raise ValueError("q must be strictly positive (the SLL bound divides by q); "
+                     f"got min(q) = {float(np.min(q))}.")
+
+
+def one_program_when_eager(fn):
+  """``fn`` called eagerly (no ``axis_name``, neither ``kernel`` nor ``q`` traced) runs as
+  one compiled program per shape and setting, as inside ``jax.jit``, instead of dispatching
+  and compiling its operations one by one (65 programs for the factors of a conv kernel);
+  traced, it is inlined as written. The arguments are checked as ``fn`` checks them: ``q``'s
+  sign before compiling (a traced ``q`` cannot be), the rest while tracing."""
+  static = tuple(p for p in inspect.signature(fn).parameters if p not in ("kernel", "q"))
+  jitted = jax.jit(fn, static_argnames=static)
+
+  @functools.wraps(fn)
+  def wrapper(kernel, **kwargs):
+    q = kwargs.get("q")
+    if (kwargs.get("axis_name") is not None
+        or any(isinstance(v, jax.core.Tracer) for v in (kernel, q))):
+      return fn(kernel, **kwargs)
+    if "eps" in kwargs:
+      kwargs["eps"] = float(kwargs["eps"])
+    try:
+      hash(tuple(kwargs.get(name) for name in static))
+    except TypeError:  # an unhashable setting: fn's own check names it
+      return fn(kernel, **kwargs)
+    # Host arrays go to jit as they are: jnp.asarray would compile a conversion program.
+    as_array = lambda x: x if isinstance(x, jax.Array) else np.asarray(x)
+    if q is not None:
+      kwargs["q"] = q = as_array(q)
+      check_positive_q(q)
+    return jitted(as_array(kernel), **kwargs)
+
+  return wrapper
 
 
 def check_kernel(kernel: jax.Array, min_ndim: int, max_ndim: int, what: str) -> None:
@@ -218,6 +258,7 @@ def _conv_gram_taps(kernel: jax.Array, precision: str) -> jax.Array:
   return gram.reshape(*(2 * n - 1 for n in ksize), *gram.shape[-2:])
 
 
+@one_program_when_eager
 def conv_gram(kernel: ArrayLike, *, feature_group_count: int = 1,
               method: GramMethod | None = None,
               gram_precision: GramPrecision = "highest") -> jax.Array:
@@ -258,6 +299,7 @@ def conv_gram(kernel: ArrayLike, *, feature_group_count: int = 1,
   return jax.vmap(lambda k: fn(k, precision), in_axes=-2)(grouped)
 
 
+@one_program_when_eager
 def dense_gram(kernel: ArrayLike, *, gram_precision: GramPrecision = "highest") -> jax.Array:
   """``P P^T`` of a dense kernel ``P`` ``(in, out)``, in the compute dtype, by one triangle
   of row blocks (:func:`sym_outer`).

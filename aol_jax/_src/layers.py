@@ -147,18 +147,12 @@ def _abs_norm_bound(kernel: np.ndarray) -> float:
   return spectral_bounds.dense_norm_bound(np.abs(kernel))
 
 
-# One compiled rescaling per kernel shape and setting, shared by every layer (applied_kernel
-# outside a trace); inside jax.jit it is inlined like any other call.
-_rescale_dense = jax.jit(rescaling.rescale_dense, static_argnames=("eps", "gram_precision"))
-_rescale_conv = jax.jit(rescaling.rescale_conv, static_argnames=(
-    "eps", "feature_group_count", "method", "gram_precision"))
-
-
 @protocol.library_class
 class _AOLLayer(nnx.Module):
   """What :class:`AOLDense` and :class:`AOLConv` share: the static modes, the rescaling
   from the factors, and the kernel applied. A subclass defines ``factors``,
-  ``apply_factors`` and ``_rescale_now`` (the jitted whole rescaling)."""
+  ``apply_factors`` and ``_rescale_now`` (the whole rescaling: one compiled program per
+  kernel shape and setting outside a trace, shared by every layer)."""
   _FORWARD_METHODS = ("applied_kernel", "rescale", "factors", "apply_factors",
                       "_rescale_now", "rounding_error")
 
@@ -254,7 +248,7 @@ class AOLDense(_AOLLayer):
     return rescaling.scale_dense(kernel, d)
 
   def _rescale_now(self, kernel: jax.Array, precision: str) -> jax.Array:
-    return _rescale_dense(kernel, eps=self.eps, gram_precision=precision)
+    return rescaling.rescale_dense(kernel, eps=self.eps, gram_precision=precision)
 
   def lipschitz_bound(self) -> float:
     """A rigorous bound on the spectral norm of :meth:`applied_kernel`
@@ -372,8 +366,9 @@ class AOLConv(_AOLLayer):
     return rescaling.scale_conv(kernel, d, self.feature_group_count)
 
   def _rescale_now(self, kernel: jax.Array, precision: str) -> jax.Array:
-    return _rescale_conv(kernel, eps=self.eps, feature_group_count=self.feature_group_count,
-                         method=self.gram_method, gram_precision=precision)
+    return rescaling.rescale_conv(kernel, eps=self.eps,
+                                  feature_group_count=self.feature_group_count,
+                                  method=self.gram_method, gram_precision=precision)
 
   def lipschitz_bound(self) -> float:
     """A rigorous bound on the l2 norm of the convolution with :meth:`applied_kernel`, for

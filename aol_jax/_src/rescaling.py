@@ -4,9 +4,10 @@ Prach & Lampert, "Almost-Orthogonal Layers for Efficient General-Purpose Lipschi
 Networks", ECCV 2022; the ``q``-weighted form is the SLL generalisation of Araujo et al.,
 ICLR 2023. Kernel layouts are Flax's: dense ``(in, out)``, conv ``(*spatial, in // g, out)``.
 
-Every function here is jit-able and differentiable. The Gram matrix and the factors are
-computed in float32 at least, whatever the parameter dtype; rescaled kernels come back in
-the parameter dtype. The Gram products run at ``gram_precision`` (a key of
+Every function here is jit-able and differentiable; called eagerly, the rescalings, factors
+and Grams each run as one compiled program per shape and setting. The Gram matrix and the
+factors are computed in float32 at least, whatever the parameter dtype; rescaled kernels
+come back in the parameter dtype. The Gram products run at ``gram_precision`` (a key of
 :data:`GRAM_PRECISIONS`; ``'highest'`` here, ``'default'`` in the layers' training path).
 
 The Gram and the offset table are :mod:`aol_jax.gram`'s; the factors with ``q = None`` have
@@ -16,8 +17,6 @@ the hand-written derivative of :mod:`aol_jax.factors`, which ``axis_name`` (insi
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -25,7 +24,8 @@ from jax.typing import ArrayLike
 from aol_jax._src import factors as factors_lib
 from aol_jax._src.gram import (DEFAULT_GRAM_METHOD, GRAM_METHODS, GRAM_PRECISIONS, GramMethod,
                           GramPrecision, check_groups, check_kernel, check_method,
-                          check_precision, compute_dtype, conv_gram, dense_gram, dot)
+                          check_precision, check_positive_q, compute_dtype, conv_gram,
+                          dense_gram, dot, one_program_when_eager)
 
 __all__ = ["DEFAULT_GRAM_METHOD", "GRAM_METHODS", "GRAM_PRECISIONS", "GramMethod",
            "GramPrecision", "compute_dtype", "conv_factors", "conv_gram", "dense_factors",
@@ -42,17 +42,12 @@ def _factors_from_gram(gram: jax.Array, q: jax.Array, eps: float, precision: str
   return jax.lax.rsqrt(dot(absg, q[:, None], precision)[:, 0] / q + eps)
 
 
-# The Gram paths without the hand-written derivative, one compiled program each: called
-# eagerly (a layer outside jax.jit, a test), they would otherwise dispatch and compile their
-# dozens of operations one by one. Under a trace they are inlined.
-@functools.partial(jax.jit, static_argnames=("eps", "precision"))
 def _dense_gram_factors(p: jax.Array, q: jax.Array, *, eps: float, precision: str
                         ) -> jax.Array:
   return _factors_from_gram(dense_gram(p, gram_precision=precision), q.astype(p.dtype), eps,
                             precision)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "groups", "method", "precision"))
 def _conv_gram_factors(kernel: jax.Array, q: jax.Array | None, *, eps: float, groups: int,
                        method: str, precision: str) -> jax.Array:
   gram = conv_gram(kernel, feature_group_count=groups, method=method, gram_precision=precision)
@@ -69,9 +64,8 @@ def _check_q(q: ArrayLike | None, n: int) -> jax.Array | None:
   if q.shape != (n,):
     raise ValueError(f"q must be a vector with one weight per input feature, shape ({n},); "
                      f"got shape {q.shape}.")
-  if not isinstance(q, jax.core.Tracer) and not bool(jnp.all(q > 0)):
-    raise ValueError("q must be strictly positive (the SLL bound divides by q); "
-                     f"got min(q) = {float(jnp.min(q))}.")
+  if not isinstance(q, jax.core.Tracer):
+    check_positive_q(q)
   return q
 
 
@@ -84,6 +78,7 @@ def _vary_like(d: jax.Array, kernel: jax.Array) -> jax.Array:
   return jax.lax.pcast(d, missing, to="varying") if missing else d
 
 
+@one_program_when_eager
 def dense_factors(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float = 1e-6,
                   gram_precision: GramPrecision = "highest",
                   axis_name: str | None = None) -> jax.Array:
@@ -119,6 +114,7 @@ def dense_factors(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float =
   return _dense_gram_factors(p, q, eps=float(eps), precision=precision)
 
 
+@one_program_when_eager
 def conv_factors(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float = 1e-6,
                  feature_group_count: int = 1, method: GramMethod | None = None,
                  gram_precision: GramPrecision = "highest",
@@ -168,6 +164,7 @@ def conv_factors(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float = 
                             precision=precision)
 
 
+@one_program_when_eager
 def rescale_dense(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float = 1e-6,
                   gram_precision: GramPrecision = "highest",
                   axis_name: str | None = None) -> jax.Array:
@@ -206,6 +203,7 @@ def scale_dense(kernel: jax.Array, d: jax.Array) -> jax.Array:
   return (kernel.astype(d.dtype) * d[:, None]).astype(kernel.dtype)
 
 
+@one_program_when_eager
 def rescale_conv(kernel: ArrayLike, *, q: ArrayLike | None = None, eps: float = 1e-6,
                  feature_group_count: int = 1, method: GramMethod | None = None,
                  gram_precision: GramPrecision = "highest",
