@@ -51,6 +51,12 @@ def _draw_kernel(rng: np.random.Generator, shape) -> np.ndarray:
   return k
 
 
+def _on_device(kernel: np.ndarray, dtype) -> jax.Array:
+  """``kernel`` in ``dtype``, converted on the host (on the device, each shape's conversion
+  would be a program of its own to compile)."""
+  return jnp.asarray(np.asarray(kernel).astype(dtype))
+
+
 def _out_size(n: int, k: int, s: int, d: int, padding, axis: int) -> int:
   """Output length of one spatial axis (lax conventions), computed independently of jax."""
   span = (k - 1) * d + 1
@@ -100,7 +106,7 @@ def draw_conv_case(seed: int) -> dict:
   layer = AOLConv(cfg["c_in"], cfg["c_out"], cfg["ksize"], cfg["strides"], padding=cfg["padding"],
                   kernel_dilation=cfg["dilation"], feature_group_count=cfg["groups"],
                   use_bias=False, param_dtype=cfg["dtype"],
-                  kernel_init=lambda key, shape, dt: jnp.asarray(cfg["kernel"], dt),
+                  kernel_init=lambda key, shape, dt: _on_device(cfg["kernel"], dt),
                   rngs=nnx.Rngs(0))
   return dict(layer=layer, input_shape=(*cfg["spatial"], cfg["c_in"]), dtype=cfg["dtype"],
               out_shape=(*cfg["out_spatial"], cfg["c_out"]))
@@ -202,7 +208,7 @@ def test_dense_operator_norm_at_most_one(seed):
   n_in, n_out = (int(v) for v in rng.integers(1, (9, 65)[seed % 3 == 0], size=2))
   kernel = _draw_kernel(rng, (n_in, n_out)) * 10.0 ** rng.uniform(-3, 3)
   layer = AOLDense(n_in, n_out, use_bias=False, param_dtype=dtype,
-                   kernel_init=lambda key, shape, dt: jnp.asarray(kernel, dt), rngs=nnx.Rngs(0))
+                   kernel_init=lambda key, shape, dt: _on_device(kernel, dt), rngs=nnx.Rngs(0))
   norm = lipschitz.operator_norm(_as_fn(layer), (n_in,))
   w = np.asarray(jax.jit(layer.rescale)(layer.kernel[...]), np.float64)
   # The layer's matrix is its rescaled kernel; recomputed eagerly here, so equal up to float32

@@ -8,6 +8,7 @@ circular convolution via the FFT (Sedghi, Gupta & Long, ICLR 2019).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -26,10 +27,12 @@ def explicit_matrix(f: Callable[[jax.Array], jax.Array], input_shape: Sequence[i
   kernel wraps around a smaller input) is exact too, up to float64 rounding. ``f`` must be
   jit-able: the whole Jacobian is one compiled program.
   """
+  shape = tuple(input_shape)
   with jax.enable_x64(jnp.dtype(dtype) == jnp.float64):
-    x0 = jnp.zeros(tuple(input_shape), dtype)
-    flat = lambda v: f(v.reshape(x0.shape)).reshape(-1)
-    jac = jax.jit(jax.jacfwd(flat))(x0.reshape(-1))
+    # The zeros made on the host: on the device they would be programs of their own.
+    x0 = np.zeros(math.prod(shape), jnp.dtype(dtype))
+    flat = lambda v: f(v.reshape(shape)).reshape(-1)
+    jac = jax.jit(jax.jacfwd(flat))(x0)
     return np.asarray(jac, dtype=np.float64)
 
 
