@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -13,9 +14,11 @@ if TYPE_CHECKING:
   from matplotlib.figure import Figure
 
 
+@functools.cache
 def _pyplot():
-  """matplotlib's pyplot on its non-interactive backend, imported at the first plot: a run
-  that stops before its plots (a bad flag, a signal) does not wait 0.7 s for it."""
+  """matplotlib's pyplot on its non-interactive backend, imported and chosen once, at the
+  first plot: a run that stops before its plots (a bad flag, a signal) does not wait 0.7 s
+  for it."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
