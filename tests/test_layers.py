@@ -29,7 +29,8 @@ TOL = 1e-5
 
 PADDINGS = ("SAME", "VALID", "int", "ints", "pairs", "CIRCULAR", "same")
 MAX_INPUTS = 600  # explicit matrices stay small: (outputs x <= 600) float64
-N_CONV_CASES = 168  # 4 per (padding, rank, dtype) combination
+N_CONV_CASES = 168  # 4 per (padding, rank, dtype) combination, 2 per scaled operand
+SCALED_OPERANDS = ("kernel", "input")  # what the unfrozen call multiplies by the factors
 
 
 def _divisors(n: int) -> list[int]:
@@ -67,11 +68,13 @@ def _out_size(n: int, k: int, s: int, d: int, padding, axis: int) -> int:
 
 
 def draw_conv_config(seed: int) -> dict:
-  """One deterministic random AOLConv configuration; padding, rank and dtype cycle with seed."""
+  """One deterministic random AOLConv configuration; padding, rank, dtype and the scaled
+  operand cycle with seed."""
   rng = np.random.default_rng(seed)
   padding_kind = PADDINGS[seed % len(PADDINGS)]
   nd = 1 + (seed // len(PADDINGS)) % 3
   dtype = (jnp.float32, jnp.bfloat16)[(seed // (3 * len(PADDINGS))) % 2]
+  operand = SCALED_OPERANDS[(seed // (6 * len(PADDINGS))) % 2]
   while True:  # rejection-sample until the explicit matrix is small and the output non-empty
     ksize = tuple(int(v) for v in rng.integers(1, (6, 6, 4)[nd - 1], size=nd))
     c_in, c_out = (int(v) for v in rng.integers(1, 9, size=2))
@@ -97,17 +100,19 @@ def draw_conv_config(seed: int) -> dict:
     kernel = _draw_kernel(rng, (*ksize, c_in // groups, c_out))
     return dict(c_in=c_in, c_out=c_out, ksize=ksize, strides=strides, padding=padding,
                 dilation=dilation, groups=groups, dtype=dtype, spatial=spatial,
-                out_spatial=tuple(out), kernel=kernel)
+                out_spatial=tuple(out), kernel=kernel, operand=operand)
 
 
 def draw_conv_case(seed: int) -> dict:
-  """The drawn configuration as a layer (no bias) and its unbatched input shape."""
+  """The drawn configuration as a layer (no bias, viewed with its scaled operand) and its
+  unbatched input shape."""
   cfg = draw_conv_config(seed)
   layer = AOLConv(cfg["c_in"], cfg["c_out"], cfg["ksize"], cfg["strides"], padding=cfg["padding"],
                   kernel_dilation=cfg["dilation"], feature_group_count=cfg["groups"],
                   use_bias=False, param_dtype=cfg["dtype"],
                   kernel_init=lambda key, shape, dt: _on_device(cfg["kernel"], dt),
                   rngs=nnx.Rngs(0))
+  layer = nnx.view(layer, scaled_operand=cfg["operand"])
   return dict(layer=layer, input_shape=(*cfg["spatial"], cfg["c_in"]), dtype=cfg["dtype"],
               out_shape=(*cfg["out_spatial"], cfg["c_out"]))
 
@@ -148,7 +153,7 @@ def check_conv_case(case) -> float:
     assert norm <= 1 + TOL, norm
     return norm
   # bfloat16 parameters: the layer applies K16 = round_bf16(K32), K32 the float32 rescaled
-  # kernel. By the triangle inequality ||A(K16)|| <= ||A(K32)|| + ||A(K16 - K32)||, and the
+  # kernel (with its input scaled by the float32 factors, K32 itself). By the triangle inequality ||A(K16)|| <= ||A(K32)|| + ||A(K16 - K32)||, and the
   # conv with the difference kernel has norm <= sum_t ||(K16 - K32)[t]||_F. So we check
   # ||A(K32)|| <= 1 + TOL and ||A(K16)|| <= 1 + TOL + that sum, a proven bound, computed
   # from the actual kernels.
@@ -177,6 +182,9 @@ def test_conv_cases_cover_the_grid():
   assert {PADDINGS[s % len(PADDINGS)] for s in range(N_CONV_CASES)} == set(PADDINGS)
   assert {len(c["ksize"]) for c in cfgs} == {1, 2, 3}
   assert {jnp.dtype(c["dtype"]).name for c in cfgs} == {"float32", "bfloat16"}
+  assert {(p, jnp.dtype(c["dtype"]).name, c["operand"]) for p, c in zip(
+      (PADDINGS[s % len(PADDINGS)] for s in range(N_CONV_CASES)), cfgs)} == {
+      (p, d, o) for p in PADDINGS for d in ("float32", "bfloat16") for o in SCALED_OPERANDS}
   assert {k for c in cfgs for k in c["ksize"]} == {1, 2, 3, 4, 5}
   assert {v for c in cfgs for v in c["strides"]} == {1, 2, 3}
   assert {v for c in cfgs for v in c["dilation"]} == {1, 2}
@@ -209,8 +217,13 @@ def test_dense_operator_norm_at_most_one(seed):
   kernel = _draw_kernel(rng, (n_in, n_out)) * 10.0 ** rng.uniform(-3, 3)
   layer = AOLDense(n_in, n_out, use_bias=False, param_dtype=dtype,
                    kernel_init=lambda key, shape, dt: _on_device(kernel, dt), rngs=nnx.Rngs(0))
+  operand = SCALED_OPERANDS[(seed // 2) % 2]
+  layer = nnx.view(layer, scaled_operand=operand)
   norm = lipschitz.operator_norm(_as_fn(layer), (n_in,))
   w = np.asarray(jax.jit(layer.rescale)(layer.kernel[...]), np.float64)
+  if operand == "input":  # diag(d) P itself, not rounded to the parameter dtype
+    d = np.asarray(jax.jit(layer.factors)(layer.kernel[...]), np.float64)
+    w = d[:, None] * np.asarray(layer.kernel[...], np.float64)
   # The layer's matrix is its rescaled kernel; recomputed eagerly here, so equal up to float32
   # ulps from a different compilation (the bound itself is asserted below, not this).
   np.testing.assert_allclose(norm, np.linalg.norm(w, 2), rtol=1e-6)
@@ -514,12 +527,16 @@ def test_bad_gram_precision_is_refused(make):
     (lambda: AOLConv(4, 6, (3, 3), use_bias=False, rngs=nnx.Rngs(0)), (2, 5, 5, 4)),
     (lambda: AOLConv(6, 4, (3,), strides=2, kernel_dilation=2, feature_group_count=2,
                      use_bias=False, rngs=nnx.Rngs(0)), (2, 9, 6)),
+    (lambda: AOLConv(4, 4, (2, 3), padding="CIRCULAR", feature_group_count=2, use_bias=False,
+                     rngs=nnx.Rngs(0)), (2, 5, 4, 4)),
 ])
-def test_layer_gradient_matches_autodiff_of_the_rescaled_kernel(make, x_shape):
-  """The layer's call (rescale-and-apply under its jax.checkpoint policy) has the gradients,
-  in the kernel and in x, of applying the pure function's rescaled kernel with the same
-  plain op (matmul, conv_general_dilated; the frozen layer would sum in another order)."""
-  layer = make()
+@pytest.mark.parametrize("operand", ["kernel", "input", "smaller"])
+def test_layer_gradient_matches_autodiff_of_the_rescaled_kernel(make, x_shape, operand):
+  """The layer's call (rescale-and-apply under its jax.checkpoint policy, or the input
+  scaled by the factors and the raw kernel applied) has the values and the gradients, in
+  the kernel and in x, of applying the pure function's rescaled kernel with the same plain
+  op (matmul, conv_general_dilated; the frozen layer would sum in another order)."""
+  layer = nnx.view(make(), scaled_operand=operand)
   layer.gram_precision = "highest"
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
@@ -532,8 +549,13 @@ def test_layer_gradient_matches_autodiff_of_the_rescaled_kernel(make, x_shape):
     if isinstance(layer, AOLDense):
       return x @ k
     spatial = "DHW"[3 - len(layer.kernel_size):]
+    padding = layer.padding
+    if padding == "CIRCULAR":
+      x = jnp.pad(x, [(0, 0)] + [((k - 1) // 2, k // 2) for k in layer.kernel_size] + [(0, 0)],
+                  mode="wrap")
+      padding = "VALID"
     return jax.lax.conv_general_dilated(
-        x, k, layer.strides, layer.padding, rhs_dilation=layer.kernel_dilation,
+        x, k, layer.strides, padding, rhs_dilation=layer.kernel_dilation,
         dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
         feature_group_count=layer.feature_group_count)
 
@@ -543,6 +565,7 @@ def test_layer_gradient_matches_autodiff_of_the_rescaled_kernel(make, x_shape):
   def through_pure(k, x):
     return jnp.sum(jnp.sin(plain(layer.rescale(k), x)) * weights)
 
+  np.testing.assert_allclose(layer(x), plain(layer.rescale(kernel), x), rtol=1e-5, atol=1e-6)
   got = jax.jit(jax.grad(through_layer, argnums=(0, 1)))(kernel, x)
   want = jax.jit(jax.grad(through_pure, argnums=(0, 1)))(kernel, x)
   assert np.any(np.asarray(got[0]) != 0)

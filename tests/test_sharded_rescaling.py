@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from aol_jax import training
-from aol_jax._src import rescaling
+from aol_jax._src import rescaled_apply, rescaling
 from aol_jax._src.losses import offset_cross_entropy
 from aol_jax import AOLConv, AOLDense, aol_convnet
 
@@ -134,6 +134,30 @@ def test_nnx_view_sets_the_axis_on_a_copy_and_checks_it():
     nnx.view(model, rescaling_axis=3)
   with pytest.raises(ValueError, match="gram_precision='fp8' is not one of"):
     nnx.view(model, gram_precision="fp8")
+  scaled = nnx.view(split, scaled_operand="input")
+  assert {(m.rescaling_axis, m.scaled_operand) for m in _aol_layers(scaled)} == {("data", "input")}
+  assert {m.scaled_operand for m in _aol_layers(model)} == {"kernel"}
+  with pytest.raises(ValueError, match=r"scaled_operand must be one of \('kernel', 'input', "
+                                       r"'smaller'\), got 'output'"):
+    nnx.view(model, scaled_operand="output")
+  layer = _aol_layers(nnx.view(model, rescaling_axis=None))[0]
+  layer.scaled_operand = "output"  # set after the view: refused at the call, not ignored
+  with pytest.raises(ValueError, match=r"AOLConv.scaled_operand is 'output'; it must be one "
+                                       r"of \('kernel', 'input', 'smaller'\)"):
+    layer(jnp.ones((1, 4, 4, 12)))
+
+
+@pytest.mark.parametrize("batch,scaled", [(1, "input"), (8, "input"), (9, "kernel")])
+def test_the_smaller_operand_is_the_input_up_to_twice_the_kernels_size(batch, scaled):
+  """'smaller' scales the input where it has at most INPUT_TO_KERNEL (2) times the kernel's
+  elements: a (batch, 4) input against a 4 x 4 kernel. The kernel path names the rescaled
+  kernel it recomputes in the backward pass; the input path forms none."""
+  assert rescaled_apply.INPUT_TO_KERNEL == 2
+  layer = nnx.view(AOLDense(4, 4, rngs=nnx.Rngs(0)), scaled_operand="smaller")
+  jaxpr = str(jax.make_jaxpr(layer)(jnp.ones((batch, 4))))
+  assert ("name=aol_rescaled_kernel" in jaxpr) == (scaled == "kernel"), jaxpr
+  want = nnx.view(layer, scaled_operand=scaled)
+  assert str(jax.make_jaxpr(want)(jnp.ones((batch, 4)))) == jaxpr
 
 
 def test_a_split_layer_traced_without_its_mesh_axis_is_a_clear_error(mesh):
@@ -155,17 +179,20 @@ def test_a_split_layer_traced_without_its_mesh_axis_is_a_clear_error(mesh):
   nnx.view(model, rescaling_axis=None)(x)  # the fix the message names
 
 
-def test_layers_split_in_a_users_jit(mesh):
-  """A user's own jit under jax.set_mesh on a model viewed with rescaling_axis='data': the
-  same logits and gradients as the unsplit model, and the compiled program sums the
-  factors' row sums over the devices (it did split)."""
+@pytest.mark.parametrize("operand", ["kernel", "input"])
+def test_layers_split_in_a_users_jit(mesh, operand):
+  """A user's own jit under jax.set_mesh on a model viewed with rescaling_axis='data' (and
+  either scaled operand): the same logits and gradients as the unsplit model with its
+  kernels scaled, and the compiled program sums the factors' row sums over the devices (it
+  did split)."""
   model = tiny_model()
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.uniform(size=(16, 8, 8, 3)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 10, 16), jnp.int32)
 
-  def make(axis):
-    graphdef, params = nnx.split(nnx.view(model, rescaling_axis=axis))
+  def make(axis, scaled_operand="kernel"):
+    graphdef, params = nnx.split(nnx.view(model, rescaling_axis=axis,
+                                          scaled_operand=scaled_operand))
 
     def loss_fn(params, x, y):
       logits = nnx.merge(graphdef, params)(x)
@@ -173,7 +200,7 @@ def test_layers_split_in_a_users_jit(mesh):
     return jax.jit(jax.value_and_grad(loss_fn, has_aux=True)), params
 
   with jax.set_mesh(mesh):
-    split, params = make("data")
+    split, params = make("data", operand)
     whole, _ = make(None)
     x, y = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (x, y))
     params = jax.device_put(params, NamedSharding(mesh, P()))
@@ -193,7 +220,8 @@ def test_layers_split_in_a_users_jit(mesh):
 
 def test_create_train_state_decides_the_split(mesh):
   """``create_train_state`` is where the split is decided: on by default on 8 devices, off on
-  one or when asked, refused without a 'data' axis; ``merge_model`` gives the unsplit model."""
+  one or when asked, refused without a 'data' axis; ``merge_model`` gives the unsplit model.
+  On the CPU the factors scale the kernels (the input on a TPU: test_compile_targets)."""
   optimizer = training.make_optimizer(training.paper_schedule(0.1, 2, 2))
   axes = lambda graphdef, state: {m.rescaling_axis for m in _aol_layers(
       nnx.merge(graphdef, state.params, state.rest))}
@@ -205,8 +233,8 @@ def test_create_train_state_decides_the_split(mesh):
   graphdef, state = training.create_train_state(tiny_model(), optimizer, key=0, mesh=mesh,
                                                 gram_precision="bfloat16")
   merged = training.merge_model(graphdef, state)
-  assert {(m.rescaling_axis, m.gram_precision) for m in _aol_layers(merged)} == {
-      (None, "bfloat16")}
+  assert {(m.rescaling_axis, m.gram_precision, m.scaled_operand)
+          for m in _aol_layers(merged)} == {(None, "bfloat16", "kernel")}
   other = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
   with pytest.raises(ValueError, match=r"split_rescaling needs a mesh axis 'data' to split "
                                        r"over, got a mesh with axes \('batch',\)"):

@@ -50,6 +50,9 @@ def _apply_kernel(layer, op: Callable[[jax.Array, jax.Array], jax.Array],
 
 _UNCHANGED = object()
 
+# What an unfrozen layer's call multiplies by the factors (AOLDense.set_view).
+SCALED_OPERANDS = ("kernel", "input", "smaller")
+
 
 def _host_kernel(layer) -> np.ndarray:
   """The kernel ``layer`` applies (the stored one once frozen, else ``applied_kernel()``) as
@@ -157,8 +160,10 @@ class _AOLLayer(nnx.Module):
                       "_rescale_now", "rounding_error")
 
   def set_view(self, *, rescaling_axis: str | None = _UNCHANGED,
-               gram_precision: rescaling.GramPrecision | None = None) -> None:
-    """The static modes ``nnx.view(model, rescaling_axis=..., gram_precision=...)`` sets.
+               gram_precision: rescaling.GramPrecision | None = None,
+               scaled_operand: str | None = None) -> None:
+    """The static modes ``nnx.view(model, rescaling_axis=..., gram_precision=...,
+    scaled_operand=...)`` sets.
 
     Args:
       rescaling_axis: a mesh axis name: the training call splits the rescaling's work over
@@ -166,6 +171,13 @@ class _AOLLayer(nnx.Module):
         raises); ``None``: every device computes all of it. Results are the same.
       gram_precision: the precision of the training-time Gram products, a key of
         :data:`aol_jax.GRAM_PRECISIONS`.
+      scaled_operand: what the training call multiplies by the factors, one of
+        :data:`SCALED_OPERANDS`: ``'kernel'`` (the default) forms the rescaled kernel and
+        applies it; ``'input'`` scales the layer's input features and applies the raw
+        kernel, the same map (:func:`aol_jax._src.rescaled_apply.apply_rescaled`);
+        ``'smaller'`` scales the input where it has at most twice the kernel's elements,
+        else the kernel (``aol_jax.training``'s choice on a TPU). A frozen layer applies its
+        stored kernel whatever this says.
     """
     if rescaling_axis is not _UNCHANGED:
       if rescaling_axis is not None and not isinstance(rescaling_axis, str):
@@ -174,6 +186,11 @@ class _AOLLayer(nnx.Module):
       self.rescaling_axis = rescaling_axis
     if gram_precision is not None:
       self.gram_precision = check_precision(gram_precision)
+    if scaled_operand is not None:
+      if scaled_operand not in SCALED_OPERANDS:
+        raise ValueError(f"scaled_operand must be one of {SCALED_OPERANDS}, got "
+                         f"{scaled_operand!r}.")
+      self.scaled_operand = scaled_operand
 
   def _init_parameters(self, shape: tuple[int, ...], *, use_bias: bool, dtype: Dtype | None,
                        precision: PrecisionLike, eps: float, gram_precision: str,
@@ -187,6 +204,7 @@ class _AOLLayer(nnx.Module):
                                    "1-Lipschitz bound")
     self.gram_precision = check_precision(gram_precision)
     self.rescaling_axis: str | None = None  # set by nnx.view (set_view)
+    self.scaled_operand = "kernel"  # set by nnx.view (set_view)
     self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
     self.bias = (nnx.Param(bias_init(rngs.params(), (shape[-1],), param_dtype))
                  if use_bias else None)

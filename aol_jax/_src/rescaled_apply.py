@@ -1,7 +1,15 @@
 """An AOL layer's call on its raw kernel: rescale, then apply; whole, or split over a mesh axis.
 
-The layer's static attribute ``rescaling_axis`` (set with ``nnx.view(model,
-rescaling_axis='data')``, see :meth:`aol_jax.AOLConv.set_view`) decides. ``None``: every
+The layer's static attribute ``scaled_operand`` (set with ``nnx.view``, see
+:meth:`aol_jax.AOLConv.set_view`) decides what the factors ``d`` multiply: ``'kernel'``
+applies the rescaled kernel; ``'input'`` scales the input's features and applies the raw
+kernel, the same map (``d`` scales the kernel's input features, the last axis of a dense
+and a conv layer's input alike), without forming the rescaled kernel; ``'smaller'`` takes
+the input where it has at most :data:`INPUT_TO_KERNEL` times the kernel's elements (per
+device when the factors are split), the kernel elsewhere.
+
+Its static attribute ``rescaling_axis`` (set with ``nnx.view(model,
+rescaling_axis='data')``) decides where the factors are computed. ``None``: every
 device computes the whole rescaling. An axis name: the call runs in a ``jax.shard_map``
 over that axis of the mesh entered with ``jax.set_mesh`` (``aol_jax.training``'s steps
 enter it), each device on its batch share, and each device computes ``1/n`` of the Gram's
@@ -19,6 +27,12 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
 _RESCALED = "aol_rescaled_kernel"
+# 'smaller' scales the input up to this many times the kernel's size. Measured on AOL-Small's
+# train step for TPU v5e 2x4 (per-device peak / plain, benchmarks/README.md): at 32 examples
+# per device its 3x3 convolutions' inputs are 1.2 kernels, and scaling every layer's input
+# gives 1.21 (all kernels 1.54); at 256 they are 9.5 kernels, and the input scaled where it
+# is at most 2 kernels (the dense layers) gives 1.08 (all kernels 1.11, all inputs 1.47).
+INPUT_TO_KERNEL = 2
 
 
 def apply_rescaled(layer, op: Callable[[jax.Array, jax.Array], jax.Array], raw: jax.Array,
@@ -30,9 +44,12 @@ def apply_rescaled(layer, op: Callable[[jax.Array, jax.Array], jax.Array], raw: 
   of its uses, so its transpose is the single ``psum`` of the gradient, over the batch
   shares and the rescaling's rows together.
 
-  The rescaled kernel is not kept for the backward pass: it is recomputed there from the
-  raw kernel and the factors (one elementwise product), so a training step holds no more
-  kernels than one with plain layers does.
+  With ``layer.scaled_operand == 'kernel'`` the rescaled kernel is not kept for the
+  backward pass: it is recomputed there from the raw kernel and the factors (one elementwise
+  product). With ``'input'`` no kernel-sized product is formed: the scaled input, the size
+  of the batch's activations, is kept instead; where the compiler fuses the scaling into the
+  layer's product and the batch per device is small (a TPU), that holds least: AOL-Small's
+  train step on v5e 2x4, per-device peak over plain 1.54 -> 1.21 (``benchmarks/README.md``).
 
   Raises:
     ValueError: if the layer splits over an axis but no mesh with that axis is set, or the
@@ -68,9 +85,19 @@ def apply_rescaled(layer, op: Callable[[jax.Array, jax.Array], jax.Array], raw: 
 
 def _rescale_and_apply(layer, op, axis_name: str | None, raw: jax.Array,
                        x: jax.Array) -> jax.Array:
-  """``op(x, layer.rescale(raw, axis_name=axis_name))`` under a ``jax.checkpoint`` that
-  saves everything but the rescaled kernel (a ``custom_vjp`` would break ``jax.jacfwd`` of
-  the layer, which the exact-norm tests and users need)."""
+  """``op(x * d, raw)`` for ``scaled_operand == 'input'``; for ``'kernel'``,
+  ``op(x, layer.rescale(raw, axis_name=axis_name))`` under a ``jax.checkpoint`` that saves
+  everything but the rescaled kernel (a ``custom_vjp`` would break ``jax.jacfwd`` of the
+  layer, which the exact-norm tests and users need)."""
+  mode = layer.scaled_operand
+  if mode == "smaller":
+    mode = "input" if x.size <= INPUT_TO_KERNEL * raw.size else "kernel"
+  if mode == "input":
+    return op(x * layer.factors(raw, axis_name=axis_name), raw)
+  if mode != "kernel":
+    raise ValueError(f"{type(layer).__name__}.scaled_operand is {mode!r}; it must be one of "
+                     f"('kernel', 'input', 'smaller'): set it with nnx.view(model, "
+                     f"scaled_operand=...).")
   policy = jax.checkpoint_policies.save_anything_except_these_names(_RESCALED)
 
   def rescaled_op(raw, x):

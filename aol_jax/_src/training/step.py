@@ -6,7 +6,8 @@ all-reduce of the gradients. The AOL rescaling, which does not depend on the bat
 over ``'data'`` too when the mesh has more than one device, so every device does ``1/n`` of
 it: :func:`create_train_state` decides, once, and sets it on the layers with ``nnx.view``
 (their static ``rescaling_axis``), so the graph definition it returns carries it into the
-steps. The step donates the state it receives, so the caller must use the state it returns
+steps. It decides there, by the mesh's platform, what the factors multiply (the layers'
+``scaled_operand``): on a TPU the smaller of the input and the kernel, elsewhere the kernel. The step donates the state it receives, so the caller must use the state it returns
 and drop the old one.
 """
 
@@ -104,10 +105,22 @@ def _training_view(model: nnx.Module, mesh: Mesh | None, split: bool | None,
                      f"{axes}; pass mesh=make_data_mesh(), or split_rescaling=False.")
   # raise_if_not_found=False: a network without AOL layers has nothing to split.
   model = nnx.view(model, rescaling_axis=DATA_AXIS if split else None,
-                   raise_if_not_found=False)
+                   scaled_operand=_scaled_operand(mesh), raise_if_not_found=False)
   if gram_precision is not None:  # (a network without AOL layers has no Gram to set)
     model = nnx.view(model, gram_precision=gram_precision, raise_if_not_found=False)
   return model
+
+
+def _scaled_operand(mesh: Mesh | None) -> str:
+  """What the AOL layers' factors multiply in training on ``mesh``'s platform (the default
+  device's without a mesh), chosen by compiler counts of AOL-Small's train step at global
+  batch 256 (``benchmarks/README.md``, ``compile_targets``): on a TPU, whose compiler fuses
+  the input's scaling into the layer's product, the smaller operand (per-device peak /
+  plain, kernels scaled -> 'smaller': 1.54 -> 1.21 on v5e 2x4, 1.71 -> 1.13 on 4x4, 1.13 ->
+  1.09 on v5p 2x2x2); elsewhere the kernel (every input scaled: 8 H100s 1.10 -> 1.14, the
+  CPU at batch 256 1.28 -> 1.51)."""
+  device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+  return "smaller" if device.platform == "tpu" else "kernel"
 
 
 def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
