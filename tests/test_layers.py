@@ -153,8 +153,9 @@ def check_conv_case(case) -> float:
     assert norm <= 1 + TOL, norm
     return norm
   # bfloat16 parameters: the layer applies K16 = round_bf16(K32), K32 the float32 rescaled
-  # kernel (with its input scaled by the float32 factors, K32 itself). By the triangle inequality ||A(K16)|| <= ||A(K32)|| + ||A(K16 - K32)||, and the
-  # conv with the difference kernel has norm <= sum_t ||(K16 - K32)[t]||_F. So we check
+  # kernel (with its input scaled by the float32 factors, K32 itself). By the triangle
+  # inequality ||A(K16)|| <= ||A(K32)|| + ||A(K16 - K32)||, and the conv with the
+  # difference kernel has norm <= sum_t ||(K16 - K32)[t]||_F. So we check
   # ||A(K32)|| <= 1 + TOL and ||A(K16)|| <= 1 + TOL + that sum, a proven bound, computed
   # from the actual kernels.
   raw = layer.kernel[...]

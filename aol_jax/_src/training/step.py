@@ -7,8 +7,9 @@ over ``'data'`` too when the mesh has more than one device, so every device does
 it: :func:`create_train_state` decides, once, and sets it on the layers with ``nnx.view``
 (their static ``rescaling_axis``), so the graph definition it returns carries it into the
 steps. It decides there, by the mesh's platform, what the factors multiply (the layers'
-``scaled_operand``): on a TPU the smaller of the input and the kernel, elsewhere the kernel. The step donates the state it receives, so the caller must use the state it returns
-and drop the old one.
+``scaled_operand``): on a TPU the smaller of the input and the kernel, elsewhere the
+kernel. The step donates the state it receives, so the caller must use the state it
+returns and drop the old one.
 """
 
 from __future__ import annotations
