@@ -160,6 +160,46 @@ def test_the_smaller_operand_is_the_input_up_to_twice_the_kernels_size(batch, sc
   assert str(jax.make_jaxpr(want)(jnp.ones((batch, 4)))) == jaxpr
 
 
+@pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16, jnp.int32])
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
+def test_scaling_the_input_keeps_the_dtypes_and_bfloat16_kernels_keep_their_rounding(
+    x_dtype, param_dtype):
+  """Every scaled operand gives the output dtype of 'kernel' for any input dtype. A
+  bfloat16 kernel is rescaled and rounded to bfloat16 (the kernel ``applied_kernel`` and
+  the stated bound describe); scaling the input instead would apply the unrounded product,
+  so it keeps the kernel path for every operand."""
+  layers = {m: nnx.view(AOLDense(4, 3, param_dtype=param_dtype, rngs=nnx.Rngs(0)),
+                        scaled_operand=m) for m in ("kernel", "input", "smaller")}
+  x = jnp.arange(8).reshape(2, 4).astype(x_dtype)
+  want = layers["kernel"](x)
+  for m, layer in layers.items():
+    y = layer(x)
+    assert y.dtype == want.dtype, (m, y.dtype, want.dtype)
+    kernel_path = "name=aol_rescaled_kernel" in str(jax.make_jaxpr(layer)(x))
+    assert kernel_path == (m == "kernel" or param_dtype == jnp.bfloat16), m
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want, np.float32),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_training_scales_the_smaller_operand_on_a_tpu_and_merge_model_the_kernel(monkeypatch):
+  """create_train_state's choice by the mesh's platform (a TPU: 'smaller'; the CPU:
+  'kernel'), and merge_model's model, used for bounds and certification, applies the
+  kernels whatever the steps used."""
+  from types import SimpleNamespace
+  from aol_jax._src.training import step as step_lib
+  on = lambda platform: SimpleNamespace(devices=np.array([SimpleNamespace(platform=platform)]))
+  assert step_lib._scaled_operand(on("tpu")) == "smaller"
+  assert step_lib._scaled_operand(on("gpu")) == step_lib._scaled_operand(on("cpu")) == "kernel"
+  assert step_lib._scaled_operand(None) == "kernel"  # this machine's default device, a CPU
+  monkeypatch.setattr(step_lib, "_scaled_operand", lambda mesh: "smaller")
+  optimizer = training.make_optimizer(training.paper_schedule(0.1, 2, 2))
+  graphdef, state = training.create_train_state(tiny_model(), optimizer, key=0)
+  assert {m.scaled_operand for m in _aol_layers(nnx.merge(graphdef, state.params,
+                                                           state.rest))} == {"smaller"}
+  merged = training.merge_model(graphdef, state)
+  assert {m.scaled_operand for m in _aol_layers(merged)} == {"kernel"}
+
+
 def test_a_split_layer_traced_without_its_mesh_axis_is_a_clear_error(mesh):
   """The split is decided by the layer's attribute alone: traced outside a mesh (or under
   one without the axis) it raises one line naming the axis and both fixes; it never

@@ -5,8 +5,11 @@ The layer's static attribute ``scaled_operand`` (set with ``nnx.view``, see
 applies the rescaled kernel; ``'input'`` scales the input's features and applies the raw
 kernel, the same map (``d`` scales the kernel's input features, the last axis of a dense
 and a conv layer's input alike), without forming the rescaled kernel; ``'smaller'`` takes
-the input where it has at most :data:`INPUT_TO_KERNEL` times the kernel's elements (per
-device when the factors are split), the kernel elsewhere.
+the input where it has at most :data:`INPUT_TO_KERNEL` times the kernel's elements (the
+input as the call sees it: per device when the factors are split), the kernel elsewhere. A
+kernel narrower than float32 (bfloat16 parameters) is always scaled itself: its rescaled
+kernel is rounded to its dtype (the kernel :meth:`~aol_jax.AOLDense.applied_kernel` states
+a bound for), which scaling the input would not reproduce.
 
 Its static attribute ``rescaling_axis`` (set with ``nnx.view(model,
 rescaling_axis='data')``) decides where the factors are computed. ``None``: every
@@ -25,6 +28,8 @@ from collections.abc import Callable
 import jax
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
+
+from aol_jax._src.gram import compute_dtype
 
 _RESCALED = "aol_rescaled_kernel"
 # 'smaller' scales the input up to this many times the kernel's size. Measured on AOL-Small's
@@ -90,14 +95,16 @@ def _rescale_and_apply(layer, op, axis_name: str | None, raw: jax.Array,
   everything but the rescaled kernel (a ``custom_vjp`` would break ``jax.jacfwd`` of the
   layer, which the exact-norm tests and users need)."""
   mode = layer.scaled_operand
-  if mode == "smaller":
-    mode = "input" if x.size <= INPUT_TO_KERNEL * raw.size else "kernel"
-  if mode == "input":
-    return op(x * layer.factors(raw, axis_name=axis_name), raw)
-  if mode != "kernel":
+  if mode not in ("kernel", "input", "smaller"):
     raise ValueError(f"{type(layer).__name__}.scaled_operand is {mode!r}; it must be one of "
                      f"('kernel', 'input', 'smaller'): set it with nnx.view(model, "
                      f"scaled_operand=...).")
+  if raw.dtype != compute_dtype(raw.dtype):  # rescaled, then rounded to raw's dtype
+    mode = "kernel"
+  elif mode == "smaller":
+    mode = "input" if x.size <= INPUT_TO_KERNEL * raw.size else "kernel"
+  if mode == "input":  # d in raw's dtype: x * d promotes as x with raw would
+    return op(x * layer.factors(raw, axis_name=axis_name), raw)
   policy = jax.checkpoint_policies.save_anything_except_these_names(_RESCALED)
 
   def rescaled_op(raw, x):

@@ -127,9 +127,10 @@ def _scaled_operand(mesh: Mesh | None) -> str:
 def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
   """The model with the parameters of ``state``, for use outside the steps (evaluation,
   certification, freeze): its rescaling is computed whole (``rescaling_axis=None``), so
-  it runs with or without a mesh."""
+  it runs with or without a mesh, and applied to the kernels (``scaled_operand='kernel'``),
+  the kernels its unfrozen ``lipschitz_bound()`` states a bound for."""
   return nnx.view(nnx.merge(graphdef, state.params, state.rest), rescaling_axis=None,
-                  raise_if_not_found=False)
+                  scaled_operand="kernel", raise_if_not_found=False)
 
 
 def to_inputs(images: jax.Array) -> jax.Array:
