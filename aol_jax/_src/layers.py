@@ -233,10 +233,11 @@ class AOLDense(_AOLLayer):
   Args mirror ``nnx.Linear``. ``eps`` is the AOL stabiliser inside the factor
   ``(sum_j |P P^T|_ij + eps) ** -1/2``. ``gram_precision`` is the precision of the
   training-time Gram products, a key of :data:`aol_jax.GRAM_PRECISIONS`;
-  :func:`aol_jax.freeze` ignores it (float32, ``'highest'``). It and ``rescaling_axis``
-  (split the rescaling over a mesh axis; default ``None``) are static attributes, set with
-  ``nnx.view(model, gram_precision=..., rescaling_axis=...)`` (:meth:`set_view`), as
-  ``aol_jax.training.create_train_state`` does.
+  :func:`aol_jax.freeze` ignores it (float32, ``'highest'``). It, ``rescaling_axis``
+  (split the rescaling over a mesh axis; default ``None``) and ``scaled_operand`` (what the
+  factors multiply: ``'kernel'``, the default, ``'input'`` or ``'smaller'``) are static
+  attributes, set with ``nnx.view(model, gram_precision=..., rescaling_axis=...,
+  scaled_operand=...)`` (:meth:`set_view`), as ``aol_jax.training.create_train_state`` does.
   """
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
@@ -334,7 +335,7 @@ class AOLConv(_AOLLayer):
   'CIRCULAR', for any input size, stride and dilation; strides > 1 keep the bound but
   loosen it. Other padding modes raise ``ValueError``. As in ``nnx.Conv``, an int
   ``kernel_size`` means a 1D conv; inputs are ``(*batch, *spatial, in_features)``.
-  ``gram_precision`` and ``rescaling_axis`` as in :class:`AOLDense`.
+  ``gram_precision``, ``rescaling_axis`` and ``scaled_operand`` as in :class:`AOLDense`.
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int],

@@ -42,7 +42,8 @@ INPUT_TO_KERNEL = 2
 
 def apply_rescaled(layer, op: Callable[[jax.Array, jax.Array], jax.Array], raw: jax.Array,
                    x: jax.Array) -> jax.Array:
-  """``op(x, layer.rescale(raw))``, split over ``layer.rescaling_axis`` if it names one.
+  """``op(x, layer.rescale(raw))``, or ``op(x * d, raw)`` as ``layer.scaled_operand`` says,
+  split over ``layer.rescaling_axis`` if it names one.
 
   Split over an axis of ``n > 1`` devices, ``axis_name=`` is passed to ``layer.rescale``,
   which splits the rescaling's work. One ``pcast`` of the raw kernel to varying serves both
