@@ -23,7 +23,7 @@ from aol_jax._src.certification import protocol, rigorous, statistical
 from aol_jax._src.certification.statistical import StatisticalTerms
 from aol_jax._src.gram import check_precision
 from aol_jax._src.initializers import aol_init
-from aol_jax._src.rescaled_apply import apply_rescaled
+from aol_jax._src.rescaled_apply import SCALED_OPERANDS, apply_rescaled
 from aol_jax._src.sharding import batch_reshape
 
 
@@ -49,9 +49,6 @@ def _apply_kernel(layer, op: Callable[[jax.Array, jax.Array], jax.Array],
 
 
 _UNCHANGED = object()
-
-# What an unfrozen layer's call multiplies by the factors (AOLDense.set_view).
-SCALED_OPERANDS = ("kernel", "input", "smaller")
 
 
 def _host_kernel(layer) -> np.ndarray:
@@ -172,9 +169,10 @@ class _AOLLayer(nnx.Module):
       gram_precision: the precision of the training-time Gram products, a key of
         :data:`aol_jax.GRAM_PRECISIONS`.
       scaled_operand: what the training call multiplies by the factors, one of
-        :data:`SCALED_OPERANDS`: ``'kernel'`` (the default) forms the rescaled kernel and
-        applies it; ``'input'`` scales the layer's input features and applies the raw
-        kernel, the same map (:func:`aol_jax._src.rescaled_apply.apply_rescaled`);
+        :data:`~aol_jax._src.rescaled_apply.SCALED_OPERANDS`: ``'kernel'`` (the default)
+        forms the rescaled kernel and applies it; ``'input'`` scales the layer's input
+        features and applies the raw kernel, the same map
+        (:func:`aol_jax._src.rescaled_apply.apply_rescaled`);
         ``'smaller'`` scales the input where it has at most twice the kernel's elements,
         else the kernel (``aol_jax.training``'s choice on a TPU). A frozen layer applies its
         stored kernel whatever this says.

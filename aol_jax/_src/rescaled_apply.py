@@ -32,6 +32,8 @@ from jax.sharding import PartitionSpec
 from aol_jax._src.gram import compute_dtype
 
 _RESCALED = "aol_rescaled_kernel"
+# What an unfrozen layer's call multiplies by the factors (AOLDense.set_view).
+SCALED_OPERANDS = ("kernel", "input", "smaller")
 # 'smaller' scales the input up to this many times the kernel's size. Measured on AOL-Small's
 # train step for TPU v5e 2x4 (per-device peak / plain, benchmarks/README.md): at 32 examples
 # per device its 3x3 convolutions' inputs are 1.2 kernels, and scaling every layer's input
@@ -96,10 +98,9 @@ def _rescale_and_apply(layer, op, axis_name: str | None, raw: jax.Array,
   everything but the rescaled kernel (a ``custom_vjp`` would break ``jax.jacfwd`` of the
   layer, which the exact-norm tests and users need)."""
   mode = layer.scaled_operand
-  if mode not in ("kernel", "input", "smaller"):
+  if mode not in SCALED_OPERANDS:
     raise ValueError(f"{type(layer).__name__}.scaled_operand is {mode!r}; it must be one of "
-                     f"('kernel', 'input', 'smaller'): set it with nnx.view(model, "
-                     f"scaled_operand=...).")
+                     f"{SCALED_OPERANDS}: set it with nnx.view(model, scaled_operand=...).")
   if raw.dtype != compute_dtype(raw.dtype):  # rescaled, then rounded to raw's dtype
     mode = "kernel"
   elif mode == "smaller":
