@@ -229,7 +229,9 @@ def prepare(model: nnx.Module, image_shape: Sequence[int], *,
                      f"(32, 32, 3), got {image_shape!r}.")
   shape = tuple(int(d) for d in shape)
   with mode.arithmetic():
-    protocol.check_steps(model)  # refuses an undeclared step by its path, before any trace
+    # An undeclared step is refused by its path before anything is computed; the constants
+    # each step states are checked where they are used: those of the frozen copy, certified.
+    protocol.flatten(model)
     frozen = _frozen_copy(model, mode)
     constants = mode.model.constants(frozen, shape)
     graphdef, state = nnx.split(frozen)

@@ -356,8 +356,3 @@ def statistical_terms(model: Any, path: Path = ()) -> StatisticalTerms:
                        "lipschitz_bound(); the terms must use at least that constant.")
     from_steps.append(terms)
   return statistical.compose(from_steps)
-
-
-def check_steps(model: Any) -> None:
-  """Every check of :func:`flatten` and every stated constant, before anything is traced."""
-  lipschitz_bound(model)
