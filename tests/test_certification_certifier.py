@@ -67,3 +67,32 @@ def test_the_largest_certified_radius_is_exact_to_the_last_bit():
   never = lambda e: e < 0
   largest, at_zero = certifier.largest_certified(never, jnp.float32, threshold)
   assert not np.any(np.asarray(at_zero))
+
+
+@pytest.mark.parametrize("rounding", ["float32", "float64", "float32_statistical"])
+def test_networks_of_one_architecture_share_a_compiled_program_each_with_its_own_constants(
+    rounding):
+  """A certifier is a static argument of the jitted evaluation: two networks of one
+  architecture compile it once (the rigorous modes), and each is certified with its own
+  ``L`` and rounding constants, bit for bit as alone (no stale constant of the first)."""
+  def network(seed):
+    model = aol_jax.aol_small(3, rngs=nnx.Rngs(seed), channels=8, conv_depth=1, dense_depth=2,
+                              width=2, image_size=8, pool=4)
+    nnx.update(model, jax.tree.map(lambda a: a * (1 + 0.2 * jnp.sin(jnp.arange(a.size))
+                                                   .reshape(a.shape)) if seed else a,
+                                   nnx.state(model, nnx.Param)))
+    return model
+
+  models = [network(0), network(1)]
+  x = np.random.default_rng(0).uniform(size=(6, 8, 8, 3)).astype(np.float32)
+  prepared = [prepare(m, x.shape[1:], rounding=rounding) for m in models]
+  assert prepared[0].constants != prepared[1].constants  # not vacuous: the constants differ
+  shared = prepared[0] == prepared[1] and hash(prepared[0]) == hash(prepared[1])
+  assert shared == (rounding != "float32_statistical")  # statistical: constants in the key
+  jax.clear_caches()
+  together = [aol_jax.certified_radii(m, x, batch_size=6, rounding=rounding)[1] for m in models]
+  assert certifier._radii._cache_size() == (1 if shared else 2)
+  jax.clear_caches()
+  alone = aol_jax.certified_radii(models[1], x, batch_size=6, rounding=rounding)[1]
+  np.testing.assert_array_equal(together[1], alone)
+  assert np.all(together[1] > 0) and np.any(together[0] != together[1])

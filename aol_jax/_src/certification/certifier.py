@@ -109,13 +109,13 @@ def _frozen_copy(model: nnx.Module, mode: Mode) -> nnx.Module:
   return frozen
 
 
-def _check_evaluation_dtypes(mode: Mode, constants: Any, graphdef: Any, state: Any,
+def _check_evaluation_dtypes(mode: Mode, static: Any, scalars: Any, graphdef: Any, state: Any,
                              image_shape: tuple[int, ...]) -> None:
   """``TypeError`` if the mode's evaluation computes anything narrower than its format."""
   target = jnp.dtype(mode.fmt.name)
   x = jax.ShapeDtypeStruct((1, *image_shape), target)
-  evaluate = lambda s, v: mode.model.evaluate(constants, nnx.merge(graphdef, s), v)
-  narrow = {d for d in _floating_dtypes(evaluate, state, x)
+  evaluate = lambda s, c, v: mode.model.evaluate(static, c, nnx.merge(graphdef, s), v)
+  narrow = {d for d in _floating_dtypes(evaluate, state, scalars, x)
             if jnp.finfo(d).bits < jnp.finfo(target).bits}
   if narrow:
     raise TypeError(f"The model still computes in {sorted(str(d) for d in narrow)} after "
@@ -127,13 +127,22 @@ def _check_evaluation_dtypes(mode: Mode, constants: Any, graphdef: Any, state: A
 class Certifier:
   """A model prepared by :func:`prepare`: frozen, checked, its constants computed once.
 
+  A certifier is a static argument of the jitted functions below; what varies between
+  networks of one architecture (the parameters, ``L`` and the rounding model's constants) is
+  not part of its hash but passed traced (``state`` and ``scalars``), so those networks share
+  one compiled program. The traced methods read the constants only as ``static`` (hashed)
+  and ``scalars``; ``lipschitz`` and ``constants`` are the host values, for reports.
+
   Attributes:
     mode: the row of :data:`aol_jax.ROUNDING_MODES` it certifies under.
     graphdef, state: the frozen network (``state`` on the host, in the mode's format).
     image_shape: one input's shape.
     num_classes: the logits' size.
     lipschitz: ``L``, the network's Lipschitz bound the certificates use.
-    constants: the mode's per-model constants (hashable).
+    constants: the mode's per-model constants, on the host.
+    static: the part of ``constants`` a compiled evaluation holds as constants (hashed).
+    scalars: ``L`` and the rest of the constants as host arrays of the mode's format,
+      rounded as the evaluation uses them: traced arguments of the jitted functions.
     platform: where its evaluations run (a platform of ``mode.platforms``).
   """
   mode: Mode
@@ -141,45 +150,54 @@ class Certifier:
   state: Any = dataclasses.field(compare=False, hash=False)  # traced, never a static key
   image_shape: tuple[int, ...]
   num_classes: int
-  lipschitz: float
-  constants: Any
+  lipschitz: float = dataclasses.field(compare=False, hash=False)  # in scalars
+  constants: Any = dataclasses.field(compare=False, hash=False)  # in static and scalars
+  static: Any
+  scalars: Any = dataclasses.field(compare=False, hash=False)  # traced, never a static key
   platform: str
 
-  def evaluate(self, state: Any, x: jax.Array) -> tuple[jax.Array, jax.Array, Bounds]:
-    """Traced: logits, predictions and the per-example bounds for a batch ``x``."""
-    logits, bounds = self.mode.model.evaluate(self.constants, nnx.merge(self.graphdef, state),
-                                              x)
+  def evaluate(self, state: Any, x: jax.Array, scalars: Any = None
+               ) -> tuple[jax.Array, jax.Array, Bounds]:
+    """Traced: logits, predictions and the per-example bounds for a batch ``x``
+    (``scalars``: traced ones, else this certifier's as constants)."""
+    scalars = self.scalars if scalars is None else scalars
+    logits, bounds = self.mode.model.evaluate(self.static, scalars["model"],
+                                              nnx.merge(self.graphdef, state), x)
     return logits, jnp.argmax(logits, axis=-1).astype(jnp.int32), bounds
 
-  def allowance(self, bounds: Bounds, eps: jax.Array) -> jax.Array:
+  def allowance(self, bounds: Bounds, eps: jax.Array, scalars: Any = None) -> jax.Array:
     """Traced: the rounding allowance at radius ``eps`` (scalar or per example)."""
-    return self.mode.model.allowance(self.constants, bounds, eps)
+    scalars = self.scalars if scalars is None else scalars
+    return self.mode.model.allowance(self.static, scalars["model"], bounds, eps)
 
   def decide(self, logits: jax.Array, labels: jax.Array, bounds: Bounds,
-             eps: jax.Array) -> jax.Array:
+             eps: jax.Array, scalars: Any = None) -> jax.Array:
     """Traced: per example, whether ``labels`` is certified at radius ``eps``: the margin
     beats ``sqrt(2) L eps`` plus the allowance, every value computed was finite, no value can
     overflow inside the ball (``eps <= bounds.limit``), and ``eps`` is a finite radius >= 0
     (a traced radius cannot be refused, so an invalid one certifies nothing)."""
+    scalars = self.scalars if scalars is None else scalars
     eps = jnp.broadcast_to(jnp.asarray(eps, logits.dtype), labels.shape)
     valid = jnp.isfinite(eps) & (eps >= 0) & bounds.finite & (eps <= bounds.limit)
     safe = jnp.where(valid, eps, 0)
-    allow = self.allowance(bounds, safe)
-    ok = certify(logits, labels, safe, lipschitz_constant=self.lipschitz,
+    allow = self.allowance(bounds, safe, scalars)
+    ok = certify(logits, labels, safe, lipschitz_constant=scalars["lipschitz"],
                  allowance=jnp.where(jnp.isfinite(allow) & (allow >= 0), allow, 0))
     return ok & valid & jnp.isfinite(allow) & (allow >= 0)
 
-  def radii(self, state: Any, x: jax.Array, shift: jax.Array
+  def radii(self, state: Any, x: jax.Array, shift: jax.Array, scalars: Any = None
             ) -> tuple[jax.Array, jax.Array, jax.Array, Bounds, jax.Array]:
     """Traced: predictions, the largest radius ``r`` (a float of the mode's format) with
     the prediction certified at ``r + shift``, whether radius 0 is, the bounds and logits."""
-    logits, pred, bounds = self.evaluate(state, x)
+    scalars = self.scalars if scalars is None else scalars
+    logits, pred, bounds = self.evaluate(state, x, scalars)
     shift = jnp.asarray(shift, logits.dtype)
     # The ball of radius e around x lies in that of e + shift around the image evaluated;
     # the sum is rounded up, and a shift that is negative or not finite certifies nothing.
     bad_shift = ~(jnp.isfinite(shift) & (shift >= 0))
     decide = lambda e: self.decide(logits, pred, bounds, jnp.where(
-        bad_shift, jnp.nan, jnp.where(shift > 0, jnp.nextafter(e + shift, jnp.inf), e)))
+        bad_shift, jnp.nan, jnp.where(shift > 0, jnp.nextafter(e + shift, jnp.inf), e)),
+        scalars)
     largest, at_zero = largest_certified(decide, jnp.dtype(self.mode.fmt.name), pred)
     return pred, largest, at_zero, bounds, logits
 
@@ -234,39 +252,51 @@ def prepare(model: nnx.Module, image_shape: Sequence[int], *,
     protocol.flatten(model)
     frozen = _frozen_copy(model, mode)
     constants = mode.model.constants(frozen, shape)
+    static, lipschitz = mode.model.static(constants), float(mode.model.lipschitz(constants))
+    # L as the rule reads it: rounded to the logits' format (rule.certify covers that).
+    scalars = {"lipschitz": np.asarray(lipschitz, mode.fmt.name),
+               "model": mode.model.scalars(constants)}
     graphdef, state = nnx.split(frozen)
-    _check_evaluation_dtypes(mode, constants, graphdef, state, shape)
+    _check_evaluation_dtypes(mode, static, scalars["model"], graphdef, state, shape)
     x = jax.ShapeDtypeStruct((1, *shape), jnp.dtype(mode.fmt.name))
-    logits = jax.eval_shape(lambda s, v: mode.model.evaluate(
-        constants, nnx.merge(graphdef, s), v)[0], state, x)
+    logits = jax.eval_shape(lambda s, c, v: mode.model.evaluate(
+        static, c, nnx.merge(graphdef, s), v)[0], state, scalars["model"], x)
     if logits.ndim != 2 or logits.shape[-1] < 2:
       raise ValueError(f"The model maps one image to {logits.shape[1:]}; a classifier "
                        "returns one logit per class, at least 2.")
     state = jax.device_get(state)
   return Certifier(mode=mode, graphdef=graphdef, state=state, image_shape=shape,
-                   num_classes=int(logits.shape[-1]),
-                   lipschitz=float(mode.model.lipschitz(constants)), constants=constants,
-                   platform=platform)
+                   num_classes=int(logits.shape[-1]), lipschitz=lipschitz,
+                   constants=constants, static=static, scalars=scalars, platform=platform)
 
 
 @functools.partial(jax.jit, static_argnums=0)
+def _radii(certifier: Certifier, state: Any, scalars: Any, x: jax.Array, shift: jax.Array):
+  return certifier.radii(state, x, shift, scalars)[:3]
+
+
 def radii(certifier: Certifier, state: Any, x: jax.Array, shift: jax.Array):
   """Jitted :meth:`Certifier.radii` without the bounds and logits."""
-  return certifier.radii(state, x, shift)[:3]
+  return _radii(certifier, state, certifier.scalars, x, shift)
 
 
 @functools.partial(jax.jit, static_argnums=0)
+def _counts(certifier: Certifier, state: Any, scalars: Any, x: jax.Array, shift: jax.Array,
+            y: jax.Array, valid: jax.Array, eps: jax.Array):
+  pred, largest, at_zero, bounds, logits = certifier.radii(state, x, shift, scalars)
+  correct = jnp.sum((margins(logits, y) > 0) & bounds.finite & valid)
+  cert = (pred == y)[None] & at_zero[None] & (largest[None, :] >= eps[:, None]) & valid[None]
+  allow = jax.vmap(lambda e: certifier.allowance(bounds, e + shift, scalars))(eps)
+  allow = jnp.max(jnp.where(valid[None] & bounds.finite[None], allow, 0), axis=1)
+  return correct, jnp.sum(cert, axis=1), allow
+
+
 def counts(certifier: Certifier, state: Any, x: jax.Array, shift: jax.Array, y: jax.Array,
            valid: jax.Array, eps: jax.Array):
   """Jitted, for one padded batch: correct count, certified count per radius of ``eps``,
   and the largest allowance applied per radius. Certified at ``e`` means predicted ``y``
   and ``e`` at most the largest certified radius: the one decision :func:`radii` reports."""
-  pred, largest, at_zero, bounds, logits = certifier.radii(state, x, shift)
-  correct = jnp.sum((margins(logits, y) > 0) & bounds.finite & valid)
-  cert = (pred == y)[None] & at_zero[None] & (largest[None, :] >= eps[:, None]) & valid[None]
-  allow = jax.vmap(lambda e: certifier.allowance(bounds, e + shift))(eps)
-  allow = jnp.max(jnp.where(valid[None] & bounds.finite[None], allow, 0), axis=1)
-  return correct, jnp.sum(cert, axis=1), allow
+  return _counts(certifier, state, certifier.scalars, x, shift, y, valid, eps)
 
 
 def float_radii(eps: ArrayLike, dtype) -> np.ndarray:

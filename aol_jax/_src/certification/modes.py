@@ -82,7 +82,14 @@ class _Rigorous:
   def lipschitz(self, constants: RigorousConstants) -> float:
     return constants.chain.lipschitz
 
-  def evaluate(self, constants: RigorousConstants, model: Any, x: jax.Array
+  def static(self, constants: RigorousConstants) -> None:
+    """Nothing: the evaluation reads the constants as traced :meth:`scalars` only."""
+    del constants
+
+  def scalars(self, constants: RigorousConstants) -> rigorous.ChainScalars:
+    return rigorous.chain_scalars(constants.steps, constants.chain, self.fmt)
+
+  def evaluate(self, static: None, scalars: rigorous.ChainScalars, model: Any, x: jax.Array
                ) -> tuple[jax.Array, Bounds]:
     norms = []
 
@@ -92,14 +99,13 @@ class _Rigorous:
 
     logits, errors, finite = _walk(protocol.flatten(model), x.astype(self.fmt.name), apply)
     norms.append(_norm(logits))
-    e, alpha, limit = rigorous.chain(errors, norms, constants.steps, constants.chain,
-                                     self.fmt)
+    e, alpha, limit = rigorous.chain(errors, norms, scalars, self.fmt)
     finite &= jnp.isfinite(e) & jnp.isfinite(alpha)
     return logits, Bounds(e, alpha, finite, limit)
 
-  def allowance(self, constants: RigorousConstants, bounds: Bounds, eps: jax.Array
-                ) -> jax.Array:
-    return rigorous.allowance(bounds.a, bounds.b, constants.chain.beta, eps, self.fmt)
+  def allowance(self, static: None, scalars: rigorous.ChainScalars, bounds: Bounds,
+                eps: jax.Array) -> jax.Array:
+    return rigorous.allowance(bounds.a, bounds.b, scalars.beta, eps, self.fmt)
 
 
 class StatisticalConstants(NamedTuple):
@@ -143,8 +149,16 @@ class _Statistical:
   def lipschitz(self, constants: StatisticalConstants) -> float:
     return constants.terms.lipschitz
 
-  def evaluate(self, constants: StatisticalConstants, model: Any, x: jax.Array
-               ) -> tuple[jax.Array, Bounds]:
+  def static(self, constants: StatisticalConstants) -> StatisticalConstants:
+    """All of them: the evaluation reads them as constants of the compiled program."""
+    return constants
+
+  def scalars(self, constants: StatisticalConstants) -> tuple[()]:
+    del constants
+    return ()
+
+  def evaluate(self, constants: StatisticalConstants, scalars: tuple[()], model: Any,
+               x: jax.Array) -> tuple[jax.Array, Bounds]:
     logits, _, finite = self._norms(model, x.astype(jnp.float32))
     terms = constants.terms
     growth = terms.prefix * (1.0 + self.fmt.unit_roundoff * terms.rescale)
@@ -152,8 +166,8 @@ class _Statistical:
     limit = (OVERFLOW_GUARD - act_norm) / terms.prefix * (1 - 2.0 ** -10)
     return logits, Bounds(act_norm, act_norm, finite, limit)
 
-  def allowance(self, constants: StatisticalConstants, bounds: Bounds, eps: jax.Array
-                ) -> jax.Array:
+  def allowance(self, constants: StatisticalConstants, scalars: tuple[()], bounds: Bounds,
+                eps: jax.Array) -> jax.Array:
     return statistical.statistical_allowance(constants.terms, bounds.a, eps,
                                              operations=constants.operations)
 
@@ -172,7 +186,9 @@ class Mode:
     platforms: where the format's arithmetic is what the bound assumes (IEEE products and
       sums at the format's precision; no TF32, no bfloat16 passes).
     evaluation, guarantee, use: the text of the docs and the results table.
-    model: the behaviour (constants, evaluate, allowance).
+    model: the behaviour: the constants prepared once per model, the part of them a
+      compiled evaluation holds as constants (``static``) and the rest as traced arrays
+      (``scalars``), the evaluation and the allowance.
   """
   name: str
   fmt: FloatFormat

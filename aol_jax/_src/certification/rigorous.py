@@ -70,6 +70,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from aol_jax._src.spectral_bounds import FloatFormat
 
@@ -114,22 +115,35 @@ def gamma(n: int, fmt: FloatFormat) -> float:
   return up(nu / (1.0 - nu))
 
 
-def _in_format(value: float, fmt: FloatFormat) -> jax.Array:
-  """``value`` as a scalar of ``fmt``, rounded up."""
+def _host_up(value: float, fmt: FloatFormat) -> np.ndarray:
+  """``value`` as a host scalar of ``fmt``, rounded up."""
   v = np.asarray(value, fmt.name)
   if float(v) < value:
     v = np.nextafter(v, np.asarray(np.inf, fmt.name))
-  return jnp.asarray(v)
+  return v
+
+
+def _in_format(value: float, fmt: FloatFormat) -> jax.Array:
+  """``value`` as a scalar of ``fmt``, rounded up."""
+  return jnp.asarray(_host_up(value, fmt))
+
+
+def _underflow_term(roundings: int, fmt: FloatFormat, amplification: float) -> np.ndarray:
+  """The absolute term of :func:`_finish`, rounded up into ``fmt``."""
+  return _host_up(up(up((roundings + 2) * fmt.tiny) * amplification), fmt)
 
 
 def _finish(value: jax.Array, roundings: int, fmt: FloatFormat,
-            amplification: float = 1.0) -> jax.Array:
+            amplification: float = 1.0, underflow: jax.Array | None = None) -> jax.Array:
   """``value``, computed from non-negative terms with at most ``roundings`` roundings, made an
   upper bound on its exact counterpart (module docstring, own rounding); ``amplification``
-  bounds the factor by which later operations carry an underflow loss."""
+  bounds the factor by which later operations carry an underflow loss (``underflow``: that
+  term already computed by :func:`_underflow_term`, possibly traced)."""
   k = roundings + 2
   factor = _in_format(up(1.0 + 2.0 * k * fmt.unit_roundoff), fmt)
-  return value * factor + _in_format(up(up(k * fmt.tiny) * amplification), fmt)
+  if underflow is None:
+    underflow = _underflow_term(roundings, fmt, amplification)
+  return value * factor + jnp.asarray(underflow, fmt.name)
 
 
 def _norm(v: jax.Array) -> jax.Array:
@@ -255,12 +269,43 @@ def chain_constants(steps: Sequence[StepConstants]) -> ChainConstants:
                         betas=(*betas, beta))
 
 
-def chain(bounds: Sequence[jax.Array], norms: Sequence[jax.Array],
-          steps: Sequence[StepConstants], constants: ChainConstants,
+class ChainScalars(NamedTuple):
+  """What :func:`chain` and :func:`allowance` compute with, from the host constants, each
+  rounded up into the evaluation's format: arrays, so one compiled evaluation serves every
+  network of one architecture (they are traced arguments, not constants of the program).
+  Before each step ``k``: ``grow_k = beta_k + P_k``, its slope and Lipschitz constant; then
+  the output's ``grow``, the underflow term of ``e_K`` and ``alpha``, and ``beta``."""
+  grow: tuple[np.ndarray, ...]
+  slope: tuple[np.ndarray, ...]
+  lipschitz: tuple[np.ndarray, ...]
+  underflow: np.ndarray
+  beta: np.ndarray
+
+
+def chain_scalars(steps: Sequence[StepConstants], constants: ChainConstants,
+                  fmt: FloatFormat) -> ChainScalars:
+  """The :class:`ChainScalars` of a chain's host constants, on the host."""
+  amplification = 1.0  # how much later steps can multiply an underflow loss
+  for step in steps:
+    amplification = up(amplification * max(1.0, up(step.lipschitz + 2.0 * step.slope)))
+  return ChainScalars(
+      grow=tuple(_host_up(add_up(b, p), fmt)
+                 for b, p in zip(constants.betas, constants.prefixes, strict=True)),
+      slope=tuple(_host_up(step.slope, fmt) for step in steps),
+      lipschitz=tuple(_host_up(step.lipschitz, fmt) for step in steps),
+      underflow=_underflow_term(_chain_roundings(len(steps)), fmt, amplification),
+      beta=_host_up(constants.beta, fmt))
+
+
+def _chain_roundings(num_steps: int) -> int:
+  return 5 * num_steps
+
+
+def chain(bounds: Sequence[jax.Array], norms: Sequence[jax.Array], scalars: ChainScalars,
           fmt: FloatFormat) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Per example, ``(e_K, alpha, limit)`` from the steps' bounds ``d_k(z_k)``, the norms of
   their inputs ``||z_k||`` and of the output (``norms``, one more than the steps), and the
-  constants.
+  chain's scalars (:func:`chain_scalars`; traced or not).
 
   ``limit`` is the largest radius at which no value of any evaluation at any ``x'`` of the
   ball can overflow: activations stay below the format's ``limit``,
@@ -274,6 +319,7 @@ def chain(bounds: Sequence[jax.Array], norms: Sequence[jax.Array],
   inside = _in_format(fmt.limit * fmt.unit_roundoff / 2, fmt)
   slack = _in_format(up(1.0 + 2.0 ** -10), fmt)
   limit = jnp.full_like(e, jnp.inf)
+  as_format = lambda v: jnp.asarray(v, dtype)
 
   def tighten(limit, c0, c1, bound):
     """``limit`` lowered to the largest ``eps`` with ``c0 + c1 eps <= bound`` (rounded
@@ -283,27 +329,26 @@ def chain(bounds: Sequence[jax.Array], norms: Sequence[jax.Array],
                     jnp.where(c0 <= bound, jnp.inf, -1))
     return jnp.minimum(limit, jnp.where(c0 <= bound, eps, -1).astype(dtype))
 
-  amplification = 1.0  # how much later steps can multiply an underflow loss
-  for k, (d, step) in enumerate(zip(bounds, steps, strict=True)):
-    grow = _in_format(add_up(constants.betas[k], constants.prefixes[k]), fmt)
+  for k, d in enumerate(bounds):
+    grow = as_format(scalars.grow[k])
     limit = tighten(limit, norms[k] + alpha + e, grow, top)
-    slope = _in_format(step.slope, fmt)
+    slope = as_format(scalars.slope[k])
     limit = tighten(limit, d + slope * (alpha + e), slope * grow, inside)
-    lip = _in_format(step.lipschitz, fmt)
+    lip = as_format(scalars.lipschitz[k])
     alpha = d + slope * (alpha + e) + lip * alpha
     e = d + lip * e
-    amplification = up(amplification * max(1.0, up(step.lipschitz + 2.0 * step.slope)))
-  roundings = 5 * len(steps)
-  e = _finish(e, roundings, fmt, amplification)
-  alpha = _finish(alpha, roundings, fmt, amplification)
-  grow = _in_format(add_up(constants.betas[-1], constants.prefixes[-1]), fmt)
-  limit = tighten(limit, norms[-1] + alpha + e, grow, top)
+  roundings = _chain_roundings(len(bounds))
+  e = _finish(e, roundings, fmt, underflow=scalars.underflow)
+  alpha = _finish(alpha, roundings, fmt, underflow=scalars.underflow)
+  limit = tighten(limit, norms[-1] + alpha + e, as_format(scalars.grow[-1]), top)
   return e, alpha, limit
 
 
-def allowance(e: jax.Array, alpha: jax.Array, beta: float, eps: jax.Array,
+def allowance(e: jax.Array, alpha: jax.Array, beta: ArrayLike, eps: jax.Array,
               fmt: FloatFormat) -> jax.Array:
-  """``A(eps) = sqrt(2) (e_K + alpha + beta eps)``, rounded up, per example."""
+  """``A(eps) = sqrt(2) (e_K + alpha + beta eps)``, rounded up, per example; ``beta`` in
+  ``fmt``, rounded up already (:class:`ChainScalars`), or a float rounded up here."""
   eps = jnp.asarray(eps, e.dtype)
-  value = _in_format(up(math.sqrt(2)), fmt) * (e + alpha + _in_format(beta, fmt) * eps)
+  beta = _in_format(beta, fmt) if isinstance(beta, float) else jnp.asarray(beta, e.dtype)
+  value = _in_format(up(math.sqrt(2)), fmt) * (e + alpha + beta * eps)
   return _finish(value, 4, fmt, amplification=2.0)
