@@ -18,7 +18,7 @@ install-experiments:
 install-test:
 	$(UV_INSTALL) -e '.[test]'
 
-# The main job: train on scikit-learn's digits (offline, about a minute on a CPU), then certify.
+# The main job: train on scikit-learn's digits (offline, about 30 s on a 2-core CPU), then certify.
 run: install-experiments
 	$(PYTHON) -m experiments.cifar --accelerator=cpu --preset=digits --workdir=runs/digits
 

@@ -51,7 +51,9 @@ def certify_dataset(model: nnx.Module, images: ArrayLike, labels: ArrayLike, *,
   mesh's ``'data'`` axis; the last one is padded and masked, never dropped. With a ``mesh``
   the batches are sharded over its ``'data'`` axis and the model replicated; without one it
   runs on the first device of ``platform`` (default: JAX's default backend). A mode covers
-  the platforms of its row (CPU and CUDA GPUs); on a TPU pass ``platform='cpu'``.
+  the platforms of its row (CPU and CUDA GPUs); on a TPU pass ``platform='cpu'``. Networks
+  of one architecture share one compiled evaluation in the rigorous modes (their parameters,
+  ``L`` and rounding constants are its arguments): the checkpoints of a run compile once.
 
   Args:
     model: an ``AOLNetwork`` (or any module stating the protocol of
