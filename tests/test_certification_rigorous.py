@@ -240,3 +240,15 @@ def test_gamma_and_the_host_arithmetic_round_up():
   third = rigorous.div_up(1.0, 3.0)
   assert third > 1.0 / 3.0 and third == math.nextafter(1.0 / 3.0, math.inf)
   assert FLOAT64.unit_roundoff == 2.0 ** -53 and FLOAT32.tiny == 2.0 ** -126
+
+
+def test_the_chain_refuses_scalars_of_another_length():
+  """The scalars come from one network's steps: a chain of another length is refused, not
+  evaluated with a missing or extra step's constants."""
+  steps = [rigorous.StepConstants(lipschitz=1.0, slope=1e-6)] * 2
+  scalars = rigorous.chain_scalars(steps, rigorous.chain_constants(steps), FLOAT32)
+  d = [jnp.zeros(3, jnp.float32)] * 3
+  with pytest.raises(ValueError, match="3 steps' bounds for the scalars of a chain of 2"):
+    rigorous.chain(d, d + d[:1], scalars, FLOAT32)
+  e, alpha, limit = rigorous.chain(d[:2], d, scalars, FLOAT32)
+  assert e.shape == alpha.shape == limit.shape == (3,)

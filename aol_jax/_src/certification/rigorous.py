@@ -313,6 +313,9 @@ def chain(bounds: Sequence[jax.Array], norms: Sequence[jax.Array], scalars: Chai
   the sums inside an affine step (``d_k + s_k r_k >= gamma_N || |T| |z'_k| + |b| ||``, which
   bounds them, below ``u`` times the limit). Beyond ``limit`` nothing is certified.
   """
+  if not len(bounds) == len(scalars.slope) == len(scalars.lipschitz) == len(scalars.grow) - 1:
+    raise ValueError(f"{len(bounds)} steps' bounds for the scalars of a chain of "
+                     f"{len(scalars.slope)} steps.")
   e = alpha = jnp.zeros_like(bounds[0])
   dtype = e.dtype
   top = _in_format(fmt.limit / 2, fmt)
