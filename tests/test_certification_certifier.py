@@ -96,3 +96,17 @@ def test_networks_of_one_architecture_share_a_compiled_program_each_with_its_own
   alone = aol_jax.certified_radii(models[1], x, batch_size=6, rounding=rounding)[1]
   np.testing.assert_array_equal(together[1], alone)
   assert np.all(together[1] > 0) and np.any(together[0] != together[1])
+
+
+def test_the_traced_constants_cannot_be_changed_after_prepare():
+  """What the jitted evaluation reads as ``L`` and the rounding constants is held immutable
+  (read-only arrays in tuples), as the frozen state is: changing it would certify with
+  another bound than the one derived."""
+  prepared = prepare(_net(), (2, 2, 1))
+  with pytest.raises(ValueError, match="read-only"):
+    prepared.scalars.lipschitz[...] = 0.0
+  with pytest.raises(ValueError, match="read-only"):
+    prepared.scalars.model.beta[...] = 0.0
+  with pytest.raises(AttributeError):
+    prepared.scalars.lipschitz = 0.0
+  assert not any(leaf.flags.writeable for leaf in jax.tree.leaves(prepared.state))

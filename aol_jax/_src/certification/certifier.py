@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -123,6 +123,18 @@ def _check_evaluation_dtypes(mode: Mode, static: Any, scalars: Any, graphdef: An
                     f"assume {target}. Make the layer compute in its input's dtype.")
 
 
+class Scalars(NamedTuple):
+  """A certifier's traced constants: ``L`` and the mode's (read-only host arrays)."""
+  lipschitz: np.ndarray
+  model: Any
+
+
+def _read_only(value: Any) -> np.ndarray:
+  array = np.array(value)
+  array.setflags(write=False)
+  return array
+
+
 @dataclasses.dataclass(frozen=True)
 class Certifier:
   """A model prepared by :func:`prepare`: frozen, checked, its constants computed once.
@@ -161,14 +173,14 @@ class Certifier:
     """Traced: logits, predictions and the per-example bounds for a batch ``x``
     (``scalars``: traced ones, else this certifier's as constants)."""
     scalars = self.scalars if scalars is None else scalars
-    logits, bounds = self.mode.model.evaluate(self.static, scalars["model"],
+    logits, bounds = self.mode.model.evaluate(self.static, scalars.model,
                                               nnx.merge(self.graphdef, state), x)
     return logits, jnp.argmax(logits, axis=-1).astype(jnp.int32), bounds
 
   def allowance(self, bounds: Bounds, eps: jax.Array, scalars: Any = None) -> jax.Array:
     """Traced: the rounding allowance at radius ``eps`` (scalar or per example)."""
     scalars = self.scalars if scalars is None else scalars
-    return self.mode.model.allowance(self.static, scalars["model"], bounds, eps)
+    return self.mode.model.allowance(self.static, scalars.model, bounds, eps)
 
   def decide(self, logits: jax.Array, labels: jax.Array, bounds: Bounds,
              eps: jax.Array, scalars: Any = None) -> jax.Array:
@@ -181,7 +193,7 @@ class Certifier:
     valid = jnp.isfinite(eps) & (eps >= 0) & bounds.finite & (eps <= bounds.limit)
     safe = jnp.where(valid, eps, 0)
     allow = self.allowance(bounds, safe, scalars)
-    ok = certify(logits, labels, safe, lipschitz_constant=scalars["lipschitz"],
+    ok = certify(logits, labels, safe, lipschitz_constant=scalars.lipschitz,
                  allowance=jnp.where(jnp.isfinite(allow) & (allow >= 0), allow, 0))
     return ok & valid & jnp.isfinite(allow) & (allow >= 0)
 
@@ -254,13 +266,13 @@ def prepare(model: nnx.Module, image_shape: Sequence[int], *,
     constants = mode.model.constants(frozen, shape)
     static, lipschitz = mode.model.static(constants), float(mode.model.lipschitz(constants))
     # L as the rule reads it: rounded to the logits' format (rule.certify covers that).
-    scalars = {"lipschitz": np.asarray(lipschitz, mode.fmt.name),
-               "model": mode.model.scalars(constants)}
+    scalars = jax.tree.map(_read_only, Scalars(np.asarray(lipschitz, mode.fmt.name),
+                                               mode.model.scalars(constants)))
     graphdef, state = nnx.split(frozen)
-    _check_evaluation_dtypes(mode, static, scalars["model"], graphdef, state, shape)
+    _check_evaluation_dtypes(mode, static, scalars.model, graphdef, state, shape)
     x = jax.ShapeDtypeStruct((1, *shape), jnp.dtype(mode.fmt.name))
     logits = jax.eval_shape(lambda s, c, v: mode.model.evaluate(
-        static, c, nnx.merge(graphdef, s), v)[0], state, scalars["model"], x)
+        static, c, nnx.merge(graphdef, s), v)[0], state, scalars.model, x)
     if logits.ndim != 2 or logits.shape[-1] < 2:
       raise ValueError(f"The model maps one image to {logits.shape[1:]}; a classifier "
                        "returns one logit per class, at least 2.")
