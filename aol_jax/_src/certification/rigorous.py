@@ -249,24 +249,27 @@ class StepConstants(NamedTuple):
 
 class ChainConstants(NamedTuple):
   """The chain's host constants (rounded up): ``L = prod L_k``, ``beta``, and before each
-  step ``k`` its prefix ``P_k`` and ``beta_k`` (the ``beta`` of the steps before it)."""
+  step ``k`` its prefix ``P_k`` and ``beta_k`` (the ``beta`` of the steps before it); and
+  how much the steps can multiply an underflow loss, ``prod max(1, L_k + 2 s_k)``."""
   lipschitz: float
   beta: float
   prefixes: tuple[float, ...] = ()
   betas: tuple[float, ...] = ()
+  amplification: float = 1.0
 
 
 def chain_constants(steps: Sequence[StepConstants]) -> ChainConstants:
   """``L``, ``beta`` and the per-step prefixes of the chain (module docstring), in float64
   rounded up."""
-  prefix, beta, prefixes, betas = 1.0, 0.0, [], []
+  prefix, beta, prefixes, betas, amplification = 1.0, 0.0, [], [], 1.0
   for step in steps:
     prefixes.append(prefix)
     betas.append(beta)
     beta = add_up(mul_up(step.slope, add_up(beta, prefix)), mul_up(step.lipschitz, beta))
     prefix = mul_up(prefix, step.lipschitz)
+    amplification = up(amplification * max(1.0, up(step.lipschitz + 2.0 * step.slope)))
   return ChainConstants(lipschitz=prefix, beta=beta, prefixes=(*prefixes, prefix),
-                        betas=(*betas, beta))
+                        betas=(*betas, beta), amplification=amplification)
 
 
 class ChainScalars(NamedTuple):
@@ -285,15 +288,12 @@ class ChainScalars(NamedTuple):
 def chain_scalars(steps: Sequence[StepConstants], constants: ChainConstants,
                   fmt: FloatFormat) -> ChainScalars:
   """The :class:`ChainScalars` of a chain's host constants, on the host."""
-  amplification = 1.0  # how much later steps can multiply an underflow loss
-  for step in steps:
-    amplification = up(amplification * max(1.0, up(step.lipschitz + 2.0 * step.slope)))
   return ChainScalars(
       grow=tuple(_host_up(add_up(b, p), fmt)
                  for b, p in zip(constants.betas, constants.prefixes, strict=True)),
       slope=tuple(_host_up(step.slope, fmt) for step in steps),
       lipschitz=tuple(_host_up(step.lipschitz, fmt) for step in steps),
-      underflow=_underflow_term(_chain_roundings(len(steps)), fmt, amplification),
+      underflow=_underflow_term(_chain_roundings(len(steps)), fmt, constants.amplification),
       beta=_host_up(constants.beta, fmt))
 
 
