@@ -46,6 +46,17 @@ def test_a_bad_image_shape_or_model_is_refused(shape):
     prepare(jnp.tanh, (2, 2, 1))
 
 
+@pytest.mark.parametrize("rounding", ["float32", "float32_statistical"])
+def test_a_model_that_is_not_a_classifier_is_refused(rounding):
+  one_logit = aol_jax.AOLNetwork([aol_jax.Flatten(), aol_jax.AOLDense(4, 1, rngs=nnx.Rngs(0))])
+  with pytest.raises(ValueError, match=r"maps one image to \(1,\); a classifier"):
+    prepare(one_logit, (2, 2, 1), rounding=rounding)
+  unflattened = aol_jax.AOLNetwork([aol_jax.AOLConv(1, 3, (1, 1), rngs=nnx.Rngs(0))])
+  with pytest.raises(ValueError, match=r"maps one image to \(2, 2, 3\)"):
+    prepare(unflattened, (2, 2, 1), rounding=rounding)
+  assert prepare(_net(), (2, 2, 1), rounding=rounding).num_classes == 3
+
+
 def test_the_decision_needs_a_valid_radius_finite_values_and_no_overflow():
   prepared = prepare(_net(), (2, 2, 1))
   x = jnp.full((3, 2, 2, 1), 0.5, jnp.float32)
@@ -96,6 +107,39 @@ def test_networks_of_one_architecture_share_a_compiled_program_each_with_its_own
   alone = aol_jax.certified_radii(models[1], x, batch_size=6, rounding=rounding)[1]
   np.testing.assert_array_equal(together[1], alone)
   assert np.all(together[1] > 0) and np.any(together[0] != together[1])
+
+
+class _Scale(aol_jax.certification.ExactMap, nnx.Module):
+  """Multiplies by its class's ``lipschitz``, a power of two (exact): what it computes is
+  read from its class, outside its graphdef and state."""
+  lipschitz = 0.5
+
+  def __call__(self, x):
+    return x * type(self).lipschitz
+
+
+@pytest.mark.parametrize("rounding", ["float32", "float32_statistical"])
+def test_a_class_attribute_changed_between_prepares_compiles_the_code_that_runs_now(
+    rounding, monkeypatch):
+  """The compiled evaluation is shared by the digest of what ``prepare`` traced, not by the
+  graphdef alone: after the class changes, the stale program (x * 0.5) would be certified
+  with the new, smaller ``L`` (0.25), radii twice too large."""
+  net = aol_jax.AOLNetwork([aol_jax.Flatten(), _Scale(),
+                            aol_jax.AOLDense(4, 3, rngs=nnx.Rngs(1))])
+  x = np.random.default_rng(0).uniform(size=(5, 2, 2, 1)).astype(np.float32)
+  jax.clear_caches()
+  before = prepare(net, x.shape[1:], rounding=rounding)
+  assert prepare(net, x.shape[1:], rounding=rounding).program == before.program
+  aol_jax.certified_radii(net, x, batch_size=5, rounding=rounding)
+  monkeypatch.setattr(_Scale, "lipschitz", 0.25)
+  after = prepare(net, x.shape[1:], rounding=rounding)
+  assert after.graphdef == before.graphdef and after.program != before.program
+  assert after.lipschitz == pytest.approx(before.lipschitz / 2)
+  radii = aol_jax.certified_radii(net, x, batch_size=5, rounding=rounding)[1]
+  jax.clear_caches()
+  np.testing.assert_array_equal(radii, aol_jax.certified_radii(net, x, batch_size=5,
+                                                               rounding=rounding)[1])
+  assert np.all(radii > 0)
 
 
 def test_the_traced_constants_cannot_be_changed_after_prepare():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -49,9 +50,17 @@ def check_platform(mode: Mode, platform: str) -> None:
         "bound. Certify on the host instead: pass platform='cpu'.")
 
 
-def _floating_dtypes(fn, *args) -> set:
-  """Every floating dtype that an operation of ``fn``'s jaxpr produces, nested ones too."""
+def _inspect(closed: Any) -> tuple[set, str]:
+  """Every floating dtype that an operation of the closed jaxpr ``closed`` produces, nested
+  ones too, and a digest of the program: its text and the values of its constants."""
   found = set()
+  digest = hashlib.sha256(str(closed.jaxpr).encode())
+
+  def constants(closed):
+    for value in getattr(closed, "consts", ()):
+      array = np.asarray(value)
+      digest.update(f"{array.dtype}{array.shape}".encode())
+      digest.update(array.tobytes())
 
   def walk(jaxpr):
     for eqn in jaxpr.eqns:
@@ -61,12 +70,14 @@ def _floating_dtypes(fn, *args) -> set:
           found.add(jnp.dtype(dtype))
       for param in eqn.params.values():
         for sub in param if isinstance(param, (list, tuple)) else (param,):
+          constants(sub)
           inner = getattr(sub, "jaxpr", sub)
           if hasattr(inner, "eqns"):
             walk(inner)
 
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return found
+  constants(closed)
+  walk(closed.jaxpr)
+  return found, digest.hexdigest()
 
 
 def _frozen_copy(model: nnx.Module, mode: Mode) -> nnx.Module:
@@ -109,18 +120,22 @@ def _frozen_copy(model: nnx.Module, mode: Mode) -> nnx.Module:
   return frozen
 
 
-def _check_evaluation_dtypes(mode: Mode, static: Any, scalars: Any, graphdef: Any, state: Any,
-                             image_shape: tuple[int, ...]) -> None:
-  """``TypeError`` if the mode's evaluation computes anything narrower than its format."""
+def _traced_evaluation(mode: Mode, static: Any, scalars: Any, graphdef: Any, state: Any,
+                       image_shape: tuple[int, ...]) -> tuple[jax.ShapeDtypeStruct, str]:
+  """The mode's evaluation of one image traced anew, as the code runs now: the logits'
+  shape and the program's digest; ``TypeError`` if it computes anything narrower than the
+  mode's format."""
   target = jnp.dtype(mode.fmt.name)
   x = jax.ShapeDtypeStruct((1, *image_shape), target)
   evaluate = lambda s, c, v: mode.model.evaluate(static, c, nnx.merge(graphdef, s), v)
-  narrow = {d for d in _floating_dtypes(evaluate, state, scalars, x)
-            if jnp.finfo(d).bits < jnp.finfo(target).bits}
+  closed, out = jax.make_jaxpr(evaluate, return_shape=True)(state, scalars, x)
+  dtypes, program = _inspect(closed)
+  narrow = {d for d in dtypes if jnp.finfo(d).bits < jnp.finfo(target).bits}
   if narrow:
     raise TypeError(f"The model still computes in {sorted(str(d) for d in narrow)} after "
                     f"freezing into {target} (a layer casts internally), and certificates "
                     f"assume {target}. Make the layer compute in its input's dtype.")
+  return out[0], program
 
 
 class Scalars(NamedTuple):
@@ -153,6 +168,11 @@ class Certifier:
     lipschitz: ``L``, the network's Lipschitz bound the certificates use.
     constants: the mode's per-model constants, on the host.
     static: the part of ``constants`` a compiled evaluation holds as constants (hashed).
+    program: a digest of the evaluation as ``prepare`` traced it (hashed): its jaxpr's text
+      and constants. Networks share a compiled program only where their code traces to the
+      same one; a method, class attribute or global changed between two ``prepare`` calls
+      that changes what the network computes changes the digest, and a new program is
+      compiled.
     scalars: ``L`` and the rest of the constants as host arrays of the mode's format,
       rounded as the evaluation uses them: traced arguments of the jitted functions.
     platform: where its evaluations run (a platform of ``mode.platforms``).
@@ -165,6 +185,7 @@ class Certifier:
   lipschitz: float = dataclasses.field(compare=False, hash=False)  # in scalars
   constants: Any = dataclasses.field(compare=False, hash=False)  # in static and scalars
   static: Any
+  program: str
   scalars: Any = dataclasses.field(compare=False, hash=False)  # traced, never a static key
   platform: str
 
@@ -269,17 +290,15 @@ def prepare(model: nnx.Module, image_shape: Sequence[int], *,
     scalars = jax.tree.map(_read_only, Scalars(np.asarray(lipschitz, mode.fmt.name),
                                                mode.model.scalars(constants)))
     graphdef, state = nnx.split(frozen)
-    _check_evaluation_dtypes(mode, static, scalars.model, graphdef, state, shape)
-    x = jax.ShapeDtypeStruct((1, *shape), jnp.dtype(mode.fmt.name))
-    logits = jax.eval_shape(lambda s, c, v: mode.model.evaluate(
-        static, c, nnx.merge(graphdef, s), v)[0], state, scalars.model, x)
+    logits, program = _traced_evaluation(mode, static, scalars.model, graphdef, state, shape)
     if logits.ndim != 2 or logits.shape[-1] < 2:
       raise ValueError(f"The model maps one image to {logits.shape[1:]}; a classifier "
                        "returns one logit per class, at least 2.")
     state = jax.device_get(state)
   return Certifier(mode=mode, graphdef=graphdef, state=state, image_shape=shape,
                    num_classes=int(logits.shape[-1]), lipschitz=lipschitz,
-                   constants=constants, static=static, scalars=scalars, platform=platform)
+                   constants=constants, static=static, program=program, scalars=scalars,
+                   platform=platform)
 
 
 @functools.partial(jax.jit, static_argnums=0)

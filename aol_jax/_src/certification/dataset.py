@@ -53,7 +53,9 @@ def certify_dataset(model: nnx.Module, images: ArrayLike, labels: ArrayLike, *,
   runs on the first device of ``platform`` (default: JAX's default backend). A mode covers
   the platforms of its row (CPU and CUDA GPUs); on a TPU pass ``platform='cpu'``. Networks
   of one architecture share one compiled evaluation in the rigorous modes (their parameters,
-  ``L`` and rounding constants are its arguments): the checkpoints of a run compile once.
+  ``L`` and rounding constants are its arguments): the checkpoints of a run compile once. The
+  evaluation is traced anew for every model and shared only where it traces to the same
+  program, so a method or class attribute changed in between is compiled as it is now.
 
   Args:
     model: an ``AOLNetwork`` (or any module stating the protocol of
